@@ -1,0 +1,1 @@
+"""WQS: a distributed key-value store for LLM KV-cache blocks."""

@@ -1,0 +1,846 @@
+"""The storage engine: KV blocks appended into fixed-size regions of a raw device.
+
+Write path: a put reserves space at the head of the open region under the lock, then
+writes header and payload with one O_DIRECT write outside the lock, then publishes the
+new location in the index. When no region is free, the oldest sealed region (FIFO) or
+the least recently read one (LRU) is reclaimed whole, after its recently read blocks
+have been copied forward (reinsertion).
+
+Read path: look up the location, read the entry outside the lock, and return the
+payload only if the header checksum, the block ID, the region generation and the
+payload checksum all match. Anything else is a miss.
+
+See FORMAT.md beside this file for the on-device layout and recovery.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import threading
+import time
+import uuid as uuidlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from wqs.config import EngineConfig
+from wqs.engine import format as fmt
+from wqs.engine.dram import DramTier, make_dram_tier
+from wqs.engine.index import META_HEAD, META_HIT, Index, block_tag
+from wqs.engine.stats import EngineStats
+from wqs.errors import BlockTooLarge, DeviceError, FormatError
+from wqs.nvme.buffers import BufferPool
+from wqs.nvme.device import BlockDevice
+
+log = logging.getLogger("wqs.engine")
+
+UNIT = fmt.UNIT
+FREE, OPEN, SEALED = 0, 1, 2
+MIN_REGIONS = 3  # one open, one being reclaimed, one sealed
+MIN_REGION_SIZE = 1024 * 1024
+REINSERT_FRACTION = 0.5  # at most this share of a new region is filled by reinsertion
+
+Buffer = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One entry to append: a whole block, the head of a segmented one, or a segment."""
+
+    block_id: bytes
+    payload: memoryview
+    flags: int = 0
+    total_len: int = 0
+    segment_index: int = 0  # for ENTRY_SEGMENT: which one (1..n-1)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Space reserved for a piece: where it goes and the seq/gen it is written with."""
+
+    region: int
+    offset: int  # within the region
+    gen: int
+    seq: int
+
+
+def _as_view(data: Buffer) -> memoryview:
+    view = memoryview(data)
+    if view.ndim != 1 or view.format not in ("B", "b", "c") or not view.c_contiguous:
+        view = view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
+    return view
+
+
+def check_formattable(device: BlockDevice, force: bool) -> None:
+    """Refuse a device that carries a filesystem, a partition table or a WQS format."""
+    if force:
+        return
+    with BufferPool(0).borrow(fmt.SUPERBLOCK_SIZE) as view:
+        device.read_into(0, view)
+        sb = fmt.unpack_superblock(view)
+        if sb is not None or fmt.has_superblock_magic(view):
+            ident = sb.uuid_str() if sb else "damaged superblock"
+            raise FormatError(
+                f"{device.path} already holds a WQS device ({ident}); pass force to reformat"
+            )
+    # libblkid knows every filesystem and partition-table signature; ask it rather than
+    # keep our own list. blkid -p exits 2 when it finds nothing.
+    try:
+        probe = subprocess.run(
+            ["blkid", "-p", "-o", "export", device.path],
+            capture_output=True, text=True, timeout=30,
+        )
+    except FileNotFoundError:
+        raise FormatError(
+            "blkid (util-linux) is needed to check the device for existing filesystems; "
+            "install it or pass force"
+        ) from None
+    if probe.returncode == 0:
+        found = " ".join(
+            line for line in probe.stdout.splitlines() if line.startswith(("TYPE=", "PTTYPE="))
+        )
+        raise FormatError(f"{device.path} carries a signature ({found}); pass force to overwrite")
+    if probe.returncode != 2:
+        raise FormatError(f"blkid could not probe {device.path}: {probe.stderr.strip()}")
+
+
+class Engine:
+    """A WQS device, open for puts and gets. Thread-safe."""
+
+    # ---- formatting and opening ------------------------------------------------------
+
+    @staticmethod
+    def format(device: BlockDevice, config: EngineConfig, *, force: bool = False) -> fmt.Superblock:
+        """Write a fresh superblock and an empty checkpoint. Destroys what the device held."""
+        if config.region_size % UNIT or config.region_size < MIN_REGION_SIZE:
+            raise FormatError(
+                f"region_size {config.region_size} must be a multiple of {UNIT} and >= 1 MiB"
+            )
+        check_formattable(device, force)
+        meta_off, meta_size, data_off, n = fmt.compute_geometry(device.size, config.region_size)
+        if n < MIN_REGIONS:
+            raise FormatError(
+                f"{device.path}: {device.size} bytes hold {n} regions of {config.region_size}; "
+                f"need at least {MIN_REGIONS} (use a bigger device or a smaller region_size)"
+            )
+        sb = fmt.Superblock(
+            uuid=uuidlib.uuid4().bytes, device_size=device.size,
+            region_size=config.region_size, num_regions=n,
+            max_block_size=config.max_block_size, meta_offset=meta_off, meta_size=meta_size,
+            data_offset=data_off, flags=fmt.SB_CLEAN, checkpoint_seq=1,
+            created_unix=int(time.time()),
+        )
+        # An empty checkpoint: every region free, an empty index.
+        regions = _RegionTable(n)
+        index = Index()
+        body = _checkpoint_body(regions, index)
+        header = fmt.CheckpointHeader(
+            seq=1, next_seq=2, index_capacity=index.capacity, index_count=0,
+            body_len=len(body), body_checksum=fmt.checksum(body),
+        )
+        _write_padded(device, meta_off, fmt.pack_checkpoint_header(header) + body)
+        device.flush()
+        _write_padded(device, 0, fmt.pack_superblock(sb))
+        device.flush()
+        log.info("formatted %s: uuid %s, %d regions of %d B", device.path, sb.uuid_str(), n,
+                 sb.region_size)
+        return sb
+
+    @classmethod
+    def open(cls, device: BlockDevice, config: EngineConfig) -> "Engine":
+        """Open a formatted device, recovering its index from the checkpoint or a scan."""
+        with BufferPool(0).borrow(fmt.SUPERBLOCK_SIZE) as view:
+            device.read_into(0, view)
+            sb = fmt.unpack_superblock(view)
+        if sb is None:
+            raise FormatError(f"{device.path} is not a WQS device (no valid superblock); "
+                              "run `wqs format` first")
+        if sb.data_offset + sb.num_regions * sb.region_size > device.size:
+            raise FormatError(f"{device.path} is smaller than its superblock says "
+                              f"({device.size} < {sb.device_size})")
+        engine = cls(device, sb, config)
+        engine._recover()
+        return engine
+
+    def __init__(self, device: BlockDevice, sb: fmt.Superblock, config: EngineConfig) -> None:
+        if device.align > UNIT or UNIT % device.align:
+            raise DeviceError(f"device alignment {device.align} does not divide {UNIT}")
+        self.device = device
+        self.sb = sb
+        self.config = config
+        self.max_block_size = min(config.max_block_size, sb.max_block_size)
+        # The largest payload one entry holds: a region less its header unit.
+        self.segment_max = sb.region_size - UNIT - fmt.ENTRY_HEADER_SIZE
+        self.units_per_region = sb.region_size // UNIT
+        data_units = sb.num_regions * self.units_per_region
+        self.stats_counters = EngineStats()
+        self.regions = _RegionTable(sb.num_regions)
+        self.index = Index(max_capacity=2 * data_units + 1)
+        self.dram: DramTier | None = make_dram_tier(config.dram_cache_bytes, config.dram_policy)
+        self.buffers = BufferPool()
+        self.io_pool = ThreadPoolExecutor(max(1, config.io_threads), thread_name_prefix="wqs-io")
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # signalled when in-flight writes end
+        self._seq = 1
+        self._active = -1
+        self._active_ptr = 0
+        self._access_clock = 0
+        self._closed = False
+
+    # ---- public API ------------------------------------------------------------------
+
+    def put(self, block_id: bytes, data: Buffer) -> None:
+        """Store a block. Returns once its bytes are on the device."""
+        self.put_many([(block_id, data)])
+
+    def put_many(self, items: Sequence[tuple[bytes, Buffer]]) -> None:
+        """Store many blocks; neighbours are coalesced into one large write."""
+        pieces: list[_Piece] = []
+        views = []
+        for block_id, data in items:
+            assert len(block_id) == 16, "block IDs are 16 bytes"
+            view = _as_view(data)
+            if view.nbytes > self.max_block_size:
+                raise BlockTooLarge(
+                    f"block of {view.nbytes} B exceeds max_block_size {self.max_block_size}"
+                )
+            pieces.extend(self._split(block_id, view))
+            views.append((block_id, view))
+        if not pieces:
+            return
+        self._append(pieces)
+        with self._lock:
+            self.stats_counters.puts += len(views)
+            self.stats_counters.put_bytes += sum(v.nbytes for _, v in views)
+        if self.dram is not None:
+            for block_id, view in views:
+                self.dram.put(block_id, view.tobytes())
+
+    def get(self, block_id: bytes) -> bytes | None:
+        """The block's bytes, or None on a miss (absent, evicted or failing its checksum)."""
+        assert len(block_id) == 16, "block IDs are 16 bytes"
+        if self.dram is not None:
+            value = self.dram.get(block_id)
+            if value is not None:
+                self._count_hit(dram=True, nbytes=len(value))
+                return value
+        value = self._read_block(block_id)
+        if value is None:
+            with self._lock:
+                self.stats_counters.gets += 1
+                self.stats_counters.misses += 1
+            return None
+        self._count_hit(dram=False, nbytes=len(value))
+        if self.dram is not None:
+            self.dram.put(block_id, value)
+        return value
+
+    def get_into(self, block_id: bytes, out: Buffer) -> int | None:
+        """Copy the block into `out`; its length, or None on a miss.
+
+        Raises ValueError (and copies nothing) if `out` is too small.
+        """
+        value = self.get(block_id)
+        if value is None:
+            return None
+        target = _as_view(out)
+        if target.readonly:
+            raise ValueError("out buffer is read-only")
+        if target.nbytes < len(value):
+            raise ValueError(f"out buffer holds {target.nbytes} B, block is {len(value)} B")
+        target[: len(value)] = value
+        return len(value)
+
+    def get_many(self, block_ids: Sequence[bytes]) -> list[bytes | None]:
+        """Gets in parallel on the IO pool, results in the order of block_ids."""
+        if len(block_ids) <= 1:
+            return [self.get(b) for b in block_ids]
+        return list(self.io_pool.map(self.get, block_ids))
+
+    def exists(self, block_id: bytes) -> bool:
+        """Whether the index holds the block. No IO: a later get may still miss."""
+        if self.dram is not None and block_id in self.dram:
+            return True
+        with self._lock:
+            return block_tag(block_id) in self.index
+
+    def exists_many(self, block_ids: Iterable[bytes]) -> list[bool]:
+        return [self.exists(b) for b in block_ids]
+
+    def lookup_prefix(self, block_ids: Iterable[bytes]) -> int:
+        """How many leading block IDs are present (prefix-cache hit length, in blocks)."""
+        n = 0
+        for b in block_ids:
+            if not self.exists(b):
+                break
+            n += 1
+        return n
+
+    def delete(self, block_id: bytes) -> bool:
+        """Remove a block; True if it was present. Durable: it stays deleted after a crash."""
+        if self.dram is not None:
+            self.dram.remove(block_id)
+        with self._lock:
+            present = block_tag(block_id) in self.index
+        if not present:
+            return False
+        # The tombstone makes the delete survive a scan-based recovery.
+        self._append([_Piece(block_id, memoryview(b""), flags=fmt.ENTRY_TOMBSTONE)])
+        with self._lock:
+            self.stats_counters.deletes += 1
+        return True
+
+    def evict_all(self) -> int:
+        """Drop every block (admin call). Returns how many index entries were dropped."""
+        with self._lock:
+            self._wait_idle()
+            n = self.index.count
+            self.index.clear()
+            if self.dram is not None:
+                self.dram.clear()
+            self.regions.reset()
+            self._active = -1
+            self.stats_counters.evicted_blocks += n
+            # Invalidate region headers so a crash-recovery scan cannot bring them back.
+            with self.buffers.borrow(UNIT) as view:
+                view[:] = bytes(UNIT)
+                for r in range(self.sb.num_regions):
+                    self.device.write(self.sb.region_offset(r), view)
+            self.device.flush()
+            return n
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            s = EngineStats(**self.stats_counters.as_dict())
+            s.regions_total = self.sb.num_regions
+            s.regions_free = int(np.count_nonzero(self.regions.state == FREE))
+            s.regions_used = s.regions_total - s.regions_free
+            s.used_bytes = int(self.regions.write_ptr[self.regions.state != FREE].sum())
+            s.capacity_bytes = self.sb.num_regions * self.sb.region_size
+            s.index_entries = self.index.count
+            s.index_bytes = self.index.nbytes
+        if self.dram is not None:
+            s.dram_entries = len(self.dram)
+            s.dram_bytes = self.dram.used
+        return s
+
+    def info(self) -> dict[str, object]:
+        return {
+            "uuid": self.sb.uuid_str(),
+            "device": self.device.path,
+            "format_version": self.sb.version,
+            "capacity_bytes": self.sb.num_regions * self.sb.region_size,
+            "device_size": self.sb.device_size,
+            "region_size": self.sb.region_size,
+            "num_regions": self.sb.num_regions,
+            "max_block_size": self.max_block_size,
+        }
+
+    def close(self) -> None:
+        """Clean shutdown: wait for writes, persist the index, mark the superblock clean."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._wait_idle()
+            if self._active >= 0:
+                self.regions.state[self._active] = SEALED
+                self._active = -1
+            self._write_checkpoint()
+        self.io_pool.shutdown(wait=True)
+        self.device.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- write path ------------------------------------------------------------------
+
+    def _split(self, block_id: bytes, view: memoryview) -> list[_Piece]:
+        """A block as entries: one if it fits in a region, else a head plus segments."""
+        if view.nbytes <= self.segment_max:
+            return [_Piece(block_id, view)]
+        m = self.segment_max
+        n = (view.nbytes + m - 1) // m
+        pieces = [_Piece(block_id, view[:m], fmt.ENTRY_HEAD, total_len=view.nbytes)]
+        for k in range(1, n):
+            pieces.append(_Piece(block_id, view[k * m : (k + 1) * m], fmt.ENTRY_SEGMENT,
+                                 segment_index=k))
+        return pieces
+
+    def _append(self, pieces: list[_Piece]) -> None:
+        with self._lock:
+            if self._closed:
+                raise DeviceError("engine is closed")
+            slots = [self._reserve(fmt.entry_len(p.payload.nbytes)) for p in pieces]
+            for s in slots:
+                self.regions.inflight[s.region] += 1
+        try:
+            ids = self._entry_ids(pieces, slots)
+            for run in _contiguous_runs(pieces, slots):
+                self._write_run(run, ids)
+            if self.config.sync:
+                self.device.flush()
+        finally:
+            with self._lock:
+                for s in slots:
+                    self.regions.inflight[s.region] -= 1
+                self._idle.notify_all()
+        with self._lock:
+            # Publish segments before the head so a reader never sees a head whose
+            # segments are not indexed yet.
+            for i in sorted(range(len(pieces)), key=lambda i: pieces[i].flags != fmt.ENTRY_SEGMENT):
+                self._publish(ids[i], pieces[i], slots[i])
+
+    @staticmethod
+    def _entry_ids(pieces: list[_Piece], slots: list[_Slot]) -> list[bytes]:
+        ids = []
+        head_seq = 0
+        for p, s in zip(pieces, slots):
+            if p.flags & fmt.ENTRY_HEAD:
+                head_seq = s.seq
+            if p.flags & fmt.ENTRY_SEGMENT:
+                ids.append(fmt.segment_id(p.block_id, head_seq, p.segment_index))
+            else:
+                ids.append(p.block_id)
+        return ids
+
+    def _write_run(self, run: list[tuple[int, _Piece, _Slot]], ids: list[bytes]) -> None:
+        """One O_DIRECT write covering entries that sit back to back in one region."""
+        first = run[0][2]
+        total = sum(fmt.entry_len(p.payload.nbytes) for _, p, _ in run)
+        with self.buffers.borrow(total) as buf:
+            pos = 0
+            for i, p, s in run:
+                n = p.payload.nbytes
+                header = fmt.EntryHeader(
+                    block_id=ids[i], gen=s.gen, seq=s.seq, payload_len=n,
+                    payload_checksum=fmt.checksum(p.payload), flags=p.flags,
+                    total_len=p.total_len,
+                )
+                end = pos + fmt.ENTRY_HEADER_SIZE
+                buf[pos:end] = fmt.pack_entry_header(header)
+                buf[end : end + n] = p.payload
+                elen = fmt.entry_len(n)
+                # Zero the padding so stale bytes never look like data.
+                buf[end + n : pos + elen] = bytes(pos + elen - end - n)
+                pos += elen
+            self.device.write(self.sb.region_offset(first.region) + first.offset, buf)
+
+    def _publish(self, entry_id: bytes, piece: _Piece, slot: _Slot) -> None:
+        tag = block_tag(entry_id)
+        loc = slot.region * self.units_per_region + slot.offset // UNIT
+        current = self.index.get(tag)
+        if current is not None and self._newer_than(current.loc, slot):
+            return  # a concurrent put of the same ID reserved later space: it wins
+        if piece.flags & fmt.ENTRY_TOMBSTONE:
+            self.index.remove(tag)
+        else:
+            meta = META_HEAD if piece.flags & fmt.ENTRY_HEAD else 0
+            self.index.put(tag, loc, piece.payload.nbytes, meta)
+
+    def _newer_than(self, loc: int, slot: _Slot) -> bool:
+        region = loc // self.units_per_region
+        return (int(self.regions.gen[region]), loc) > (
+            slot.gen, slot.region * self.units_per_region + slot.offset // UNIT
+        )
+
+    def _reserve(self, elen: int) -> _Slot:
+        """Space for one entry at the head of the open region. Called with the lock held."""
+        assert elen <= self.sb.region_size - UNIT
+        if self._active < 0 or self._active_ptr + elen > self.sb.region_size:
+            self._open_new_region()
+        slot = _Slot(self._active, self._active_ptr, int(self.regions.gen[self._active]),
+                     self._next_seq())
+        self._active_ptr += elen
+        self.regions.write_ptr[self._active] = self._active_ptr
+        return slot
+
+    def _next_seq(self) -> int:
+        seq = self._seq
+        self._seq += 1
+        return seq
+
+    def _open_new_region(self) -> None:
+        if self._active >= 0:
+            self.regions.state[self._active] = SEALED
+            self._active = -1
+        free = np.nonzero(self.regions.state == FREE)[0]
+        reinsert: list[tuple[bytes, bytes]] = []
+        if len(free) == 0:
+            region, reinsert = self._reclaim()
+        else:
+            region = int(free[0])
+        gen = self._next_seq()
+        with self.buffers.borrow(UNIT) as view:
+            view[:] = fmt.pack_region_header(fmt.RegionHeader(region, gen, self.sb.uuid))
+            self.device.write(self.sb.region_offset(region), view)
+        self.regions.open(region, gen, self._tick())
+        self._active, self._active_ptr = region, UNIT
+        if reinsert:
+            self._reinsert(reinsert)
+
+    def _reclaim(self) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """Evict a whole sealed region; returns it and the hit blocks to copy forward."""
+        r = self.regions
+        candidates = np.nonzero((r.state == SEALED) & (r.inflight == 0))[0]
+        if len(candidates) == 0:
+            raise DeviceError("no region can be reclaimed: every region has writes in flight")
+        key = r.last_access if self.config.eviction == "lru" else r.gen
+        victim = int(candidates[np.argmin(key[candidates])])
+        lo = victim * self.units_per_region
+        slots = self.index.slots_in_range(lo, lo + self.units_per_region)
+        reinsert = self._read_hits(victim, slots) if self.config.reinsert_hits else []
+        self.index.remove_slots(slots)
+        r.state[victim] = FREE
+        r.write_ptr[victim] = 0
+        self.stats_counters.evicted_blocks += len(slots)
+        self.stats_counters.evicted_regions += 1
+        return victim, reinsert
+
+    def _read_hits(self, region: int, slots: np.ndarray) -> list[tuple[bytes, bytes]]:
+        """The still-valid, recently read, unsegmented blocks of a region being reclaimed."""
+        budget = int(self.sb.region_size * REINSERT_FRACTION)
+        out = []
+        for s in slots:
+            meta = int(self.index.metas[s])
+            if not meta & META_HIT or meta & META_HEAD:
+                continue
+            loc = int(self.index.locs[s])
+            plen = meta & ((1 << 27) - 1)
+            elen = fmt.entry_len(plen)
+            if elen > budget:
+                continue
+            entry = self._read_entry_at(loc, elen, int(self.regions.gen[region]))
+            if entry is None or entry[0].flags:
+                continue
+            header, payload = entry
+            out.append((header.block_id, payload))
+            budget -= elen
+        return out
+
+    def _reinsert(self, blocks: list[tuple[bytes, bytes]]) -> None:
+        """Append reclaimed hit blocks to the fresh region. Called with the lock held."""
+        for block_id, payload in blocks:
+            if block_tag(block_id) in self.index:
+                continue  # rewritten meanwhile
+            piece = _Piece(block_id, memoryview(payload))
+            slot = self._reserve(fmt.entry_len(len(payload)))
+            assert slot.region == self._active
+            self._write_run([(0, piece, slot)], [block_id])
+            self._publish(block_id, piece, slot)
+            self.stats_counters.reinserted_blocks += 1
+
+    def _tick(self) -> int:
+        self._access_clock += 1
+        return self._access_clock
+
+    def _wait_idle(self) -> None:
+        while int(self.regions.inflight.sum()) > 0:
+            self._idle.wait()
+
+    # ---- read path -------------------------------------------------------------------
+
+    def _count_hit(self, *, dram: bool, nbytes: int) -> None:
+        with self._lock:
+            self.stats_counters.gets += 1
+            self.stats_counters.get_bytes += nbytes
+            if dram:
+                self.stats_counters.hits_dram += 1
+            else:
+                self.stats_counters.hits_ssd += 1
+
+    def _lookup(self, entry_id: bytes) -> tuple[int, int, int, bool] | None:
+        """(loc, payload_len, region gen, is_head) for an entry, marking it read."""
+        tag = block_tag(entry_id)
+        with self._lock:
+            found = self.index.get(tag)
+            if found is None:
+                return None
+            region = found.loc // self.units_per_region
+            self.index.mark_hit(tag)
+            self.regions.last_access[region] = self._tick()
+            return found.loc, found.payload_len, int(self.regions.gen[region]), found.head
+
+    def _read_block(self, block_id: bytes) -> bytes | None:
+        found = self._lookup(block_id)
+        if found is None:
+            return None
+        loc, plen, gen, is_head = found
+        entry = self._read_verified(block_id, loc, plen, gen)
+        if entry is None:
+            return None
+        header, payload = entry
+        if not is_head:
+            return payload
+        # A segmented block: the head holds segment 0 and the total length.
+        parts = [payload]
+        got = len(payload)
+        k = 1
+        while got < header.total_len:
+            seg_id = fmt.segment_id(block_id, header.seq, k)
+            seg = self._lookup(seg_id)
+            if seg is None:
+                return None
+            seg_entry = self._read_verified(seg_id, seg[0], seg[1], seg[2])
+            if seg_entry is None:
+                return None
+            parts.append(seg_entry[1])
+            got += len(seg_entry[1])
+            k += 1
+        if got != header.total_len:
+            return None
+        return b"".join(parts)
+
+    def _read_verified(self, entry_id: bytes, loc: int, plen: int,
+                       gen: int) -> tuple[fmt.EntryHeader, bytes] | None:
+        entry = self._read_entry_at(loc, fmt.entry_len(plen), gen)
+        if entry is None or entry[0].block_id != entry_id:
+            with self._lock:
+                current = self.index.get(block_tag(entry_id))
+                region_gen = int(self.regions.gen[loc // self.units_per_region])
+                if region_gen != gen or current is None or current.loc != loc:
+                    # The region was reclaimed (or the block rewritten) under our read.
+                    self.stats_counters.stale_reads += 1
+                else:
+                    self.stats_counters.checksum_failures += 1
+                    self.index.remove(block_tag(entry_id), loc)
+            return None
+        return entry
+
+    def _read_entry_at(self, loc: int, elen: int,
+                       gen: int) -> tuple[fmt.EntryHeader, bytes] | None:
+        """Read and verify the entry at `loc`; None if anything does not match."""
+        region, unit = divmod(loc, self.units_per_region)
+        offset = self.sb.region_offset(region) + unit * UNIT
+        with self.buffers.borrow(elen) as buf:
+            self.device.read_into(offset, buf)
+            header = fmt.unpack_entry_header(buf)
+            if header is None or header.gen != gen or header.entry_len != elen:
+                return None
+            payload = buf[fmt.ENTRY_HEADER_SIZE : fmt.ENTRY_HEADER_SIZE + header.payload_len]
+            if fmt.checksum(payload) != header.payload_checksum:
+                return None
+            return header, payload.tobytes()
+
+    # ---- recovery --------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        started = time.monotonic()
+        how = "checkpoint"
+        if not (self.sb.clean and self._load_checkpoint()):
+            how = "scan"
+            self._scan()
+        self.stats_counters.recovered_blocks = self.index.count
+        # From here on the checkpoint is stale: a crash must lead to a scan.
+        self.sb = _replace_sb(self.sb, flags=self.sb.flags & ~fmt.SB_CLEAN, checkpoint_seq=0)
+        _write_padded(self.device, 0, fmt.pack_superblock(self.sb))
+        self.device.flush()
+        log.info("recovered %d blocks from %s in %.2fs (uuid %s)", self.index.count, how,
+                 time.monotonic() - started, self.sb.uuid_str())
+
+    def _write_checkpoint(self) -> None:
+        self._seq += 1
+        body = _checkpoint_body(self.regions, self.index)
+        limit = self.sb.meta_size - UNIT
+        assert len(body) <= limit, f"checkpoint of {len(body)} B exceeds its area of {limit} B"
+        header = fmt.CheckpointHeader(
+            seq=self._seq, next_seq=self._seq + 1, index_capacity=self.index.capacity,
+            index_count=self.index.count, body_len=len(body), body_checksum=fmt.checksum(body),
+        )
+        _write_padded(self.device, self.sb.meta_offset, fmt.pack_checkpoint_header(header) + body)
+        self.device.flush()
+        self.sb = _replace_sb(self.sb, flags=self.sb.flags | fmt.SB_CLEAN,
+                              checkpoint_seq=self._seq)
+        _write_padded(self.device, 0, fmt.pack_superblock(self.sb))
+        self.device.flush()
+
+    def _load_checkpoint(self) -> bool:
+        with self.buffers.borrow(UNIT) as view:
+            self.device.read_into(self.sb.meta_offset, view)
+            header = fmt.unpack_checkpoint_header(view)
+        if header is None or header.seq != self.sb.checkpoint_seq:
+            log.warning("checkpoint missing or stale; scanning the device")
+            return False
+        if header.body_len > self.sb.meta_size - UNIT:
+            return False
+        raw = bytearray(fmt.round_up(header.body_len, UNIT))
+        with self.buffers.borrow(len(raw)) as view:
+            self.device.read_into(self.sb.meta_offset + UNIT, view)
+            raw[:] = view
+        body = memoryview(raw)[: header.body_len]
+        if fmt.checksum(body) != header.body_checksum:
+            log.warning("checkpoint checksum mismatch; scanning the device")
+            return False
+        n, cap = self.sb.num_regions, header.index_capacity
+        arrays = _split_body(body, n, cap)
+        if arrays is None:
+            return False
+        gen, write_ptr, state, tags, locs, metas = arrays
+        self.regions.gen[:] = gen
+        self.regions.write_ptr[:] = write_ptr
+        self.regions.state[:] = np.where(state == FREE, FREE, SEALED)
+        self.regions.last_access[:] = gen
+        self.index.tags, self.index.locs, self.index.metas = tags, locs, metas
+        self.index.capacity = cap
+        self.index.count = int(np.count_nonzero(tags))
+        self._seq = header.next_seq
+        self._access_clock = int(gen.max(initial=0))
+        return True
+
+    def _scan(self) -> None:
+        """Rebuild the index from region and entry headers (after an unclean stop)."""
+        found: list[tuple[int, int, list[tuple[int, fmt.EntryHeader]]]] = []
+        max_seq = 0
+        size = self.sb.region_size
+        with self.buffers.borrow(size) as buf:
+            for region in range(self.sb.num_regions):
+                self.device.read_into(self.sb.region_offset(region), buf)
+                rh = fmt.unpack_region_header(buf)
+                if rh is None or rh.uuid != self.sb.uuid or rh.region != region:
+                    continue
+                entries = _scan_region(buf, rh.gen)
+                max_seq = max([max_seq, rh.gen] + [h.seq for _, h in entries])
+                if entries:
+                    found.append((rh.gen, region, entries))
+        # Replaying in write order makes the newest version of every ID win.
+        found.sort()
+        for gen, region, entries in found:
+            self.regions.gen[region] = gen
+            self.regions.last_access[region] = gen
+            self.regions.state[region] = SEALED
+            self.regions.write_ptr[region] = entries[-1][0] + entries[-1][1].entry_len
+            for offset, h in entries:
+                tag = block_tag(h.block_id)
+                if h.flags & fmt.ENTRY_TOMBSTONE:
+                    self.index.remove(tag)
+                else:
+                    loc = region * self.units_per_region + offset // UNIT
+                    meta = META_HEAD if h.flags & fmt.ENTRY_HEAD else 0
+                    self.index.put(tag, loc, h.payload_len, meta)
+        self._seq = max_seq + 1
+        self._access_clock = max_seq
+
+
+def _scan_region(buf: memoryview, gen: int) -> list[tuple[int, fmt.EntryHeader]]:
+    """The valid entries of one region image, in write order.
+
+    Follows entry lengths from the first unit; where a header is torn or stale (a crash
+    left a hole, or the region was being rewritten), it resynchronises on the next unit
+    that starts with a valid header of this generation. Payloads are verified, so only
+    entries whose whole write completed come back.
+    """
+    words = np.frombuffer(buf, dtype="<u4")
+    stride = UNIT // 4
+    candidates = (np.nonzero(words[stride::stride] == fmt.ENTRY_MAGIC)[0] + 1) * UNIT
+    entries = []
+    next_free = UNIT
+    for pos in candidates.tolist():
+        if pos < next_free:
+            continue
+        h = fmt.unpack_entry_header(buf, pos)
+        if h is None or h.gen != gen or pos + h.entry_len > len(buf):
+            continue
+        start = pos + fmt.ENTRY_HEADER_SIZE
+        if fmt.checksum(buf[start : start + h.payload_len]) != h.payload_checksum:
+            next_free = pos + h.entry_len  # the header is sound, so its length is too
+            continue
+        entries.append((pos, h))
+        next_free = pos + h.entry_len
+    return entries
+
+
+class _RegionTable:
+    """Per-region state in numpy arrays (a region is the unit of allocation and eviction)."""
+
+    def __init__(self, n: int) -> None:
+        self.gen = np.zeros(n, dtype=np.uint64)
+        self.write_ptr = np.zeros(n, dtype=np.uint32)
+        self.state = np.zeros(n, dtype=np.uint8)
+        self.last_access = np.zeros(n, dtype=np.uint64)
+        self.inflight = np.zeros(n, dtype=np.int64)
+
+    def open(self, region: int, gen: int, now: int) -> None:
+        self.gen[region] = gen
+        self.state[region] = OPEN
+        self.write_ptr[region] = UNIT
+        self.last_access[region] = now
+
+    def reset(self) -> None:
+        self.gen[:] = 0
+        self.write_ptr[:] = 0
+        self.state[:] = FREE
+        self.last_access[:] = 0
+
+
+def _checkpoint_body(regions: _RegionTable, index: Index) -> bytes:
+    return b"".join(
+        a.tobytes()
+        for a in (regions.gen, regions.write_ptr, regions.state, index.tags, index.locs,
+                  index.metas)
+    )
+
+
+def _split_body(body: memoryview, n: int, cap: int) -> tuple[np.ndarray, ...] | None:
+    layout = [(np.uint64, n), (np.uint32, n), (np.uint8, n), (np.uint64, cap),
+              (np.uint32, cap), (np.uint32, cap)]
+    if sum(np.dtype(t).itemsize * k for t, k in layout) != len(body):
+        return None
+    out, pos = [], 0
+    for dtype, count in layout:
+        nbytes = np.dtype(dtype).itemsize * count
+        out.append(np.frombuffer(body[pos : pos + nbytes], dtype=dtype).copy())
+        pos += nbytes
+    return tuple(out)
+
+
+def _contiguous_runs(pieces: list[_Piece],
+                     slots: list[_Slot]) -> list[list[tuple[int, _Piece, _Slot]]]:
+    """Group pieces whose reserved space is back to back in the same region."""
+    runs: list[list[tuple[int, _Piece, _Slot]]] = []
+    for i, (p, s) in enumerate(zip(pieces, slots)):
+        if runs:
+            _, lp, ls = runs[-1][-1]
+            if ls.region == s.region and ls.offset + fmt.entry_len(lp.payload.nbytes) == s.offset:
+                runs[-1].append((i, p, s))
+                continue
+        runs.append([(i, p, s)])
+    return runs
+
+
+def _write_padded(device: BlockDevice, offset: int, data: bytes) -> None:
+    pool = BufferPool(0)
+    with pool.borrow(fmt.round_up(len(data), UNIT)) as view:
+        view[: len(data)] = data
+        view[len(data) :] = bytes(len(view) - len(data))
+        device.write(offset, view)
+
+
+def _replace_sb(sb: fmt.Superblock, **changes: int) -> fmt.Superblock:
+    from dataclasses import replace
+
+    return replace(sb, **changes)
+
+
+def open_or_create(path: str, size: int, config: EngineConfig) -> Engine:
+    """The embedded default: open the device at `path`, creating and formatting a file
+    of `size` bytes there first if nothing exists yet."""
+    from wqs.nvme.device import DirectDevice
+
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        device = DirectDevice.create_file(path, size)
+        Engine.format(device, config, force=True)  # a file we just created holds nothing
+    else:
+        device = DirectDevice(path)
+    try:
+        return Engine.open(device, config)
+    except Exception:
+        device.close()
+        raise

@@ -1,0 +1,36 @@
+"""Engine counters and gauges. Plain integers; the engine updates them under its lock."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class EngineStats:
+    puts: int = 0
+    put_bytes: int = 0
+    gets: int = 0
+    get_bytes: int = 0
+    hits_dram: int = 0
+    hits_ssd: int = 0
+    misses: int = 0
+    checksum_failures: int = 0  # entry read back with a bad header or payload checksum
+    stale_reads: int = 0  # entry overwritten by eviction between lookup and read
+    deletes: int = 0
+    evicted_blocks: int = 0
+    evicted_regions: int = 0
+    reinserted_blocks: int = 0
+    recovered_blocks: int = 0  # found by the last start-up (checkpoint or scan)
+    # Gauges, refreshed by Engine.stats().
+    regions_total: int = 0
+    regions_free: int = 0
+    regions_used: int = 0
+    used_bytes: int = 0
+    capacity_bytes: int = 0
+    index_entries: int = 0
+    index_bytes: int = 0
+    dram_entries: int = 0
+    dram_bytes: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
