@@ -150,6 +150,11 @@ def test_bad_inputs():
         prefix_block_ids([2**64], 1, token_bytes=8)
     with pytest.raises(TypeError):
         prefix_block_ids(np.array([1.0, 2.0]), 1)
+    with pytest.raises(TypeError):
+        prefix_block_ids([1.5, 2.0], 1)  # must not truncate silently
+    with pytest.raises(TypeError):
+        prefix_block_ids([True, False], 1)
+    assert prefix_block_ids(iter(range(4)), 2) == prefix_block_ids(range(4), 2)
     with pytest.raises(ValueError):
         prefix_block_ids(np.zeros((2, 2), dtype=np.int32), 1)
     with pytest.raises(ValueError):

@@ -82,21 +82,17 @@ def block_id_hex(block_id: BlockIdLike) -> str:
 def _token_bytes(token_ids: Sequence[int] | np.ndarray, width: int) -> bytes:
     """Tokens as contiguous little-endian signed integers of ``width`` bytes."""
     dtype = np.dtype("<i4" if width == 4 else "<i8")
-    if isinstance(token_ids, np.ndarray):
-        arr = token_ids
-        if arr.ndim != 1:
-            raise ValueError(f"token_ids must be one-dimensional, got shape {arr.shape}")
-        if arr.size and arr.dtype.kind not in "iu":
-            raise TypeError(f"token_ids must be integers, got dtype {arr.dtype}")
-    else:
-        try:
-            arr = np.asarray(token_ids, dtype=np.int64)
-        except OverflowError as e:
-            raise ValueError(f"token id does not fit in int64: {e}") from None
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"token_ids must be a sequence of ints: {e}") from None
-        if arr.ndim != 1:
-            raise ValueError(f"token_ids must be one-dimensional, got shape {arr.shape}")
+    # No dtype= here: it would silently truncate floats. Python ints beyond int64 come
+    # back as an object array.
+    if not isinstance(token_ids, (np.ndarray, Sequence)):
+        token_ids = list(token_ids)
+    arr = np.asarray(token_ids)
+    if arr.ndim != 1:
+        raise ValueError(f"token_ids must be one-dimensional, got shape {arr.shape}")
+    if arr.size and arr.dtype.kind == "O" and all(isinstance(t, int) for t in arr):
+        raise ValueError(f"token id out of range for {width}-byte tokens")
+    if arr.size and arr.dtype.kind not in "iu":
+        raise TypeError(f"token_ids must be integers, got {arr.dtype} values")
     if arr.size and arr.dtype != dtype:
         info = np.iinfo(dtype)
         lo, hi = int(arr.min()), int(arr.max())

@@ -1,0 +1,469 @@
+"""In-process engine micro-benchmark, side by side with fio on the same file.
+
+    python -m bench.engine_bench [--size 1G] [--bs 64k] [--runtime 5] [--qd 1,32]
+                                 [--repeat 3] [--dir DIR] [--json] [--profile DIR]
+
+One invocation:
+
+1. creates a backing file of --size in a fresh temporary folder under --dir (default
+   /var/tmp, a real disk rather than tmpfs) and fills it with one sequential O_DIRECT
+   pass, so that neither fio nor the engine ever reads unwritten (all-zero, never
+   touching the disk) extents;
+2. runs fio on that file: randwrite, then randread, at every --qd, numjobs=1,
+   direct=1, ioengine=io_uring (libaio where this fio lacks io_uring), time based;
+3. formats the same file as a WQS device (dram_cache_bytes=0, so every get is an SSD
+   read) and runs random puts of --bs random payloads, then random gets of IDs that are
+   still resident. QD N means N Python threads, each doing synchronous put/get calls;
+4. repeats every (tool, op, QD) point --repeat times and reports medians, then prints
+   a table with WQS/fio ratios and removes the file.
+
+Latency is per-operation wall time: for WQS the time around one put()/get() call, for
+fio its total latency (submission + completion, fio's ``lat``), both as p50/p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from rich.console import Console
+from rich.table import Table
+
+from wqs.config import EngineConfig, parse_size
+
+MiB = 1024 * 1024
+OPS = ("put", "get")
+FIO_RW = {"put": "randwrite", "get": "randread"}
+PAYLOAD_POOL = 64  # distinct random payloads cycled through by the put workers
+
+
+@dataclass
+class Point:
+    """One measurement: a tool doing one op at one queue depth for one run."""
+
+    tool: str  # "fio" or "wqs"
+    op: str  # "put" or "get"
+    qd: int
+    iops: float
+    mib_s: float
+    p50_us: float
+    p99_us: float
+    ops: int = 0
+    errors: int = 0  # WQS only: gets that missed or returned the wrong length
+
+
+@dataclass
+class Summary:
+    """The median of the repeats of one (tool, op, qd) point."""
+
+    tool: str
+    op: str
+    qd: int
+    iops: float
+    mib_s: float
+    p50_us: float
+    p99_us: float
+    runs: list[Point] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def percentile(sorted_values: list[int], q: float) -> float:
+    """Nearest-rank percentile (what fio reports) of an ascending list."""
+    if not sorted_values:
+        return float("nan")
+    k = max(0, min(len(sorted_values) - 1, int(round(q / 100 * len(sorted_values) + 0.5)) - 1))
+    return float(sorted_values[k])
+
+
+def fs_type(path: str) -> str:
+    """The filesystem type holding `path`, from /proc/mounts (longest mount prefix)."""
+    path = os.path.realpath(path)
+    best, kind = "", "?"
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mnt = parts[1].replace("\\040", " ")
+                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                    best, kind = mnt, parts[2]
+    except OSError:
+        pass
+    return kind
+
+
+# --------------------------------------------------------------------------------- fio
+
+
+def fio_engine() -> str:
+    """io_uring if this fio was built with it, else libaio."""
+    try:
+        out = subprocess.run(["fio", "--enghelp"], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise SystemExit("fio is not installed (apt-get install -y fio)") from None
+    engines = {line.strip() for line in out.stdout.splitlines()}
+    return "io_uring" if "io_uring" in engines else "libaio"
+
+
+def fio_fill(path: str, size: int, engine: str) -> None:
+    """Write the whole file once, sequentially, so every later read touches the disk."""
+    subprocess.run(
+        ["fio", "--name=fill", f"--filename={path}", f"--size={size}", "--rw=write",
+         "--bs=1M", "--iodepth=16", f"--ioengine={engine}", "--direct=1",
+         "--output-format=terse"],
+        check=True, capture_output=True, text=True,
+    )
+
+
+def fio_run(path: str, size: int, engine: str, op: str, qd: int, bs: int,
+            runtime: float) -> Point:
+    cmd = [
+        "fio", "--name=wqs-bench", f"--filename={path}", f"--size={size}",
+        f"--rw={FIO_RW[op]}", f"--bs={bs}", f"--iodepth={qd}", "--numjobs=1",
+        f"--ioengine={engine}", "--direct=1", "--time_based", f"--runtime={runtime:g}s",
+        "--lat_percentiles=1", "--percentile_list=50:99", "--randrepeat=0",
+        "--output-format=json",
+    ]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
+    side = job["write" if op == "put" else "read"]
+    lat = side.get("lat_ns", {}).get("percentile") or side["clat_ns"]["percentile"]
+    return Point(
+        tool="fio", op=op, qd=qd, iops=side["iops"], mib_s=side["bw_bytes"] / MiB,
+        p50_us=lat["50.000000"] / 1e3, p99_us=lat["99.000000"] / 1e3,
+        ops=side["total_ios"], errors=job.get("error", 0),
+    )
+
+
+# --------------------------------------------------------------------------------- WQS
+
+
+def run_threads(qd: int, runtime: float, work: Callable[[int, float, list[int]], int],
+                profile_dir: str | None = None, profile_name: str = "") -> tuple[float, list[int], int]:
+    """Run `work(thread_no, deadline, latencies)` in qd threads until the deadline.
+
+    Returns (elapsed seconds, every latency in ns, the sum of what work returned).
+    """
+    lats: list[list[int]] = [[] for _ in range(qd)]
+    errors = [0] * qd
+    ends = [0.0] * qd
+    barrier = threading.Barrier(qd + 1)
+    profiles: list = [None] * qd
+    start_box = [0.0]
+
+    def body(k: int) -> None:
+        prof = None
+        if profile_dir:
+            import cProfile
+
+            prof = cProfile.Profile()
+        barrier.wait()
+        deadline = start_box[0] + runtime
+        if prof:
+            prof.enable()
+        errors[k] = work(k, deadline, lats[k])
+        if prof:
+            prof.disable()
+            profiles[k] = prof
+        ends[k] = time.perf_counter()
+
+    threads = [threading.Thread(target=body, args=(k,), daemon=True) for k in range(qd)]
+    for t in threads:
+        t.start()
+    start_box[0] = time.perf_counter()
+    barrier.wait()
+    for t in threads:
+        t.join()
+    elapsed = max(ends) - start_box[0]
+    if profile_dir:
+        import pstats
+
+        stats = None
+        for p in profiles:
+            if p is None:
+                continue
+            if stats is None:
+                stats = pstats.Stats(p)
+            else:
+                stats.add(p)
+        if stats is not None:
+            stats.dump_stats(os.path.join(profile_dir, f"{profile_name}.pstats"))
+    all_lats = sorted(x for lst in lats for x in lst)
+    return elapsed, all_lats, sum(errors)
+
+
+class WqsBench:
+    def __init__(self, path: str, bs: int, runtime: float, profile_dir: str | None) -> None:
+        from wqs.engine.engine import Engine
+        from wqs.nvme.device import DirectDevice
+
+        self.bs = bs
+        self.runtime = runtime
+        self.profile_dir = profile_dir
+        self.config = EngineConfig(dram_cache_bytes=0, sync=False)
+        self.device = DirectDevice(path)
+        Engine.format(self.device, self.config, force=True)
+        self.engine = Engine.open(self.device, self.config)
+        gen = random.Random()
+        self.payloads = [gen.randbytes(bs) for _ in range(PAYLOAD_POOL)]
+        self.written: list[bytes] = []
+        self._written_lock = threading.Lock()
+        self.resident: list[bytes] = []
+
+    def close(self) -> None:
+        try:
+            self.engine.close()
+        finally:
+            self.device.close()
+
+    def put(self, qd: int, tag: str = "") -> Point:
+        engine, payloads, n_pay = self.engine, self.payloads, len(self.payloads)
+        written = self.written
+
+        def work(k: int, deadline: float, lats: list[int]) -> int:
+            rng = random.Random()
+            put, clock, now = engine.put, time.perf_counter_ns, time.perf_counter
+            mine = []
+            i = k
+            while now() < deadline:
+                block_id = rng.randbytes(16)
+                data = payloads[i % n_pay]
+                t0 = clock()
+                put(block_id, data)
+                lats.append(clock() - t0)
+                mine.append(block_id)
+                i += 1
+            with self._written_lock:
+                written.extend(mine)
+            return 0
+
+        elapsed, lats, _ = run_threads(qd, self.runtime, work, self.profile_dir, f"put_qd{qd}{tag}")
+        return self._point("put", qd, elapsed, lats, 0)
+
+    def prepare_gets(self) -> int:
+        """Collect the written IDs that are still resident; top up so reads span the device."""
+        engine = self.engine
+        self.resident = [b for b in self.written if engine.exists(b)]
+        capacity = engine.sb.num_regions * engine.sb.region_size
+        want = int(0.8 * capacity // (self.bs + 4096))
+        rng = random.Random()
+        added = 0
+        while len(self.resident) < want:
+            batch = [(rng.randbytes(16), self.payloads[j % len(self.payloads)]) for j in range(32)]
+            engine.put_many(batch)
+            self.resident.extend(b for b, _ in batch)
+            added += len(batch)
+        if added:
+            self.resident = [b for b in self.resident if engine.exists(b)]
+        return added
+
+    def get(self, qd: int, tag: str = "") -> Point:
+        engine, ids, bs = self.engine, self.resident, self.bs
+        if not ids:
+            raise RuntimeError("no resident blocks to read")
+
+        def work(k: int, deadline: float, lats: list[int]) -> int:
+            rng = random.Random()
+            get, clock, now, choice = engine.get, time.perf_counter_ns, time.perf_counter, rng.choice
+            bad = 0
+            while now() < deadline:
+                block_id = choice(ids)
+                t0 = clock()
+                value = get(block_id)
+                lats.append(clock() - t0)
+                if value is None or len(value) != bs:
+                    bad += 1
+            return bad
+
+        elapsed, lats, bad = run_threads(qd, self.runtime, work, self.profile_dir, f"get_qd{qd}{tag}")
+        return self._point("get", qd, elapsed, lats, bad)
+
+    def _point(self, op: str, qd: int, elapsed: float, lats: list[int], errors: int) -> Point:
+        n = len(lats)
+        return Point(
+            tool="wqs", op=op, qd=qd, iops=n / elapsed, mib_s=n * self.bs / elapsed / MiB,
+            p50_us=percentile(lats, 50) / 1e3, p99_us=percentile(lats, 99) / 1e3,
+            ops=n, errors=errors,
+        )
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def summarise(points: list[Point]) -> dict[tuple[str, str, int], Summary]:
+    groups: dict[tuple[str, str, int], list[Point]] = {}
+    for p in points:
+        groups.setdefault((p.tool, p.op, p.qd), []).append(p)
+    out = {}
+    for key, runs in groups.items():
+        out[key] = Summary(
+            tool=key[0], op=key[1], qd=key[2],
+            iops=statistics.median(r.iops for r in runs),
+            mib_s=statistics.median(r.mib_s for r in runs),
+            p50_us=statistics.median(r.p50_us for r in runs),
+            p99_us=statistics.median(r.p99_us for r in runs),
+            runs=runs,
+        )
+    return out
+
+
+def ratio(ours: float, theirs: float) -> float:
+    return ours / theirs if theirs else float("nan")
+
+
+def render(summary: dict[tuple[str, str, int], Summary], qds: list[int], header: str,
+           console: Console) -> None:
+    table = Table(title=header, title_justify="left")
+    for name, justify in [("op", "left"), ("QD", "right"),
+                          ("fio IOPS", "right"), ("WQS IOPS", "right"), ("×", "right"),
+                          ("fio MiB/s", "right"), ("WQS MiB/s", "right"), ("×", "right"),
+                          ("fio p50 µs", "right"), ("WQS p50 µs", "right"), ("×", "right"),
+                          ("fio p99 µs", "right"), ("WQS p99 µs", "right"), ("×", "right")]:
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for op in OPS:
+        for qd in qds:
+            f, w = summary.get(("fio", op, qd)), summary.get(("wqs", op, qd))
+            if f is None or w is None:
+                continue
+            cells = [op, str(qd)]
+            for attr, fmt in (("iops", "{:,.0f}"), ("mib_s", "{:,.0f}"), ("p50_us", "{:,.0f}"),
+                              ("p99_us", "{:,.0f}")):
+                a, b = getattr(f, attr), getattr(w, attr)
+                r = ratio(b, a)
+                good = r >= 0.9 if attr in ("iops", "mib_s") else r <= 1 / 0.9
+                cells += [fmt.format(a), fmt.format(b),
+                          f"[{'green' if good else 'red'}]{r:.2f}[/]"]
+            table.add_row(*cells)
+    console.print(table)
+    console.print("× = WQS / fio (IOPS, MiB/s: higher is better; latency: lower is better). "
+                  "Medians of the repeats.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.engine_bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="1G", help="backing file size (default 1G)")
+    ap.add_argument("--bs", default="64k", help="block size (default 64k)")
+    ap.add_argument("--runtime", type=float, default=5.0, help="seconds per point (default 5)")
+    ap.add_argument("--qd", default="1,32", help="queue depths, comma separated (default 1,32)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per point; medians reported")
+    ap.add_argument("--dir", default=None, help="where the backing file goes (default /var/tmp)")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    ap.add_argument("--profile", metavar="DIR", default=None,
+                    help="cProfile every WQS worker thread; merged .pstats per point go to DIR")
+    ap.add_argument("--skip-fio", action="store_true", help="measure WQS only (no ratios)")
+    args = ap.parse_args(argv)
+
+    size, bs = parse_size(args.size), parse_size(args.bs)
+    qds = [int(q) for q in args.qd.split(",") if q.strip()]
+    if bs % 4096 or size % (1024 * 1024):
+        ap.error("--bs must be a multiple of 4k and --size a multiple of 1M")
+    base = args.dir or "/var/tmp"
+    fstype = fs_type(base)
+    if fstype in ("tmpfs", "ramfs"):
+        log(f"warning: {base} is on {fstype}: O_DIRECT may fail and numbers mean little")
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+
+    workdir = tempfile.mkdtemp(prefix="wqs-bench-", dir=base)
+    path = os.path.join(workdir, "bench.dev")
+    points: list[Point] = []
+    started = time.monotonic()
+    engine = fio_engine()
+    try:
+        log(f"filling {path} ({size / MiB:.0f} MiB on {fstype}) ...")
+        fio_fill(path, size, engine)
+        if not args.skip_fio:
+            for op in OPS:
+                for rep in range(args.repeat):
+                    for qd in qds:
+                        p = fio_run(path, size, engine, op, qd, bs, args.runtime)
+                        log(f"fio {op} qd{qd} run {rep + 1}: {p.iops:,.0f} IOPS, "
+                            f"p50 {p.p50_us:.0f} µs, p99 {p.p99_us:.0f} µs")
+                        points.append(p)
+        bench = WqsBench(path, bs, args.runtime, args.profile)
+        try:
+            for rep in range(args.repeat):
+                for qd in qds:
+                    p = bench.put(qd, f"_run{rep + 1}")
+                    log(f"wqs put qd{qd} run {rep + 1}: {p.iops:,.0f} IOPS, "
+                        f"p50 {p.p50_us:.0f} µs, p99 {p.p99_us:.0f} µs")
+                    points.append(p)
+            added = bench.prepare_gets()
+            log(f"reading from {len(bench.resident):,} resident blocks"
+                + (f" ({added:,} added so reads span the device)" if added else ""))
+            for rep in range(args.repeat):
+                for qd in qds:
+                    p = bench.get(qd, f"_run{rep + 1}")
+                    log(f"wqs get qd{qd} run {rep + 1}: {p.iops:,.0f} IOPS, "
+                        f"p50 {p.p50_us:.0f} µs, p99 {p.p99_us:.0f} µs"
+                        + (f", {p.errors} bad gets" if p.errors else ""))
+                    points.append(p)
+            engine_stats = bench.engine.stats().as_dict()
+        finally:
+            bench.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    summary = summarise(points)
+    total = time.monotonic() - started
+    errors = sum(p.errors for p in points if p.tool == "wqs")
+    if args.json:
+        json.dump({
+            "size": size, "bs": bs, "runtime": args.runtime, "qd": qds, "repeat": args.repeat,
+            "fio_ioengine": engine, "filesystem": fstype, "cpus": os.cpu_count(),
+            "wall_s": round(total, 1), "wqs_bad_gets": errors, "engine_stats": engine_stats,
+            "summary": [
+                {k: v for k, v in asdict(s).items() if k != "runs"}
+                | {"runs": [asdict(r) for r in s.runs]}
+                for s in summary.values()
+            ],
+        }, sys.stdout, indent=2)
+        print()
+        return 1 if errors else 0
+    console = Console(width=max(Console().width, 150))
+    header = (f"WQS engine vs fio: {bs // 1024} KiB random, {size / MiB:.0f} MiB file on "
+              f"{fstype}, fio ioengine={engine}, {args.runtime:g} s x {args.repeat} per point, "
+              f"{os.cpu_count()} CPUs")
+    if args.skip_fio:
+        table = Table(title=header, title_justify="left")
+        for c in ("op", "QD", "IOPS", "MiB/s", "p50 µs", "p99 µs"):
+            table.add_column(c, justify="right")
+        for op in OPS:
+            for qd in qds:
+                w = summary[("wqs", op, qd)]
+                table.add_row(op, str(qd), f"{w.iops:,.0f}", f"{w.mib_s:,.0f}",
+                              f"{w.p50_us:,.0f}", f"{w.p99_us:,.0f}")
+        console.print(table)
+    else:
+        render(summary, qds, header, console)
+        for op in OPS:
+            q = max(qds)
+            r = ratio(summary[("wqs", op, q)].iops, summary[("fio", op, q)].iops)
+            verdict = "[green]meets[/]" if r >= 0.9 else "[red]misses[/]"
+            console.print(f"goal WQS >= 0.9x fio IOPS at QD{q}, {op}: {r:.2f}x {verdict}")
+    if errors:
+        console.print(f"[red]{errors} WQS gets missed or returned the wrong length[/]")
+    console.print(f"total wall time {total:.0f} s")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

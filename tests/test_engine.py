@@ -1,0 +1,353 @@
+"""The storage engine on real files with O_DIRECT."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import subprocess
+import threading
+
+import numpy as np
+import pytest
+
+from tests.conftest import MiB, block_id, crash, flip_bytes
+from wqs.engine import Engine
+from wqs.engine import format as fmt
+from wqs.errors import BlockTooLarge, FormatError
+from wqs.nvme import DirectDevice
+
+
+def test_round_trip_of_every_size_shape(open_engine, small_config):
+    engine = open_engine(small_config)
+    rng = random.Random(1)
+    sizes = [0, 1, 63, 64, 4031, 4032, 4033, 4096, 65536, 65537, 1 * MiB - 8192,
+             3 * MiB + 17]  # the last one is split into segments
+    blocks = {block_id(i): rng.randbytes(n) for i, n in enumerate(sizes)}
+    for k, v in blocks.items():
+        engine.put(k, v)
+    for k, v in blocks.items():
+        assert engine.get(k) == v
+    assert engine.get(block_id(999)) is None
+    s = engine.stats()
+    assert s.hits_ssd == len(sizes) and s.misses == 1
+
+
+def test_buffers_numpy_memoryview_and_get_into(open_engine, small_config):
+    engine = open_engine(small_config)
+    arr = np.arange(4096, dtype=np.float32).reshape(64, 64)
+    engine.put(block_id(1), arr)
+    engine.put(block_id(2), memoryview(b"hello"))
+    out = np.zeros_like(arr)
+    assert engine.get_into(block_id(1), out) == arr.nbytes
+    assert np.array_equal(out, arr)
+    small = bytearray(3)
+    with pytest.raises(ValueError, match="holds 3 B"):
+        engine.get_into(block_id(2), small)
+    assert engine.get_into(block_id(3), bytearray(10)) is None
+
+
+def test_block_limit(open_engine, small_config):
+    engine = open_engine(small_config)
+    with pytest.raises(BlockTooLarge):
+        engine.put(block_id(1), bytes(small_config.max_block_size + 1))
+    engine.put(block_id(1), bytes(small_config.max_block_size))  # exactly the limit fits
+    assert len(engine.get(block_id(1))) == small_config.max_block_size
+
+
+def test_put_many_coalesces_and_reads_back(open_engine, small_config):
+    engine = open_engine(small_config)
+    rng = random.Random(2)
+    items = [(block_id(i), rng.randbytes(rng.randrange(1, 100_000))) for i in range(40)]
+    engine.put_many(items)
+    assert engine.get_many([k for k, _ in items]) == [v for _, v in items]
+    assert engine.exists_many([block_id(0), block_id(1000)]) == [True, False]
+
+
+def test_lookup_prefix_counts_leading_hits(open_engine, small_config):
+    engine = open_engine(small_config)
+    for i in range(5):
+        engine.put(block_id(i), b"x")
+    engine.put(block_id(7), b"x")
+    assert engine.lookup_prefix([block_id(i) for i in range(10)]) == 5
+    assert engine.lookup_prefix([block_id(9), block_id(0)]) == 0
+    assert engine.lookup_prefix([]) == 0
+
+
+def test_newest_version_wins_across_clean_and_unclean_restart(open_engine, small_config):
+    engine = open_engine(small_config)
+    engine.put(block_id(1), b"v1")
+    engine.put(block_id(1), b"v2")
+    engine.put(block_id(2), b"a" * 5000)
+    assert engine.get(block_id(1)) == b"v2"
+    engine.close()
+    engine = open_engine(small_config)
+    assert engine.get(block_id(1)) == b"v2"
+    engine.put(block_id(1), b"v3")
+    crash(engine)
+    engine = open_engine(small_config)
+    assert engine.get(block_id(1)) == b"v3"
+    assert engine.get(block_id(2)) == b"a" * 5000
+
+
+def test_delete_survives_a_crash(open_engine, small_config):
+    engine = open_engine(small_config)
+    engine.put(block_id(1), b"doomed")
+    engine.put(block_id(2), b"kept")
+    assert engine.delete(block_id(1)) is True
+    assert engine.delete(block_id(1)) is False
+    assert engine.get(block_id(1)) is None
+    crash(engine)
+    engine = open_engine(small_config)
+    assert engine.get(block_id(1)) is None
+    assert engine.get(block_id(2)) == b"kept"
+
+
+def test_concurrent_puts_of_same_and_different_ids(open_engine, small_config):
+    engine = open_engine(dataclasses.replace(small_config, region_size=4 * MiB), size=64 * MiB)
+    errors = []
+
+    def writer(t: int) -> None:
+        rng = random.Random(t)
+        try:
+            for i in range(60):
+                engine.put(block_id(10_000 + t * 100 + i), rng.randbytes(20_000))
+                engine.put(block_id(1), bytes([t]) * 1000)  # every thread races on ID 1
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    value = engine.get(block_id(1))
+    assert value is not None and len(value) == 1000 and len(set(value)) == 1
+    for t in range(8):
+        rng = random.Random(t)
+        for i in range(60):
+            assert engine.get(block_id(10_000 + t * 100 + i)) == rng.randbytes(20_000)
+    crash(engine)
+    engine = open_engine(dataclasses.replace(small_config, region_size=4 * MiB), size=64 * MiB)
+    assert engine.get(block_id(1)) == value  # the version that won before the crash
+
+
+def test_full_device_evicts_and_never_fails_a_put(open_engine, small_config):
+    engine = open_engine(small_config, size=16 * MiB)
+    capacity = engine.stats().capacity_bytes
+    rng = random.Random(3)
+    n = 3 * capacity // 50_000
+    last = {}
+    for i in range(n):
+        data = rng.randbytes(50_000)
+        engine.put(block_id(i), data)
+        if i >= n - 20:
+            last[block_id(i)] = data
+    s = engine.stats()
+    assert s.evicted_regions > 0 and s.evicted_blocks > 0
+    assert s.puts == n
+    for k, v in last.items():
+        assert engine.get(k) == v
+    assert engine.get(block_id(0)) is None  # the oldest blocks went first (FIFO)
+    # And the survivors are still there after a crash-recovery scan.
+    crash(engine)
+    engine = open_engine(small_config, size=16 * MiB)
+    for k, v in last.items():
+        assert engine.get(k) == v
+    assert engine.get(block_id(0)) is None
+
+
+def test_reinsertion_keeps_hot_blocks_through_reclaim(open_engine, small_config):
+    engine = open_engine(small_config, size=16 * MiB)
+    hot = random.Random(4).randbytes(30_000)
+    engine.put(block_id(0), hot)
+    rng = random.Random(5)
+    for i in range(1, 1500):
+        engine.put(block_id(i), rng.randbytes(30_000))
+        if i % 50 == 0:
+            assert engine.get(block_id(0)) == hot  # a hit marks it for reinsertion
+    s = engine.stats()
+    assert s.evicted_regions > 10 and s.reinserted_blocks > 0
+    assert engine.get(block_id(0)) == hot
+
+
+def test_lru_eviction_prefers_unread_regions(open_engine, small_config):
+    config = dataclasses.replace(small_config, eviction="lru", reinsert_hits=False)
+    engine = open_engine(config, size=16 * MiB)
+    rng = random.Random(6)
+    first = rng.randbytes(30_000)
+    engine.put(block_id(0), first)
+    for i in range(1, 900):
+        engine.put(block_id(i), rng.randbytes(30_000))
+        if i % 20 == 0:
+            assert engine.get(block_id(0)) == first  # keeps its region the most recent
+    assert engine.stats().evicted_regions > 0
+    assert engine.get(block_id(0)) == first
+    assert engine.get(block_id(1)) is not None  # shares block 0's region
+    assert engine.get(block_id(100)) is None  # an unread region, evicted
+
+
+def test_corrupted_blocks_are_misses_and_the_rest_intact(open_engine, small_config, tmp_path):
+    engine = open_engine(small_config)
+    rng = random.Random(7)
+    blocks = {block_id(i): rng.randbytes(rng.randrange(100, 200_000)) for i in range(60)}
+    for k, v in blocks.items():
+        engine.put(k, v)
+    victims = rng.sample(sorted(blocks), 15)
+    for k in victims:
+        found = engine._lookup(k)
+        region, unit = divmod(found[0], engine.units_per_region)
+        entry_offset = engine.sb.region_offset(region) + unit * fmt.UNIT
+        # Hit the payload of some, the header of others.
+        where = rng.randrange(0, fmt.ENTRY_HEADER_SIZE + found[1])
+        flip_bytes(str(tmp_path / "dev"), entry_offset + where, 4)
+    for k, v in blocks.items():
+        got = engine.get(k)
+        if k in victims:
+            assert got is None
+        else:
+            assert got == v
+    assert engine.stats().checksum_failures == len(victims)
+    # A scan after a crash skips the corrupt entries too.
+    crash(engine)
+    engine = open_engine(small_config)
+    for k, v in blocks.items():
+        assert engine.get(k) == (None if k in victims else v)
+
+
+def test_torn_header_mid_region_is_skipped_by_the_scan(open_engine, small_config, tmp_path):
+    engine = open_engine(small_config)
+    for i in range(10):
+        engine.put(block_id(i), bytes([i]) * 9000)
+    found = engine._lookup(block_id(4))
+    region, unit = divmod(found[0], engine.units_per_region)
+    crash(engine)
+    # Tear entry 4's header: the scan must resynchronise on entry 5.
+    flip_bytes(str(tmp_path / "dev"), engine.sb.region_offset(region) + unit * fmt.UNIT + 20)
+    engine = open_engine(small_config)
+    for i in range(10):
+        assert engine.get(block_id(i)) == (None if i == 4 else bytes([i]) * 9000)
+
+
+def test_damaged_checkpoint_falls_back_to_scan(open_engine, small_config, tmp_path):
+    engine = open_engine(small_config)
+    for i in range(20):
+        engine.put(block_id(i), bytes([i]) * 3000)
+    meta_offset = engine.sb.meta_offset
+    engine.close()
+    flip_bytes(str(tmp_path / "dev"), meta_offset + fmt.UNIT + 100)  # inside the body
+    engine = open_engine(small_config)
+    for i in range(20):
+        assert engine.get(block_id(i)) == bytes([i]) * 3000
+
+
+def test_evict_all_drops_everything_durably(open_engine, small_config):
+    engine = open_engine(small_config)
+    for i in range(10):
+        engine.put(block_id(i), b"x" * 100)
+    assert engine.evict_all() == 10
+    assert engine.get(block_id(0)) is None
+    engine.put(block_id(50), b"after")
+    crash(engine)
+    engine = open_engine(small_config)
+    assert engine.get(block_id(0)) is None
+    assert engine.get(block_id(50)) == b"after"
+
+
+def test_dram_tier_serves_hits_and_stays_coherent(open_engine, small_config):
+    config = dataclasses.replace(small_config, dram_cache_bytes=1 * MiB)
+    engine = open_engine(config)
+    engine.put(block_id(1), b"a" * 1000)
+    assert engine.get(block_id(1)) == b"a" * 1000
+    assert engine.stats().hits_dram == 1
+    engine.put(block_id(1), b"b" * 1000)
+    assert engine.get(block_id(1)) == b"b" * 1000
+    engine.delete(block_id(1))
+    assert engine.get(block_id(1)) is None
+    assert engine.stats().dram_bytes <= 1 * MiB
+
+
+def test_stats_gauges(open_engine, small_config):
+    engine = open_engine(small_config)
+    s = engine.stats()
+    assert s.regions_free == s.regions_total and s.index_entries == 0
+    engine.put(block_id(1), b"x" * 10_000)
+    s = engine.stats()
+    assert s.regions_used == 1 and s.index_entries == 1 and s.used_bytes > 10_000
+    assert s.put_bytes == 10_000 and s.index_bytes > 0
+
+
+# ---- formatting and opening ---------------------------------------------------------
+
+
+def _file(tmp_path, name: str, size: int) -> str:
+    path = str(tmp_path / name)
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def test_format_refuses_a_filesystem_unless_forced(tmp_path, small_config):
+    path = _file(tmp_path, "ext4.img", 16 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", path], check=True)
+    device = DirectDevice(path)
+    try:
+        with pytest.raises(FormatError, match="TYPE=ext4"):
+            Engine.format(device, small_config)
+        Engine.format(device, small_config, force=True)
+        Engine.open(device, small_config).close()
+    finally:
+        device.close()
+
+
+def test_format_refuses_a_wqs_device_unless_forced(open_engine, small_config, tmp_path):
+    engine = open_engine(small_config)
+    engine.put(block_id(1), b"precious")
+    engine.close()
+    device = DirectDevice(str(tmp_path / "dev"))
+    try:
+        with pytest.raises(FormatError, match="already holds a WQS device"):
+            Engine.format(device, small_config)
+        new_sb = Engine.format(device, small_config, force=True)
+        engine = Engine.open(device, small_config)
+        assert engine.sb.uuid == new_sb.uuid
+        assert engine.get(block_id(1)) is None  # the old device's blocks are gone
+        engine.close()
+    finally:
+        device.close()
+
+
+def test_open_refuses_a_device_without_superblock(tmp_path, small_config):
+    device = DirectDevice(_file(tmp_path, "blank", 16 * MiB))
+    try:
+        with pytest.raises(FormatError, match="not a WQS device"):
+            Engine.open(device, small_config)
+    finally:
+        device.close()
+
+
+def test_format_refuses_a_device_too_small(tmp_path, small_config):
+    device = DirectDevice(_file(tmp_path, "tiny", 2 * MiB))
+    try:
+        with pytest.raises(FormatError, match="at least 3"):
+            Engine.format(device, small_config)
+    finally:
+        device.close()
+
+
+def test_default_geometry_fits_a_256_mib_device(tmp_path):
+    from wqs.config import EngineConfig
+
+    config = EngineConfig(dram_cache_bytes=0)
+    device = DirectDevice(_file(tmp_path, "dev256", 256 * MiB))
+    try:
+        sb = Engine.format(device, config)
+        assert sb.num_regions >= 10 and sb.region_size == 16 * MiB
+        engine = Engine.open(device, config)
+        big = random.Random(8).randbytes(config.max_block_size)  # 64 MiB: four segments
+        engine.put(block_id(1), big)
+        assert engine.get(block_id(1)) == big
+        engine.close()
+    finally:
+        device.close()

@@ -1,0 +1,275 @@
+"""Prometheus metrics of one daemon.
+
+Nothing here touches prometheus_client's global REGISTRY: each daemon builds its own
+`CollectorRegistry` (`make_registry`), so several daemons (or tests) in one process never
+share or double-register metrics.
+
+* `EngineCollector` reads `engine.stats()` when Prometheus scrapes, so the engine keeps
+  plain integer counters on its hot path and pays nothing between scrapes.
+* `RequestMetrics` holds the data-plane latency histograms and error counters, which the
+  transport updates per request.
+* `start_metrics_server` serves /metrics over HTTP and returns a handle that can stop it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+
+from prometheus_client import (
+    CollectorRegistry, Counter, GCCollector, Histogram, PlatformCollector, ProcessCollector,
+    start_http_server,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from wqs.engine import Engine
+
+# Data-plane operations; pre-created so every series exists (at 0) from the first scrape.
+OPS: tuple[str, ...] = ("put", "get", "exists", "delete", "lookup_prefix")
+
+# 10 µs .. 1 s, dense around the 100–500 µs the product is judged on.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    10e-6, 20e-6, 50e-6, 100e-6, 150e-6, 200e-6, 300e-6, 500e-6,
+    1e-3, 2e-3, 5e-3, 10e-3, 20e-3, 50e-3, 100e-3, 200e-3, 500e-3, 1.0,
+)
+
+# EngineStats field -> (metric name without _total, help). Counters since start-up.
+_COUNTERS: dict[str, tuple[str, str]] = {
+    "puts": ("wqs_puts", "Blocks stored."),
+    "put_bytes": ("wqs_put_bytes", "Payload bytes stored."),
+    "gets": ("wqs_gets", "Block reads requested."),
+    "get_bytes": ("wqs_get_bytes", "Payload bytes returned by reads."),
+    "misses": ("wqs_misses", "Reads that found no valid block."),
+    "checksum_failures": ("wqs_checksum_failures", "Entries read back with a bad checksum."),
+    "stale_reads": ("wqs_stale_reads", "Reads that lost a race with eviction (counted as misses)."),
+    "deletes": ("wqs_deletes", "Blocks deleted."),
+    "evicted_blocks": ("wqs_evicted_blocks", "Blocks dropped by eviction or evict-all."),
+    "evicted_regions": ("wqs_evicted_regions", "Regions reclaimed by eviction."),
+    "reinserted_blocks": ("wqs_reinserted_blocks", "Hot blocks copied forward on reclaim."),
+}
+# EngineStats field -> (metric name, help). Current values.
+_GAUGES: dict[str, tuple[str, str]] = {
+    "recovered_blocks": ("wqs_recovered_blocks", "Blocks found by the last start-up."),
+    "used_bytes": ("wqs_used_bytes", "Bytes written into regions that are not free."),
+    "capacity_bytes": ("wqs_capacity_bytes", "Bytes of the device given to regions."),
+    "index_entries": ("wqs_index_entries", "Entries in the in-memory index."),
+    "index_bytes": ("wqs_index_bytes", "Memory held by the in-memory index."),
+    "dram_entries": ("wqs_dram_entries", "Blocks held in the DRAM tier."),
+    "dram_bytes": ("wqs_dram_bytes", "Bytes held in the DRAM tier."),
+}
+# Fields exported through labelled families instead of one metric each.
+_LABELLED = {"hits_dram", "hits_ssd", "regions_free", "regions_used", "regions_total"}
+
+
+class EngineCollector(Collector):
+    """Exports `Engine.stats()` at scrape time.
+
+    `engine_provider` returns the open engine, or None while there is none (start-up,
+    shutdown); then only `wqs_up 0` is exported.
+    """
+
+    def __init__(self, engine_provider: Callable[[], "Engine | None"],
+                 labels: dict[str, str] | None = None) -> None:
+        self._engine_provider = engine_provider
+        self._info = dict(labels or {})
+
+    def describe(self) -> Iterable[Metric]:
+        # No pre-declared families: the registry then calls collect() only on scrape, never
+        # at registration (when the engine may not exist yet).
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self._engine_provider()
+        stats = None
+        if engine is not None:
+            try:
+                stats = engine.stats().as_dict()
+            except Exception:  # a closed or broken engine must not fail the whole scrape
+                stats = None
+        up = GaugeMetricFamily("wqs_up", "1 when the storage engine is open.")
+        up.add_metric([], 1 if stats is not None else 0)
+        yield up
+        if self._info:
+            info = GaugeMetricFamily("wqs_node_info", "Constant 1; labels describe the node.",
+                                     labels=sorted(self._info))
+            info.add_metric([self._info[k] for k in sorted(self._info)], 1)
+            yield info
+        if stats is None:
+            return
+
+        for field, (name, doc) in _COUNTERS.items():
+            if field in stats:
+                yield CounterMetricFamily(name, doc, value=stats[field])
+        hits = CounterMetricFamily("wqs_hits", "Reads served, by tier.", labels=["tier"])
+        hits.add_metric(["dram"], stats.get("hits_dram", 0))
+        hits.add_metric(["ssd"], stats.get("hits_ssd", 0))
+        yield hits
+
+        regions = GaugeMetricFamily("wqs_regions", "Device regions by state.", labels=["state"])
+        regions.add_metric(["free"], stats.get("regions_free", 0))
+        regions.add_metric(["used"], stats.get("regions_used", 0))
+        yield regions
+        for field, (name, doc) in _GAUGES.items():
+            if field in stats:
+                yield GaugeMetricFamily(name, doc, value=stats[field])
+        dram_cap = getattr(getattr(engine, "config", None), "dram_cache_bytes", None)
+        if isinstance(dram_cap, int):
+            yield GaugeMetricFamily("wqs_dram_capacity_bytes", "Configured DRAM tier size.",
+                                    value=dram_cap)
+
+        # Fields the engine grows later still reach Prometheus (as gauges) until someone
+        # gives them a proper name above.
+        known = _COUNTERS.keys() | _GAUGES.keys() | _LABELLED
+        for field in sorted(stats.keys() - known):
+            value = stats[field]
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                yield GaugeMetricFamily(f"wqs_engine_{field}", f"EngineStats.{field}", value=value)
+
+
+@dataclass(frozen=True)
+class LatencySummary:
+    """One op's latency since start, with quantiles estimated from histogram buckets."""
+
+    op: str
+    count: int
+    sum_seconds: float
+    p50_seconds: float
+    p90_seconds: float
+    p99_seconds: float
+    errors: int
+
+
+class RequestMetrics:
+    """Data-plane request latency and errors, registered in one registry.
+
+    The transport calls `observe(op, seconds)` for each request (or uses `track(op)`),
+    and `error(op, status)` for each request that failed.
+    """
+
+    def __init__(self, registry: CollectorRegistry,
+                 buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.latency = Histogram(
+            "wqs_request_seconds", "Data-plane request latency, by operation.",
+            labelnames=["op"], buckets=buckets, registry=registry,
+        )
+        self.errors = Counter(
+            "wqs_request_errors", "Data-plane requests that failed, by operation and status.",
+            labelnames=["op", "status"], registry=registry,
+        )
+        # prometheus_client does not expose per-op error sums cheaply; keep our own for
+        # `summaries()` (the Stats RPC).
+        self._error_counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+        for op in OPS:
+            self.latency.labels(op=op)
+
+    def observe(self, op: str, seconds: float) -> None:
+        self.latency.labels(op=op).observe(seconds)
+
+    def error(self, op: str, status: str) -> None:
+        self.errors.labels(op=op, status=status).inc()
+        with self._lock:
+            self._error_counts[op] = self._error_counts.get(op, 0) + 1
+
+    @contextlib.contextmanager
+    def track(self, op: str) -> Iterator[None]:
+        """Time the block as one `op` request; an exception also counts as an error."""
+        start = time.perf_counter()
+        try:
+            yield
+        except BaseException as e:
+            self.error(op, type(e).__name__)
+            raise
+        finally:
+            self.observe(op, time.perf_counter() - start)
+
+    def summaries(self) -> list[LatencySummary]:
+        """Per-op count, sum and p50/p90/p99, for the control plane's Stats RPC."""
+        buckets: dict[str, list[tuple[float, float]]] = {}
+        counts: dict[str, float] = {}
+        sums: dict[str, float] = {}
+        for metric in self.latency.collect():
+            for s in metric.samples:
+                op = s.labels.get("op", "")
+                if s.name.endswith("_bucket"):
+                    buckets.setdefault(op, []).append((float(s.labels["le"]), s.value))
+                elif s.name.endswith("_count"):
+                    counts[op] = s.value
+                elif s.name.endswith("_sum"):
+                    sums[op] = s.value
+        with self._lock:
+            errors = dict(self._error_counts)
+        out = []
+        for op in sorted(counts.keys() | errors.keys()):
+            b = sorted(buckets.get(op, []))
+            out.append(LatencySummary(
+                op=op, count=int(counts.get(op, 0)), sum_seconds=sums.get(op, 0.0),
+                p50_seconds=bucket_quantile(0.50, b), p90_seconds=bucket_quantile(0.90, b),
+                p99_seconds=bucket_quantile(0.99, b), errors=errors.get(op, 0),
+            ))
+        return out
+
+
+def bucket_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
+    """Quantile q from cumulative (upper bound, count) buckets sorted by bound, with linear
+    interpolation inside a bucket, as Prometheus' histogram_quantile. 0.0 without data.
+    A quantile that falls in the +Inf bucket reports the highest finite bound."""
+    if not buckets or buckets[-1][1] <= 0:
+        return 0.0
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound
+            if count == lower_count:
+                return bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (count - lower_count)
+        lower_bound, lower_count = bound, count
+    return lower_bound
+
+
+def make_registry(engine_provider: Callable[[], "Engine | None"], *,
+                  node_labels: dict[str, str] | None = None,
+                  process_metrics: bool = True) -> tuple[CollectorRegistry, RequestMetrics]:
+    """A fresh registry with the engine collector, request metrics and (optionally) the
+    standard process_* / python_* collectors."""
+    registry = CollectorRegistry()
+    registry.register(EngineCollector(engine_provider, node_labels))
+    if process_metrics:
+        # The stock instances are bound to the global registry; make our own.
+        GCCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        ProcessCollector(registry=registry)
+    return registry, RequestMetrics(registry)
+
+
+@dataclass
+class MetricsServer:
+    """A running /metrics HTTP endpoint."""
+
+    server: object  # wsgiref WSGIServer
+    thread: threading.Thread
+    host: str
+    port: int  # the bound port (useful when 0 was asked for)
+
+    def shutdown(self, timeout: float | None = 5.0) -> None:
+        self.server.shutdown()  # type: ignore[attr-defined]
+        self.server.server_close()  # type: ignore[attr-defined]
+        self.thread.join(timeout)
+
+
+def start_metrics_server(registry: CollectorRegistry, host: str, port: int) -> MetricsServer:
+    """Serve `registry` at http://host:port/metrics in a daemon thread. Port 0 picks one."""
+    result = start_http_server(port, addr=host, registry=registry)
+    if result is None:  # prometheus_client < 0.17 gives no handle to stop it
+        raise RuntimeError("prometheus-client >= 0.17 is needed (start_http_server must "
+                           "return the server so it can be shut down)")
+    server, thread = result
+    return MetricsServer(server=server, thread=thread, host=host, port=server.server_port)

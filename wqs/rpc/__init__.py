@@ -1,0 +1,1 @@
+"""The data plane between SDK and storage nodes: wire protocol, auth handshake, transports."""

@@ -1,0 +1,825 @@
+"""The WQS data-plane wire protocol, sans-IO: messages in, buffers out; bytes in, events out.
+
+Nothing here touches a socket (the style of h11). A sender turns a message into buffers
+with `encode` and hands them to `socket.sendmsg`: the header and the small item table are
+one bytes object, each block payload is the caller's own buffer, never copied. A receiver
+feeds bytes to a `FrameDecoder` and pulls events. For the two frames that carry payloads
+(a PUT request, an OK GET response) it first gets the `ItemTable`, then one `PayloadStart`
+per payload, and may receive that payload straight into a buffer of its own::
+
+    ev = dec.next_event()
+    if isinstance(ev, PayloadStart):
+        dec.read_payload_into(dest[ev.index], sock.recv_into)   # no copy through dec
+
+Reading at most `dec.needed` bytes at a time before a payload keeps every payload byte out
+of the decoder; reading more is correct, the surplus is just copied once. Every length
+read off the wire is checked against `Limits` before anything is allocated from it.
+The layout is specified in proto/DATAPLANE.md: keep the two in step.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Callable, ClassVar, Sequence, Union
+
+from wqs.errors import ConfigError, ProtocolError
+from wqs.rpc.auth import NONCE_LEN, PROOF_LEN
+
+MAGIC = 0x31535157  # the bytes b"WQS1" read as a little-endian u32
+VERSION = 1
+FLAG_RESPONSE = 0x0001  # the only header flag of version 1; any other bit is an error
+HELLO_AUTH_REQUIRED = 0x0001  # HelloResponse flags: the server wants AUTH before data ops
+ID_LEN = 16  # block ids travel in canonical form (wqs.ids.BLOCK_ID_BYTES)
+
+# Defaults of `Limits`.
+MAX_BODY = 1 << 30  # 1 GiB in one frame body
+MAX_ITEMS = 4096  # items in one batch
+MAX_BLOCK = 64 << 20  # 64 MiB in one block payload
+MAX_ERROR = 4096  # bytes of UTF-8 in an error message
+
+HEADER = struct.Struct("<IBBHQHHIQ")  # magic version opcode flags request_id status reserved count body_len
+ITEM = struct.Struct("<16sIHH")  # block_id length status reserved
+HELLO_BODY = struct.Struct("<32sIIIIQ")  # nonce flags max_items max_block max_error max_body
+AUTH_BODY = struct.Struct("<32s32s")  # client_nonce proof
+U32 = struct.Struct("<I")
+
+BytesLike = Union[bytes, bytearray, memoryview]  # any C-contiguous buffer is accepted
+
+
+class Opcode(IntEnum):
+    HELLO = 1
+    AUTH = 2
+    PING = 3
+    PUT = 4
+    GET = 5
+    EXISTS = 6
+    DELETE = 7
+    LOOKUP_PREFIX = 8
+
+
+class Status(IntEnum):
+    OK = 0
+    NOT_FOUND = 1  # per item: no such block
+    BAD_REQUEST = 2  # malformed or not allowed in this state
+    TOO_LARGE = 3  # a limit was exceeded
+    AUTH_REQUIRED = 4  # a data op before a successful AUTH
+    AUTH_FAILED = 5  # wrong proof; the server closes the connection
+    NO_SPACE = 6  # per item (PUT): the node cannot make room
+    BUSY = 7  # overloaded, retry later
+    SERVER_ERROR = 8  # anything else that went wrong on the node
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a receiver accepts. A server advertises its own in its HelloResponse."""
+
+    max_body: int = MAX_BODY
+    max_items: int = MAX_ITEMS
+    max_block: int = MAX_BLOCK
+    max_error: int = MAX_ERROR
+
+    def __post_init__(self) -> None:
+        for name, top in (("max_body", 1 << 63), ("max_items", 1 << 32), ("max_block", 1 << 32),
+                          ("max_error", 1 << 32)):
+            v = getattr(self, name)
+            if type(v) is not int or not 0 < v < top:
+                raise ConfigError(f"Limits.{name} must be an int in (0, {top}), got {v!r}")
+        # Otherwise a full-sized batch could never be sent at all.
+        if self.max_items * ITEM.size > self.max_body:
+            raise ConfigError(f"Limits.max_body {self.max_body} cannot hold the item table of "
+                              f"{self.max_items} items")
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def _as_bytes(b: BytesLike) -> bytes:
+    if isinstance(b, int):  # bytes(16) would silently be 16 zero bytes
+        raise ProtocolError(f"block id must be {ID_LEN} bytes, not an int (see wqs.ids.to_block_id)")
+    return bytes(b)
+
+
+def _enum(kind: type[IntEnum], value: int, what: str):
+    try:
+        return kind(value)
+    except ValueError:
+        raise ProtocolError(f"unknown {what} {value}") from None
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    """The fixed 32-byte header that starts every frame (magic and version are implied)."""
+
+    opcode: Opcode
+    flags: int
+    request_id: int
+    status: Status = Status.OK
+    count: int = 0  # items in the batch
+    body_len: int = 0  # bytes after the header
+
+    SIZE: ClassVar[int] = HEADER.size
+
+    @property
+    def is_response(self) -> bool:
+        return bool(self.flags & FLAG_RESPONSE)
+
+    def pack(self) -> bytes:
+        try:
+            return HEADER.pack(MAGIC, VERSION, self.opcode, self.flags, self.request_id,
+                               self.status, 0, self.count, self.body_len)
+        except struct.error as e:
+            raise ProtocolError(f"header field out of range: {e}") from None
+
+
+@dataclass(frozen=True)
+class ItemEntry:
+    """One row of an item table: its payload, if status is OK, follows the table in order."""
+
+    block_id: bytes
+    length: int
+    status: Status = Status.OK
+
+
+class FrameRejected(ProtocolError):
+    """A frame broke a rule after its header identified it: the receiver may answer
+    ErrorResponse(request_id, opcode, status, str(self)) before closing the connection."""
+
+    def __init__(self, message: str, request_id: int, opcode: Opcode, status: Status) -> None:
+        super().__init__(message)
+        self.request_id, self.opcode, self.status = request_id, opcode, status
+
+
+# --- messages ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HelloRequest:
+    request_id: int
+    opcode: ClassVar[Opcode] = Opcode.HELLO
+
+
+@dataclass(frozen=True)
+class HelloResponse:
+    request_id: int
+    nonce: bytes  # fresh per connection; the client proves the token against it
+    auth_required: bool
+    limits: Limits
+    opcode: ClassVar[Opcode] = Opcode.HELLO
+
+
+@dataclass(frozen=True)
+class AuthRequest:
+    request_id: int
+    client_nonce: bytes
+    proof: bytes  # wqs.rpc.auth.client_proof
+    opcode: ClassVar[Opcode] = Opcode.AUTH
+
+
+@dataclass(frozen=True)
+class AuthResponse:
+    request_id: int
+    proof: bytes  # wqs.rpc.auth.server_proof: the server knows the token too
+    opcode: ClassVar[Opcode] = Opcode.AUTH
+
+
+@dataclass(frozen=True)
+class PingRequest:
+    request_id: int
+    opcode: ClassVar[Opcode] = Opcode.PING
+
+
+@dataclass(frozen=True)
+class PingResponse:
+    request_id: int
+    opcode: ClassVar[Opcode] = Opcode.PING
+
+
+@dataclass(frozen=True)
+class PutRequest:
+    request_id: int
+    items: tuple[tuple[bytes, BytesLike], ...]  # (block_id, payload)
+    opcode: ClassVar[Opcode] = Opcode.PUT
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "items", tuple((_as_bytes(b), p) for b, p in self.items))
+
+
+@dataclass(frozen=True)
+class PutResponse:
+    request_id: int
+    statuses: tuple[Status, ...]  # one per item: OK, TOO_LARGE, NO_SPACE, BUSY, SERVER_ERROR
+    opcode: ClassVar[Opcode] = Opcode.PUT
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "statuses", tuple(self.statuses))
+
+
+@dataclass(frozen=True)
+class _IdsRequest:
+    request_id: int
+    ids: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ids", tuple(_as_bytes(i) for i in self.ids))
+
+
+class GetRequest(_IdsRequest):
+    opcode = Opcode.GET
+
+
+class ExistsRequest(_IdsRequest):
+    opcode = Opcode.EXISTS
+
+
+class DeleteRequest(_IdsRequest):
+    opcode = Opcode.DELETE
+
+
+class LookupPrefixRequest(_IdsRequest):
+    opcode = Opcode.LOOKUP_PREFIX
+
+
+@dataclass(frozen=True)
+class GetItem:
+    block_id: bytes
+    status: Status  # OK, NOT_FOUND or SERVER_ERROR
+    payload: BytesLike | None = None  # present exactly when status is OK
+
+
+@dataclass(frozen=True)
+class GetResponse:
+    request_id: int
+    items: tuple[GetItem, ...]
+    opcode: ClassVar[Opcode] = Opcode.GET
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "items", tuple(self.items))
+
+
+@dataclass(frozen=True)
+class _BitsResponse:
+    request_id: int
+    bits: tuple[bool, ...]  # one per requested id, sent as a bitmap
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bits", tuple(bool(b) for b in self.bits))
+
+
+class ExistsResponse(_BitsResponse):
+    """bits[i]: ids[i] is stored."""
+    opcode = Opcode.EXISTS
+
+
+class DeleteResponse(_BitsResponse):
+    """bits[i]: ids[i] was stored and is now deleted."""
+    opcode = Opcode.DELETE
+
+
+@dataclass(frozen=True)
+class LookupPrefixResponse:
+    request_id: int
+    count: int  # how many leading ids of the request are all present
+    opcode: ClassVar[Opcode] = Opcode.LOOKUP_PREFIX
+
+
+@dataclass(frozen=True)
+class ErrorResponse:
+    """The answer to any request that failed as a whole; message is truncated to max_error."""
+
+    request_id: int
+    opcode: Opcode
+    status: Status
+    message: str
+
+
+Request = Union[HelloRequest, AuthRequest, PingRequest, PutRequest, GetRequest, ExistsRequest,
+                DeleteRequest, LookupPrefixRequest]
+Response = Union[HelloResponse, AuthResponse, PingResponse, PutResponse, GetResponse,
+                 ExistsResponse, DeleteResponse, LookupPrefixResponse, ErrorResponse]
+Message = Union[Request, Response]
+_RESPONSES = (HelloResponse, AuthResponse, PingResponse, PutResponse, GetResponse, _BitsResponse,
+              LookupPrefixResponse, ErrorResponse)
+_REQUESTS = (HelloRequest, AuthRequest, PingRequest, PutRequest, _IdsRequest)
+
+
+# --- frame shapes -----------------------------------------------------------------------
+
+def _fixed(size: int) -> Callable[[int], int]:
+    return lambda n: size
+
+
+def _ids(n: int) -> int:
+    return n * ID_LEN
+
+
+def _bitmap(n: int) -> int:
+    return (n + 7) // 8
+
+
+# (opcode, is_response) -> exact body length given count, for frames without payloads.
+_BODY_LEN: dict[tuple[Opcode, bool], Callable[[int], int]] = {
+    (Opcode.HELLO, False): _fixed(0), (Opcode.HELLO, True): _fixed(HELLO_BODY.size),
+    (Opcode.AUTH, False): _fixed(AUTH_BODY.size), (Opcode.AUTH, True): _fixed(PROOF_LEN),
+    (Opcode.PING, False): _fixed(0), (Opcode.PING, True): _fixed(0),
+    (Opcode.GET, False): _ids, (Opcode.EXISTS, False): _ids, (Opcode.DELETE, False): _ids,
+    (Opcode.LOOKUP_PREFIX, False): _ids, (Opcode.PUT, True): lambda n: 2 * n,
+    (Opcode.EXISTS, True): _bitmap, (Opcode.DELETE, True): _bitmap,
+    (Opcode.LOOKUP_PREFIX, True): _fixed(U32.size),
+}
+_BATCHED = {(Opcode.GET, False), (Opcode.EXISTS, False), (Opcode.DELETE, False),
+            (Opcode.LOOKUP_PREFIX, False), (Opcode.PUT, True), (Opcode.EXISTS, True),
+            (Opcode.DELETE, True)}
+_PAYLOAD_FRAMES = {(Opcode.PUT, False), (Opcode.GET, True)}  # item table, then payloads
+
+
+def carries_payloads(h: FrameHeader) -> bool:
+    """True for a PUT request and an OK GET response: their body is a table then payloads."""
+    return (h.opcode, h.is_response) in _PAYLOAD_FRAMES and h.status == Status.OK
+
+
+def parse_header(data: BytesLike, limits: Limits = DEFAULT_LIMITS, *,
+                 response: bool | None = None) -> FrameHeader:
+    """Parse and check the first 32 bytes of a frame: every field, and that count and
+    body_len fit the limits and the opcode, so the body may be read (and allocated) safely.
+    `response` set, the frame must be a response (True) or a request (False)."""
+    if len(data) < HEADER.size:
+        raise ProtocolError(f"truncated header: {len(data)} of {HEADER.size} bytes")
+    magic, version, op, flags, rid, status, reserved, count, body_len = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic 0x{magic:08x}, expected 0x{MAGIC:08x}: not a WQS peer")
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version}, this side speaks {VERSION}")
+    opcode = _enum(Opcode, op, "opcode")
+    if flags & ~FLAG_RESPONSE:
+        raise ProtocolError(f"unknown header flags 0x{flags:04x}")
+    h = FrameHeader(opcode, flags, rid, _enum(Status, status, "status"), count, body_len)
+    if response is not None and h.is_response != response:
+        raise ProtocolError(f"expected a {'response' if response else 'request'}, got the other")
+
+    def reject(msg: str, st: Status = Status.BAD_REQUEST) -> FrameRejected:
+        return FrameRejected(f"{opcode.name} #{rid}: {msg}", rid, opcode, st)
+
+    if reserved:
+        raise reject("reserved header field is not zero")
+    if not h.is_response and h.status != Status.OK:
+        raise reject("a request must carry status OK")
+    if count > limits.max_items:
+        raise reject(f"{count} items, limit is {limits.max_items}", Status.TOO_LARGE)
+    if body_len > limits.max_body:
+        raise reject(f"body of {body_len} bytes, limit is {limits.max_body}", Status.TOO_LARGE)
+    key = (opcode, h.is_response)
+    if h.is_response and h.status != Status.OK:  # an error: the body is its message
+        if count:
+            raise reject("an error response carries no items")
+        if body_len > limits.max_error:
+            raise reject(f"error message of {body_len} bytes, limit is {limits.max_error}",
+                         Status.TOO_LARGE)
+    elif key in _PAYLOAD_FRAMES:
+        table = count * ITEM.size
+        if body_len < table:
+            raise reject(f"body of {body_len} bytes cannot hold a table of {count} items")
+        if body_len - table > count * limits.max_block:
+            raise reject(f"{body_len - table} payload bytes in {count} items exceed the "
+                         f"{limits.max_block}-byte block limit", Status.TOO_LARGE)
+    else:
+        if count and key not in _BATCHED:
+            raise reject(f"count is {count} in a frame that carries no items")
+        if body_len != _BODY_LEN[key](count):
+            raise reject(f"body is {body_len} bytes, expected {_BODY_LEN[key](count)}")
+    return h
+
+
+def parse_item_table(h: FrameHeader, data: BytesLike,
+                     limits: Limits = DEFAULT_LIMITS) -> tuple[ItemEntry, ...]:
+    """Parse the count*24-byte item table of a payload frame and check it against body_len."""
+    table = h.count * ITEM.size
+    if len(data) < table:
+        raise ProtocolError(f"truncated item table: {len(data)} of {table} bytes")
+    items, total = [], 0
+    for i, (bid, length, status, reserved) in enumerate(ITEM.iter_unpack(data[:table])):
+        st = _enum(Status, status, f"status in item {i}")
+        bad = ("reserved field is not zero" if reserved else
+               f"{length} bytes exceed the {limits.max_block}-byte block limit"
+               if length > limits.max_block else
+               f"status {st.name} with a payload" if st != Status.OK and length else
+               f"status {st.name} in a request" if st != Status.OK and not h.is_response else
+               None)
+        if bad:
+            raise FrameRejected(f"{h.opcode.name} #{h.request_id}: item {i}: {bad}", h.request_id,
+                                h.opcode, Status.TOO_LARGE if length > limits.max_block
+                                else Status.BAD_REQUEST)
+        items.append(ItemEntry(bid, length, st))
+        total += length
+    if table + total != h.body_len:
+        raise FrameRejected(f"{h.opcode.name} #{h.request_id}: item table holds {total} payload "
+                            f"bytes but the body has {h.body_len - table}", h.request_id,
+                            h.opcode, Status.BAD_REQUEST)
+    return tuple(items)
+
+
+def _unpack_bits(data: bytes, n: int) -> tuple[bool, ...]:
+    if n % 8 and data[-1] >> (n % 8):
+        raise ProtocolError("bitmap padding bits are not zero")
+    return tuple(bool(data[i >> 3] >> (i & 7) & 1) for i in range(n))
+
+
+def _pack_bits(bits: Sequence[bool]) -> bytes:
+    out = bytearray(_bitmap(len(bits)))
+    for i, b in enumerate(bits):
+        if b:
+            out[i >> 3] |= 1 << (i & 7)
+    return bytes(out)
+
+
+def _decode_body(h: FrameHeader, body: bytes) -> Message:
+    """Decode the whole body of a frame without payloads (parse_header checked its size)."""
+    rid, op = h.request_id, h.opcode
+    if h.is_response and h.status != Status.OK:
+        try:
+            return ErrorResponse(rid, op, h.status, body.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ProtocolError(f"{op.name} #{rid}: error message is not UTF-8") from None
+    ids = tuple(body[i:i + ID_LEN] for i in range(0, h.count * ID_LEN, ID_LEN))
+    if not h.is_response:
+        if op == Opcode.HELLO:
+            return HelloRequest(rid)
+        if op == Opcode.PING:
+            return PingRequest(rid)
+        if op == Opcode.AUTH:
+            return AuthRequest(rid, *AUTH_BODY.unpack(body))
+        return _IDS_REQUESTS[op](rid, ids)
+    if op == Opcode.HELLO:
+        nonce, flags, max_items, max_block, max_error, max_body = HELLO_BODY.unpack(body)
+        if flags & ~HELLO_AUTH_REQUIRED:
+            raise ProtocolError(f"unknown HELLO flags 0x{flags:08x}")
+        try:
+            limits = Limits(max_body, max_items, max_block, max_error)
+        except ConfigError as e:
+            raise ProtocolError(f"server advertises unusable limits: {e}") from None
+        return HelloResponse(rid, nonce, bool(flags & HELLO_AUTH_REQUIRED), limits)
+    if op == Opcode.AUTH:
+        return AuthResponse(rid, body)
+    if op == Opcode.PING:
+        return PingResponse(rid)
+    if op == Opcode.PUT:
+        return PutResponse(rid, tuple(_enum(Status, s, "item status")
+                                      for s in struct.unpack(f"<{h.count}H", body)))
+    if op == Opcode.LOOKUP_PREFIX:
+        return LookupPrefixResponse(rid, U32.unpack(body)[0])
+    return (ExistsResponse if op == Opcode.EXISTS else DeleteResponse)(rid, _unpack_bits(body, h.count))
+
+
+_IDS_REQUESTS: dict[Opcode, type[_IdsRequest]] = {
+    c.opcode: c for c in (GetRequest, ExistsRequest, DeleteRequest, LookupPrefixRequest)}
+
+
+# --- encoding ---------------------------------------------------------------------------
+
+def _id(b: BytesLike) -> bytes:
+    b = _as_bytes(b)
+    if len(b) != ID_LEN:
+        raise ProtocolError(f"block id must be {ID_LEN} bytes, got {len(b)}")
+    return b
+
+
+def _exact(b: BytesLike, n: int, what: str) -> bytes:
+    b = bytes(b)
+    if len(b) != n:
+        raise ProtocolError(f"{what} must be {n} bytes, got {len(b)}")
+    return b
+
+
+def _payload(p: BytesLike, limits: Limits) -> memoryview:
+    try:
+        v = memoryview(p)
+    except TypeError:
+        raise ProtocolError(f"payload is not a buffer: {type(p).__name__}") from None
+    if not v.c_contiguous:
+        raise ProtocolError("payload must be a C-contiguous buffer")
+    v = v if v.ndim == 1 and v.format == "B" else v.cast("B")  # byte-addressed for sendmsg
+    if v.nbytes > limits.max_block:
+        raise ProtocolError(f"block of {v.nbytes} bytes exceeds the {limits.max_block}-byte limit")
+    return v
+
+
+def _batch(n: int, limits: Limits) -> int:
+    if n > limits.max_items:
+        raise ProtocolError(f"batch of {n} items exceeds the limit of {limits.max_items}")
+    return n
+
+
+def _encode_body(m: Message, limits: Limits) -> tuple[bytes, int, list[memoryview], Status]:
+    """(body head, count, payload buffers, status) of a message."""
+    ok = Status.OK
+    if isinstance(m, ErrorResponse):
+        if m.status == ok:
+            raise ProtocolError("an ErrorResponse needs a status other than OK")
+        text = m.message.encode("utf-8", "replace")[:limits.max_error]
+        return text.decode("utf-8", "ignore").encode(), 0, [], _enum(Status, m.status, "status")
+    if isinstance(m, (HelloRequest, PingRequest, PingResponse)):
+        return b"", 0, [], ok
+    if isinstance(m, HelloResponse):
+        lim = m.limits
+        return HELLO_BODY.pack(_exact(m.nonce, NONCE_LEN, "nonce"),
+                               HELLO_AUTH_REQUIRED if m.auth_required else 0, lim.max_items,
+                               lim.max_block, lim.max_error, lim.max_body), 0, [], ok
+    if isinstance(m, AuthRequest):
+        return (_exact(m.client_nonce, NONCE_LEN, "client nonce")
+                + _exact(m.proof, PROOF_LEN, "proof")), 0, [], ok
+    if isinstance(m, AuthResponse):
+        return _exact(m.proof, PROOF_LEN, "proof"), 0, [], ok
+    if isinstance(m, _IdsRequest):
+        return b"".join(_id(i) for i in m.ids), _batch(len(m.ids), limits), [], ok
+    if isinstance(m, PutRequest):
+        n = _batch(len(m.items), limits)
+        views = [_payload(p, limits) for _, p in m.items]
+        table = b"".join(ITEM.pack(_id(b), v.nbytes, 0, 0) for (b, _), v in zip(m.items, views))
+        return table, n, views, ok
+    if isinstance(m, GetResponse):
+        n = _batch(len(m.items), limits)
+        rows, views = [], []
+        for it in m.items:
+            st = _enum(Status, it.status, "item status")
+            if (it.payload is None) == (st == ok):
+                raise ProtocolError(f"GET item with status {st.name} must "
+                                    f"{'' if st == ok else 'not '}carry a payload")
+            v = _payload(it.payload, limits) if st == ok else memoryview(b"")
+            rows.append(ITEM.pack(_id(it.block_id), v.nbytes, st, 0))
+            views.append(v)
+        return b"".join(rows), n, views, ok
+    if isinstance(m, PutResponse):
+        n = _batch(len(m.statuses), limits)
+        sts = [_enum(Status, s, "item status") for s in m.statuses]
+        return struct.pack(f"<{n}H", *sts), n, [], ok
+    if isinstance(m, _BitsResponse):
+        return _pack_bits(m.bits), _batch(len(m.bits), limits), [], ok
+    if isinstance(m, LookupPrefixResponse):
+        if not 0 <= m.count < 1 << 32:
+            raise ProtocolError(f"prefix count {m.count} out of range")
+        return U32.pack(m.count), 0, [], ok
+    raise ProtocolError(f"not a WQS message: {type(m).__name__}")
+
+
+def encode(msg: Message, limits: Limits = DEFAULT_LIMITS) -> list[memoryview]:
+    """The frame as buffers for socket.sendmsg: header (+ item table) first, then each payload
+    as a view of the caller's buffer, never copied or joined. Linux takes at most IOV_MAX
+    (1024) buffers per sendmsg and may send part: loop with `advance`."""
+    head, count, payloads, status = _encode_body(msg, limits)
+    body_len = len(head) + sum(v.nbytes for v in payloads)
+    if body_len > limits.max_body:
+        raise ProtocolError(f"body of {body_len} bytes exceeds the limit of {limits.max_body}")
+    flags = FLAG_RESPONSE if isinstance(msg, _RESPONSES) else 0
+    header = FrameHeader(msg.opcode, flags, msg.request_id, status, count, body_len)
+    return [memoryview(header.pack() + head), *(v for v in payloads if v.nbytes)]
+
+
+def advance(bufs: Sequence[memoryview], sent: int) -> list[memoryview]:
+    """What of `bufs` is left to send after a sendmsg that sent `sent` bytes."""
+    i = 0
+    while i < len(bufs) and sent >= bufs[i].nbytes:
+        sent -= bufs[i].nbytes
+        i += 1
+    rest = list(bufs[i:])
+    if rest and sent:
+        rest[0] = rest[0][sent:]
+    return rest
+
+
+def encode_request(req: Request, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """A whole request frame as one bytes object (copies payloads: for tests and small frames)."""
+    if not isinstance(req, _REQUESTS):
+        raise ProtocolError(f"not a request: {type(req).__name__}")
+    return b"".join(encode(req, limits))
+
+
+def encode_response(resp: Response, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """A whole response frame as one bytes object."""
+    if not isinstance(resp, _RESPONSES):
+        raise ProtocolError(f"not a response: {type(resp).__name__}")
+    return b"".join(encode(resp, limits))
+
+
+# --- decoding ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ItemTable:
+    """A payload frame's table; one PayloadStart follows per OK item, in table order."""
+
+    header: FrameHeader
+    items: tuple[ItemEntry, ...]
+
+
+@dataclass(frozen=True)
+class PayloadStart:
+    """The next `length` bytes of the stream are the payload of item `index`."""
+
+    index: int
+    block_id: bytes
+    length: int
+
+
+@dataclass(frozen=True)
+class PayloadChunk:
+    """Payload bytes of item `index` from `offset`, for callers that let the decoder buffer."""
+
+    index: int
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class FrameEnd:
+    """The last payload of a payload frame is complete."""
+
+    header: FrameHeader
+
+
+Event = Union[ItemTable, PayloadStart, PayloadChunk, FrameEnd, Message]
+_HEADER, _BODY, _TABLE, _NEXT, _PAYLOAD = range(5)
+
+
+class FrameDecoder:
+    """Incremental decoder of one direction of a connection, frames back to back.
+
+    feed() bytes, then call next_event() until it returns None (it needs more bytes; at
+    least `needed`). A frame without payloads yields just its message. A payload frame
+    yields ItemTable, then PayloadStart per OK item, each followed either by PayloadChunk
+    events (bytes the decoder holds) or by the caller receiving the payload itself
+    (read_payload_into, or readinto + mark_received), then FrameEnd. next_message() does
+    all that for you, assembling payloads into bytes. After a ProtocolError the stream
+    cannot be resynchronised: the decoder stays failed and the connection must close.
+    """
+
+    def __init__(self, limits: Limits = DEFAULT_LIMITS, *, response: bool = False) -> None:
+        self.limits = limits
+        self.response = response  # True on a client: it decodes responses
+        self.header: FrameHeader | None = None  # of the frame in progress, once parsed
+        self._buf = bytearray()
+        self._state = _HEADER
+        self._items: tuple[ItemEntry, ...] = ()
+        self._next = self._index = self._offset = self._remaining = 0
+        self._failed: ProtocolError | None = None
+        self._parts: list[list[bytes]] | None = None  # next_message's payloads in progress
+        self._part_items: tuple[ItemEntry, ...] = ()
+
+    def feed(self, data: BytesLike) -> None:
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    @property
+    def needed(self) -> int:
+        """Bytes still missing before next_event() can progress; 0: it has an event ready."""
+        h = self.header
+        want = {_HEADER: HEADER.size, _BODY: h and h.body_len, _TABLE: h and h.count * ITEM.size,
+                _NEXT: 0, _PAYLOAD: self._remaining}[self._state]
+        return max(0, want - len(self._buf))
+
+    @property
+    def payload_remaining(self) -> int:
+        """Bytes of the current payload not yet delivered (0 outside a payload)."""
+        return self._remaining if self._state == _PAYLOAD else 0
+
+    def next_event(self) -> Event | None:
+        if self._failed is not None:
+            raise ProtocolError(f"decoder failed earlier: {self._failed}")
+        try:
+            return self._step()
+        except ProtocolError as e:
+            self._failed = e
+            raise
+
+    def _take(self, n: int) -> bytes:
+        data = bytes(self._buf[:n])
+        del self._buf[:n]  # O(1) amortised: bytearray keeps a start offset
+        return data
+
+    def _step(self) -> Event | None:
+        while True:
+            if self._state == _HEADER:
+                if len(self._buf) < HEADER.size:
+                    return None
+                h = self.header = parse_header(self._buf, self.limits, response=self.response)
+                del self._buf[:HEADER.size]
+                self._state = _TABLE if carries_payloads(h) else _BODY
+            elif self._state == _BODY:
+                h = self.header
+                if len(self._buf) < h.body_len:
+                    return None
+                msg = _decode_body(h, self._take(h.body_len))
+                self._state, self.header = _HEADER, None
+                return msg
+            elif self._state == _TABLE:
+                h = self.header
+                if len(self._buf) < h.count * ITEM.size:
+                    return None
+                self._items = parse_item_table(h, self._take(h.count * ITEM.size), self.limits)
+                self._next, self._state = 0, _NEXT
+                return ItemTable(h, self._items)
+            elif self._state == _NEXT:
+                items = self._items
+                while self._next < len(items) and items[self._next].status != Status.OK:
+                    self._next += 1
+                if self._next == len(items):
+                    end = FrameEnd(self.header)
+                    self._state, self.header, self._items = _HEADER, None, ()
+                    return end
+                i = self._index = self._next
+                self._next += 1
+                self._offset, self._remaining, self._state = 0, items[i].length, _PAYLOAD
+                return PayloadStart(i, items[i].block_id, items[i].length)
+            else:  # _PAYLOAD
+                if not self._remaining:
+                    self._state = _NEXT
+                    continue
+                if not self._buf:
+                    return None
+                data = self._take(min(len(self._buf), self._remaining))
+                ev = PayloadChunk(self._index, self._offset, data)
+                self._offset += len(data)
+                self._remaining -= len(data)
+                return ev
+
+    def readinto(self, dest: BytesLike) -> int:
+        """Move buffered bytes of the current payload into dest; returns how many."""
+        if self._state != _PAYLOAD:
+            raise RuntimeError("readinto() outside a payload")
+        view = memoryview(dest).cast("B")
+        n = min(len(self._buf), self._remaining, len(view))
+        view[:n] = self._buf[:n]
+        del self._buf[:n]
+        self._offset += n
+        self._remaining -= n
+        return n
+
+    def mark_received(self, n: int) -> None:
+        """The caller received n bytes of the current payload itself, e.g. by recv_into."""
+        if self._state != _PAYLOAD or not 0 <= n <= self._remaining:
+            raise RuntimeError(f"mark_received({n}) with {self.payload_remaining} payload bytes due")
+        if n and self._buf:
+            raise RuntimeError("drain buffered bytes with readinto() before receiving directly")
+        self._offset += n
+        self._remaining -= n
+
+    def read_payload_into(self, dest: BytesLike, recv_into: Callable[[memoryview], int]) -> None:
+        """Fill dest[:payload_remaining] with the current payload: buffered bytes are copied,
+        the rest is received straight into dest by recv_into (e.g. sock.recv_into), which
+        returns the bytes it wrote, 0 at end of stream."""
+        view = memoryview(dest).cast("B")
+        if len(view) < self._remaining:
+            raise ValueError(f"buffer of {len(view)} bytes for a {self._remaining}-byte payload")
+        got = self.readinto(view)
+        while self._remaining:
+            n = recv_into(view[got:got + self._remaining])
+            if not n:
+                raise ProtocolError(f"stream ended with {self._remaining} payload bytes due")
+            self.mark_received(n)
+            got += n
+
+    def next_message(self) -> Message | None:
+        """The next whole message, payloads assembled into bytes; None if more bytes are needed.
+        Call it from a frame boundary on, not mixed with next_event() inside a frame."""
+        while (ev := self.next_event()) is not None:
+            if isinstance(ev, ItemTable):
+                self._parts, self._part_items = [[] for _ in ev.items], ev.items
+            elif isinstance(ev, PayloadChunk):
+                self._parts[ev.index].append(ev.data)
+            elif isinstance(ev, FrameEnd):
+                h, items, parts = ev.header, self._part_items, self._parts
+                self._parts = None
+                if not h.is_response:
+                    return PutRequest(h.request_id, tuple(
+                        (it.block_id, b"".join(p)) for it, p in zip(items, parts)))
+                return GetResponse(h.request_id, tuple(
+                    GetItem(it.block_id, it.status, b"".join(p) if it.status == Status.OK else None)
+                    for it, p in zip(items, parts)))
+            elif isinstance(ev, PayloadStart):
+                if self._parts is None:
+                    raise RuntimeError("next_message() called inside a frame")
+            else:
+                return ev
+        return None
+
+
+def _decode_whole(data: BytesLike, limits: Limits, response: bool) -> Message:
+    dec = FrameDecoder(limits, response=response)
+    dec.feed(data)
+    msg = dec.next_message()
+    if msg is None:
+        raise ProtocolError(f"truncated frame: at least {max(dec.needed, 1)} more bytes expected")
+    if dec.buffered:
+        raise ProtocolError(f"{dec.buffered} bytes after the end of the frame")
+    return msg
+
+
+def decode_request(data: BytesLike, limits: Limits = DEFAULT_LIMITS) -> Request:
+    """Decode exactly one whole request frame."""
+    return _decode_whole(data, limits, False)
+
+
+def decode_response(data: BytesLike, limits: Limits = DEFAULT_LIMITS) -> Response:
+    """Decode exactly one whole response frame."""
+    return _decode_whole(data, limits, True)
