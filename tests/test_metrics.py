@@ -128,7 +128,7 @@ def test_no_engine_reports_down_and_no_global_state():
     assert not any(re.match(r"wqs_", n) for n in REGISTRY._names_to_collectors)
 
 
-def test_shutdown_frees_the_port(open_engine, small_config):
+def test_shutdown_frees_the_port():
     registry, _ = make_registry(lambda: None, process_metrics=False)
     server = start_metrics_server(registry, "127.0.0.1", 0)
     port = server.port

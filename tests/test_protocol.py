@@ -469,7 +469,8 @@ def test_smaller_limits_are_enforced():
         decode_request(frame(GetRequest(1, [bid(i) for i in range(5)])), lim)
     with pytest.raises(ProtocolError):
         decode_request(frame(PutRequest(1, [(bid(1), bytes(101))])), lim)
-    assert decode_request(frame(PutRequest(1, [(bid(1), bytes(100))])), lim).items[0][1] == bytes(100)
+    ok = decode_request(frame(PutRequest(1, [(bid(1), bytes(100))])), lim)
+    assert ok.items[0][1] == bytes(100)
 
 
 @settings(max_examples=500)
@@ -539,7 +540,8 @@ def test_body_over_max_body_is_refused():
 
 def test_error_messages_are_truncated_on_a_character_boundary():
     lim = Limits(max_error=10)
-    msg = decode_response(frame(ErrorResponse(1, Opcode.PUT, Status.BUSY, "ab" + "é" * 10), lim), lim)
+    err = ErrorResponse(1, Opcode.PUT, Status.BUSY, "ab" + "é" * 10)
+    msg = decode_response(frame(err, lim), lim)
     assert msg.message == "abéééé" and len(msg.message.encode()) == 10
 
 

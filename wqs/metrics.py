@@ -230,7 +230,8 @@ def bucket_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
                 return lower_bound
             if count == lower_count:
                 return bound
-            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (count - lower_count)
+            fraction = (rank - lower_count) / (count - lower_count)
+            return lower_bound + (bound - lower_bound) * fraction
         lower_bound, lower_count = bound, count
     return lower_bound
 

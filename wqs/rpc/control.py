@@ -437,7 +437,9 @@ def start_control_server(engine_provider: Callable[[], "Engine | None"], address
     the challenge-response proof.
     """
     nonces = NonceTable(ttl=nonce_ttl) if auth_token else None
-    interceptors = [AuthInterceptor(auth_token, nonces)] if auth_token and nonces else []
+    interceptors: list[grpc.ServerInterceptor] = []
+    if auth_token and nonces is not None:
+        interceptors.append(AuthInterceptor(auth_token, nonces))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="wqs-control"),
         interceptors=interceptors,

@@ -39,7 +39,8 @@ MAX_ITEMS = 4096  # items in one batch
 MAX_BLOCK = 64 << 20  # 64 MiB in one block payload
 MAX_ERROR = 4096  # bytes of UTF-8 in an error message
 
-HEADER = struct.Struct("<IBBHQHHIQ")  # magic version opcode flags request_id status reserved count body_len
+# magic version opcode flags request_id status reserved count body_len: 32 bytes
+HEADER = struct.Struct("<IBBHQHHIQ")
 ITEM = struct.Struct("<16sIHH")  # block_id length status reserved
 HELLO_BODY = struct.Struct("<32sIIIIQ")  # nonce flags max_items max_block max_error max_body
 AUTH_BODY = struct.Struct("<32s32s")  # client_nonce proof
@@ -97,7 +98,7 @@ DEFAULT_LIMITS = Limits()
 
 def _as_bytes(b: BytesLike) -> bytes:
     if isinstance(b, int):  # bytes(16) would silently be 16 zero bytes
-        raise ProtocolError(f"block id must be {ID_LEN} bytes, not an int (see wqs.ids.to_block_id)")
+        raise ProtocolError(f"block id must be {ID_LEN} bytes, not an int (wqs.ids.to_block_id)")
     return bytes(b)
 
 
@@ -305,10 +306,6 @@ _REQUESTS = (HelloRequest, AuthRequest, PingRequest, PutRequest, _IdsRequest)
 
 # --- frame shapes -----------------------------------------------------------------------
 
-def _fixed(size: int) -> Callable[[int], int]:
-    return lambda n: size
-
-
 def _ids(n: int) -> int:
     return n * ID_LEN
 
@@ -317,19 +314,17 @@ def _bitmap(n: int) -> int:
     return (n + 7) // 8
 
 
-# (opcode, is_response) -> exact body length given count, for frames without payloads.
-_BODY_LEN: dict[tuple[Opcode, bool], Callable[[int], int]] = {
-    (Opcode.HELLO, False): _fixed(0), (Opcode.HELLO, True): _fixed(HELLO_BODY.size),
-    (Opcode.AUTH, False): _fixed(AUTH_BODY.size), (Opcode.AUTH, True): _fixed(PROOF_LEN),
-    (Opcode.PING, False): _fixed(0), (Opcode.PING, True): _fixed(0),
+# (opcode, is_response) -> the exact body length of a frame without payloads: an int for
+# a frame that carries no items (count must be 0), else a function of count.
+_BODY_LEN: dict[tuple[Opcode, bool], int | Callable[[int], int]] = {
+    (Opcode.HELLO, False): 0, (Opcode.HELLO, True): HELLO_BODY.size,
+    (Opcode.AUTH, False): AUTH_BODY.size, (Opcode.AUTH, True): PROOF_LEN,
+    (Opcode.PING, False): 0, (Opcode.PING, True): 0,
     (Opcode.GET, False): _ids, (Opcode.EXISTS, False): _ids, (Opcode.DELETE, False): _ids,
-    (Opcode.LOOKUP_PREFIX, False): _ids, (Opcode.PUT, True): lambda n: 2 * n,
-    (Opcode.EXISTS, True): _bitmap, (Opcode.DELETE, True): _bitmap,
-    (Opcode.LOOKUP_PREFIX, True): _fixed(U32.size),
+    (Opcode.LOOKUP_PREFIX, False): _ids, (Opcode.LOOKUP_PREFIX, True): U32.size,
+    (Opcode.PUT, True): lambda n: 2 * n, (Opcode.EXISTS, True): _bitmap,
+    (Opcode.DELETE, True): _bitmap,
 }
-_BATCHED = {(Opcode.GET, False), (Opcode.EXISTS, False), (Opcode.DELETE, False),
-            (Opcode.LOOKUP_PREFIX, False), (Opcode.PUT, True), (Opcode.EXISTS, True),
-            (Opcode.DELETE, True)}
 _PAYLOAD_FRAMES = {(Opcode.PUT, False), (Opcode.GET, True)}  # item table, then payloads
 
 
@@ -356,38 +351,38 @@ def parse_header(data: BytesLike, limits: Limits = DEFAULT_LIMITS, *,
     h = FrameHeader(opcode, flags, rid, _enum(Status, status, "status"), count, body_len)
     if response is not None and h.is_response != response:
         raise ProtocolError(f"expected a {'response' if response else 'request'}, got the other")
-
-    def reject(msg: str, st: Status = Status.BAD_REQUEST) -> FrameRejected:
-        return FrameRejected(f"{opcode.name} #{rid}: {msg}", rid, opcode, st)
-
     if reserved:
-        raise reject("reserved header field is not zero")
+        raise _rejected(h, "reserved header field is not zero")
     if not h.is_response and h.status != Status.OK:
-        raise reject("a request must carry status OK")
+        raise _rejected(h, "a request must carry status OK")
     if count > limits.max_items:
-        raise reject(f"{count} items, limit is {limits.max_items}", Status.TOO_LARGE)
+        raise _rejected(h, f"{count} items, limit is {limits.max_items}", Status.TOO_LARGE)
     if body_len > limits.max_body:
-        raise reject(f"body of {body_len} bytes, limit is {limits.max_body}", Status.TOO_LARGE)
-    key = (opcode, h.is_response)
+        raise _rejected(h, f"body of {body_len} bytes, limit is {limits.max_body}",
+                        Status.TOO_LARGE)
+    rule = _BODY_LEN.get((opcode, h.is_response))
     if h.is_response and h.status != Status.OK:  # an error: the body is its message
         if count:
-            raise reject("an error response carries no items")
+            raise _rejected(h, "an error response carries no items")
         if body_len > limits.max_error:
-            raise reject(f"error message of {body_len} bytes, limit is {limits.max_error}",
-                         Status.TOO_LARGE)
-    elif key in _PAYLOAD_FRAMES:
+            raise _rejected(h, f"error message of {body_len} bytes, limit is {limits.max_error}",
+                            Status.TOO_LARGE)
+    elif rule is None:  # a payload frame
         table = count * ITEM.size
         if body_len < table:
-            raise reject(f"body of {body_len} bytes cannot hold a table of {count} items")
+            raise _rejected(h, f"body of {body_len} bytes cannot hold a table of {count} items")
         if body_len - table > count * limits.max_block:
-            raise reject(f"{body_len - table} payload bytes in {count} items exceed the "
-                         f"{limits.max_block}-byte block limit", Status.TOO_LARGE)
-    else:
-        if count and key not in _BATCHED:
-            raise reject(f"count is {count} in a frame that carries no items")
-        if body_len != _BODY_LEN[key](count):
-            raise reject(f"body is {body_len} bytes, expected {_BODY_LEN[key](count)}")
+            raise _rejected(h, f"{body_len - table} payload bytes in {count} items exceed the "
+                            f"{limits.max_block}-byte block limit", Status.TOO_LARGE)
+    elif isinstance(rule, int) and count:
+        raise _rejected(h, f"count is {count} in a frame that carries no items")
+    elif body_len != (want := rule if isinstance(rule, int) else rule(count)):
+        raise _rejected(h, f"body is {body_len} bytes, expected {want}")
     return h
+
+
+def _rejected(h: FrameHeader, msg: str, status: Status = Status.BAD_REQUEST) -> FrameRejected:
+    return FrameRejected(f"{h.opcode.name} #{h.request_id}: {msg}", h.request_id, h.opcode, status)
 
 
 def parse_item_table(h: FrameHeader, data: BytesLike,
@@ -399,22 +394,19 @@ def parse_item_table(h: FrameHeader, data: BytesLike,
     items, total = [], 0
     for i, (bid, length, status, reserved) in enumerate(ITEM.iter_unpack(data[:table])):
         st = _enum(Status, status, f"status in item {i}")
-        bad = ("reserved field is not zero" if reserved else
-               f"{length} bytes exceed the {limits.max_block}-byte block limit"
-               if length > limits.max_block else
-               f"status {st.name} with a payload" if st != Status.OK and length else
-               f"status {st.name} in a request" if st != Status.OK and not h.is_response else
-               None)
-        if bad:
-            raise FrameRejected(f"{h.opcode.name} #{h.request_id}: item {i}: {bad}", h.request_id,
-                                h.opcode, Status.TOO_LARGE if length > limits.max_block
-                                else Status.BAD_REQUEST)
+        if length > limits.max_block:
+            raise _rejected(h, f"item {i}: {length} bytes exceed the {limits.max_block}-byte "
+                            "block limit", Status.TOO_LARGE)
+        if reserved:
+            raise _rejected(h, f"item {i}: reserved field is not zero")
+        if st != Status.OK and (length or not h.is_response):
+            raise _rejected(h, f"item {i}: status {st.name} "
+                            f"{'with a payload' if length else 'in a request'}")
         items.append(ItemEntry(bid, length, st))
         total += length
     if table + total != h.body_len:
-        raise FrameRejected(f"{h.opcode.name} #{h.request_id}: item table holds {total} payload "
-                            f"bytes but the body has {h.body_len - table}", h.request_id,
-                            h.opcode, Status.BAD_REQUEST)
+        raise _rejected(h, f"item table holds {total} payload bytes but the body has "
+                        f"{h.body_len - table}")
     return tuple(items)
 
 
@@ -467,7 +459,8 @@ def _decode_body(h: FrameHeader, body: bytes) -> Message:
                                       for s in struct.unpack(f"<{h.count}H", body)))
     if op == Opcode.LOOKUP_PREFIX:
         return LookupPrefixResponse(rid, U32.unpack(body)[0])
-    return (ExistsResponse if op == Opcode.EXISTS else DeleteResponse)(rid, _unpack_bits(body, h.count))
+    cls = ExistsResponse if op == Opcode.EXISTS else DeleteResponse
+    return cls(rid, _unpack_bits(body, h.count))
 
 
 _IDS_REQUESTS: dict[Opcode, type[_IdsRequest]] = {
@@ -673,9 +666,9 @@ class FrameDecoder:
     @property
     def needed(self) -> int:
         """Bytes still missing before next_event() can progress; 0: it has an event ready."""
-        h = self.header
-        want = {_HEADER: HEADER.size, _BODY: h and h.body_len, _TABLE: h and h.count * ITEM.size,
-                _NEXT: 0, _PAYLOAD: self._remaining}[self._state]
+        h, s = self.header, self._state
+        want = (HEADER.size if s == _HEADER else h.body_len if s == _BODY else
+                h.count * ITEM.size if s == _TABLE else self._remaining if s == _PAYLOAD else 0)
         return max(0, want - len(self._buf))
 
     @property
@@ -693,8 +686,8 @@ class FrameDecoder:
             raise
 
     def _take(self, n: int) -> bytes:
-        data = bytes(self._buf[:n])
-        del self._buf[:n]  # O(1) amortised: bytearray keeps a start offset
+        data = bytes(memoryview(self._buf)[:n])  # one copy; the view dies before the del
+        del self._buf[:n]  # cheap: bytearray drops a prefix by moving its start offset
         return data
 
     def _step(self) -> Event | None:
@@ -749,7 +742,7 @@ class FrameDecoder:
             raise RuntimeError("readinto() outside a payload")
         view = memoryview(dest).cast("B")
         n = min(len(self._buf), self._remaining, len(view))
-        view[:n] = self._buf[:n]
+        view[:n] = memoryview(self._buf)[:n]
         del self._buf[:n]
         self._offset += n
         self._remaining -= n
@@ -758,7 +751,7 @@ class FrameDecoder:
     def mark_received(self, n: int) -> None:
         """The caller received n bytes of the current payload itself, e.g. by recv_into."""
         if self._state != _PAYLOAD or not 0 <= n <= self._remaining:
-            raise RuntimeError(f"mark_received({n}) with {self.payload_remaining} payload bytes due")
+            raise RuntimeError(f"mark_received({n}) with {self.payload_remaining} bytes due")
         if n and self._buf:
             raise RuntimeError("drain buffered bytes with readinto() before receiving directly")
         self._offset += n

@@ -1,0 +1,79 @@
+"""The numpy hash index against a dict model, and its footprint."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wqs.engine.index import META_HIT, MIN_CAPACITY, Index
+
+ops = st.lists(
+    st.tuples(st.sampled_from(["put", "remove", "hit"]), st.integers(1, 300),
+              st.integers(0, 10_000)),
+    max_size=400,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops)
+def test_index_matches_a_dict(operations):
+    # Small tag space and a tiny table force long probe chains and wrap-around,
+    # which is where backward-shift deletion can go wrong.
+    index = Index(capacity=16)
+    model: dict[int, tuple[int, int]] = {}
+    for op, tag, loc in operations:
+        tag = tag * 1024 + 7  # many tags share a home slot modulo small capacities
+        if op == "put":
+            index.put(tag, loc, loc % 500)
+            model[tag] = (loc, loc % 500)
+        elif op == "remove":
+            assert index.remove(tag) == (tag in model)
+            model.pop(tag, None)
+        else:
+            index.mark_hit(tag)
+        assert index.count == len(model)
+    for tag, (loc, n) in model.items():
+        found = index.get(tag)
+        assert found is not None and (found.loc, found.payload_len) == (loc, n)
+    for tag in range(1, 301):
+        if tag * 1024 + 7 not in model:
+            assert index.get(tag * 1024 + 7) is None
+
+
+def test_remove_only_if_location_matches():
+    index = Index()
+    index.put(5, 100, 10)
+    assert index.remove(5, loc=99) is False
+    assert index.remove(5, loc=100) is True
+    assert 5 not in index
+
+
+def test_hit_bit_survives_and_is_reset_by_put():
+    index = Index()
+    index.put(9, 1, 10)
+    index.mark_hit(9)
+    assert index.get(9).hit
+    index.put(9, 2, 10)
+    assert not index.get(9).hit and index.get(9).meta & META_HIT == 0
+
+
+def test_slots_in_range_finds_one_regions_entries():
+    index = Index()
+    for tag in range(1, 101):
+        index.put(tag, tag * 10, 1)
+    slots = index.slots_in_range(200, 300)
+    assert sorted(int(index.locs[s]) for s in slots) == list(range(200, 300, 10))
+    index.remove_slots(slots)
+    assert index.count == 90 and index.get(20) is None and index.get(30) is not None
+
+
+def test_footprint_is_at_most_32_bytes_per_block_once_grown():
+    rng = random.Random(1)
+    index = Index()
+    n = 200_000
+    for _ in range(n):
+        index.put(rng.getrandbits(64) | 1, 1, 1)
+    assert index.capacity > MIN_CAPACITY
+    assert index.nbytes / index.count <= 32.5
