@@ -527,9 +527,13 @@ def test_encoder_refuses_invalid_messages(msg, match):
         encode(msg)
 
 
-def test_int_block_ids_are_refused_not_zero_filled():
+def test_ints_are_refused_not_zero_filled():
     with pytest.raises(ProtocolError, match="int"):
         GetRequest(1, [16])
+    with pytest.raises(ProtocolError, match="nonce must be bytes"):
+        encode(AuthRequest(1, 32, bytes(32)))
+    with pytest.raises(ProtocolError, match="str"):
+        ExistsRequest(1, ["0123456789abcdef"])
 
 
 def test_body_over_max_body_is_refused():

@@ -96,10 +96,11 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-def _as_bytes(b: BytesLike) -> bytes:
-    if isinstance(b, int):  # bytes(16) would silently be 16 zero bytes
-        raise ProtocolError(f"block id must be {ID_LEN} bytes, not an int (wqs.ids.to_block_id)")
-    return bytes(b)
+def _as_bytes(b: BytesLike, what: str = "block id") -> bytes:
+    try:  # via memoryview: bytes(16) would be 16 zero bytes, not an error
+        return bytes(memoryview(b))
+    except TypeError:
+        raise ProtocolError(f"{what} must be bytes, not {type(b).__name__}") from None
 
 
 def _enum(kind: type[IntEnum], value: int, what: str):
@@ -477,7 +478,7 @@ def _id(b: BytesLike) -> bytes:
 
 
 def _exact(b: BytesLike, n: int, what: str) -> bytes:
-    b = bytes(b)
+    b = _as_bytes(b, what)
     if len(b) != n:
         raise ProtocolError(f"{what} must be {n} bytes, got {len(b)}")
     return b
@@ -508,7 +509,7 @@ def _encode_body(m: Message, limits: Limits) -> tuple[bytes, int, list[memoryvie
     if isinstance(m, ErrorResponse):
         if m.status == ok:
             raise ProtocolError("an ErrorResponse needs a status other than OK")
-        text = m.message.encode("utf-8", "replace")[:limits.max_error]
+        text = str(m.message).encode("utf-8", "replace")[:limits.max_error]
         return text.decode("utf-8", "ignore").encode(), 0, [], _enum(Status, m.status, "status")
     if isinstance(m, (HelloRequest, PingRequest, PingResponse)):
         return b"", 0, [], ok
