@@ -19,6 +19,7 @@ The layout is specified in proto/DATAPLANE.md: keep the two in step.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -97,6 +98,8 @@ DEFAULT_LIMITS = Limits()
 
 
 def _as_bytes(b: BytesLike, what: str = "block id") -> bytes:
+    if type(b) is bytes:
+        return b
     try:  # via memoryview: bytes(16) would be 16 zero bytes, not an error
         return bytes(memoryview(b))
     except TypeError:
@@ -221,9 +224,10 @@ class PutResponse:
 class _IdsRequest:
     request_id: int
     ids: tuple[bytes, ...]
+    opcode: ClassVar[Opcode]  # set by each subclass
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "ids", tuple(_as_bytes(i) for i in self.ids))
+        object.__setattr__(self, "ids", tuple(map(_as_bytes, self.ids)))
 
 
 class GetRequest(_IdsRequest):
@@ -263,9 +267,10 @@ class GetResponse:
 class _BitsResponse:
     request_id: int
     bits: tuple[bool, ...]  # one per requested id, sent as a bitmap
+    opcode: ClassVar[Opcode]  # set by each subclass
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "bits", tuple(bool(b) for b in self.bits))
+        object.__setattr__(self, "bits", tuple(map(bool, self.bits)))
 
 
 class ExistsResponse(_BitsResponse):
@@ -411,18 +416,19 @@ def parse_item_table(h: FrameHeader, data: BytesLike,
     return tuple(items)
 
 
+_BYTE_BITS = [tuple(bool(b >> i & 1) for i in range(8)) for b in range(256)]  # LSB first
+
+
 def _unpack_bits(data: bytes, n: int) -> tuple[bool, ...]:
     if n % 8 and data[-1] >> (n % 8):
         raise ProtocolError("bitmap padding bits are not zero")
-    return tuple(bool(data[i >> 3] >> (i & 7) & 1) for i in range(n))
+    return tuple(itertools.chain.from_iterable(_BYTE_BITS[b] for b in data))[:n]
 
 
 def _pack_bits(bits: Sequence[bool]) -> bytes:
-    out = bytearray(_bitmap(len(bits)))
-    for i, b in enumerate(bits):
-        if b:
-            out[i >> 3] |= 1 << (i & 7)
-    return bytes(out)
+    # Bit i of the bitmap is bit i of one little-endian integer.
+    digits = "".join("1" if b else "0" for b in reversed(bits))
+    return int(digits or "0", 2).to_bytes(_bitmap(len(bits)), "little")
 
 
 def _decode_body(h: FrameHeader, body: bytes) -> Message:
@@ -433,7 +439,6 @@ def _decode_body(h: FrameHeader, body: bytes) -> Message:
             return ErrorResponse(rid, op, h.status, body.decode("utf-8"))
         except UnicodeDecodeError:
             raise ProtocolError(f"{op.name} #{rid}: error message is not UTF-8") from None
-    ids = tuple(body[i:i + ID_LEN] for i in range(0, h.count * ID_LEN, ID_LEN))
     if not h.is_response:
         if op == Opcode.HELLO:
             return HelloRequest(rid)
@@ -441,7 +446,7 @@ def _decode_body(h: FrameHeader, body: bytes) -> Message:
             return PingRequest(rid)
         if op == Opcode.AUTH:
             return AuthRequest(rid, *AUTH_BODY.unpack(body))
-        return _IDS_REQUESTS[op](rid, ids)
+        return _IDS_REQUESTS[op](rid, [body[i:i + ID_LEN] for i in range(0, len(body), ID_LEN)])
     if op == Opcode.HELLO:
         nonce, flags, max_items, max_block, max_error, max_body = HELLO_BODY.unpack(body)
         if flags & ~HELLO_AUTH_REQUIRED:
@@ -524,7 +529,9 @@ def _encode_body(m: Message, limits: Limits) -> tuple[bytes, int, list[memoryvie
     if isinstance(m, AuthResponse):
         return _exact(m.proof, PROOF_LEN, "proof"), 0, [], ok
     if isinstance(m, _IdsRequest):
-        return b"".join(_id(i) for i in m.ids), _batch(len(m.ids), limits), [], ok
+        if any(len(i) != ID_LEN for i in m.ids):  # ids are bytes already (__post_init__)
+            raise ProtocolError(f"block ids must be {ID_LEN} bytes each")
+        return b"".join(m.ids), _batch(len(m.ids), limits), [], ok
     if isinstance(m, PutRequest):
         n = _batch(len(m.items), limits)
         views = [_payload(p, limits) for _, p in m.items]
