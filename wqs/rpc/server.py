@@ -1,0 +1,388 @@
+"""The TCP data-plane server: sockets and threads around the sans-IO protocol.
+
+One reader thread per connection decodes frames and receives PUT payloads straight
+into their own buffers; requests then run on a shared worker pool (the engine's IO
+releases the GIL), so many requests are in flight per connection and answers go back
+in completion order, matched by request id. Responses are written with sendmsg from
+the engine's buffers, never joined.
+
+Limits: connections (max_connections), request payload bytes held in memory at once
+(max_inflight_bytes, shared by all connections), and everything in `Limits`.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+from wqs.engine import Engine
+from wqs.errors import AuthError, BlockTooLarge, ProtocolError
+from wqs.rpc import auth
+from wqs.rpc import protocol as p
+
+log = logging.getLogger("wqs.rpc.server")
+
+IOV_MAX = 1024  # Linux limit on buffers per sendmsg
+RECV_CHUNK = 256 * 1024
+PER_CONNECTION_INFLIGHT = 64  # requests a connection may have queued before we stop reading
+
+_OP_NAMES = {
+    p.Opcode.PUT: "put", p.Opcode.GET: "get", p.Opcode.EXISTS: "exists",
+    p.Opcode.DELETE: "delete", p.Opcode.LOOKUP_PREFIX: "lookup_prefix", p.Opcode.PING: "ping",
+}
+
+
+@dataclass
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 7070
+    auth_token: str | None = None
+    workers: int = 16
+    max_connections: int = 1024
+    max_inflight_bytes: int = 1 << 30
+    idle_timeout_s: float | None = None  # close connections silent for this long
+
+
+class _ByteBudget:
+    """Bytes of request payload held in memory by all connections together."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int) -> None:
+        n = min(n, self.limit)  # one frame larger than the budget may still run, alone
+        with self._cond:
+            while self.used + n > self.limit:
+                self._cond.wait()
+            self.used += n
+
+    def release(self, n: int) -> None:
+        n = min(n, self.limit)
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+class DataServer:
+    """Serves one engine on one TCP address until stop()."""
+
+    def __init__(self, engine: Engine, options: ServerOptions,
+                 observe: Callable[[str, float, str | None], None] | None = None) -> None:
+        self.engine = engine
+        self.options = options
+        # Advertise the engine's own block limit so clients refuse oversize blocks early.
+        self.limits = p.Limits(
+            max_block=engine.max_block_size,
+            max_body=max(p.MAX_BODY, engine.max_block_size + p.MAX_ITEMS * p.ITEM.size))
+        self._observe = observe
+        self._pool = ThreadPoolExecutor(options.workers, thread_name_prefix="wqs-req")
+        self._budget = _ByteBudget(options.max_inflight_bytes)
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._inflight = 0
+        self._draining = False
+        self._stopped = False
+        self._connections: set[_Connection] = set()
+        self._sock = socket.create_server((options.host, options.port), backlog=512,
+                                          reuse_port=False)
+        self.port = self._sock.getsockname()[1]
+        self._accept_thread = threading.Thread(target=self._accept_loop, name="wqs-accept",
+                                               daemon=True)
+
+    @property
+    def address(self) -> str:
+        host = self.options.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    def start(self) -> None:
+        self._accept_thread.start()
+        log.info("data plane listening on %s", self.address)
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    @property
+    def connection_count(self) -> int:
+        with self._lock:
+            return len(self._connections)
+
+    def drain(self, timeout_s: float) -> tuple[bool, int]:
+        """Refuse new requests (BUSY) and wait for those in flight; (drained, remaining)."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            self._draining = True
+            while self._inflight > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._idle.wait(left)
+            return self._inflight == 0, self._inflight
+
+    def resume(self) -> None:
+        with self._lock:
+            self._draining = False
+
+    def stop(self) -> None:
+        """Stop accepting, close every connection, finish queued requests."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            connections = list(self._connections)
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        for c in connections:
+            c.close()
+        self._pool.shutdown(wait=True)
+
+    # ---- connections -----------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                sock, peer = self._sock.accept()
+            except OSError:
+                return  # listening socket closed by stop()
+            with self._lock:
+                if self._stopped:
+                    sock.close()
+                    return
+                if len(self._connections) >= self.options.max_connections:
+                    log.warning("refusing %s: max_connections (%d) reached", peer,
+                                self.options.max_connections)
+                    sock.close()
+                    continue
+                conn = _Connection(self, sock, peer)
+                self._connections.add(conn)
+            threading.Thread(target=conn.run, name=f"wqs-conn-{peer}", daemon=True).start()
+
+    def _forget(self, conn: "_Connection") -> None:
+        with self._lock:
+            self._connections.discard(conn)
+
+    def _begin(self) -> bool:
+        with self._lock:
+            if self._draining:
+                return False
+            self._inflight += 1
+            return True
+
+    def _end(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.notify_all()
+
+    # ---- request handlers (run on the worker pool) -----------------------------------
+
+    def handle(self, req: p.Request) -> p.Response:
+        if isinstance(req, p.PutRequest):
+            return self._put(req)
+        if isinstance(req, p.GetRequest):
+            return self._get(req)
+        if isinstance(req, p.ExistsRequest):
+            return p.ExistsResponse(req.request_id, tuple(self.engine.exists_many(req.ids)))
+        if isinstance(req, p.DeleteRequest):
+            return p.DeleteResponse(req.request_id, tuple(self.engine.delete(b) for b in req.ids))
+        if isinstance(req, p.LookupPrefixRequest):
+            return p.LookupPrefixResponse(req.request_id, self.engine.lookup_prefix(req.ids))
+        if isinstance(req, p.PingRequest):
+            return p.PingResponse(req.request_id)
+        return p.ErrorResponse(req.request_id, req.opcode, p.Status.BAD_REQUEST,
+                               f"{type(req).__name__} is not valid here")
+
+    def _get(self, req: p.GetRequest) -> p.Response:
+        values = self.engine.get_many(list(req.ids))
+        items = []
+        room = self.limits.max_body - len(req.ids) * p.ITEM.size
+        for block_id, value in zip(req.ids, values):
+            if value is None:
+                items.append(p.GetItem(block_id, p.Status.NOT_FOUND, None))
+            elif len(value) > room:
+                # The frame would outgrow max_body: the client asks again for these.
+                items.append(p.GetItem(block_id, p.Status.BUSY, None))
+            else:
+                room -= len(value)
+                items.append(p.GetItem(block_id, p.Status.OK, value))
+        return p.GetResponse(req.request_id, tuple(items))
+
+    def _put(self, req: p.PutRequest) -> p.Response:
+        statuses = []
+        accepted = []
+        for block_id, payload in req.items:
+            if len(payload) > self.engine.max_block_size:
+                statuses.append(p.Status.TOO_LARGE)
+            else:
+                statuses.append(p.Status.OK)
+                accepted.append((block_id, payload))
+        try:
+            self.engine.put_many(accepted)
+        except BlockTooLarge:
+            statuses = [p.Status.TOO_LARGE] * len(req.items)
+        return p.PutResponse(req.request_id, tuple(statuses))
+
+
+class _Connection:
+    """One client connection: the reader loop, and a lock for writers."""
+
+    def __init__(self, server: DataServer, sock: socket.socket, peer: object) -> None:
+        self.server = server
+        self.sock = sock
+        self.peer = peer
+        self.decoder = p.FrameDecoder(server.limits)
+        self._send_lock = threading.Lock()
+        self._slots = threading.Semaphore(PER_CONNECTION_INFLIGHT)
+        self._nonce = auth.make_nonce()
+        self._hello_done = False
+        self._authenticated = server.options.auth_token is None
+        self._closed = False
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if server.options.idle_timeout_s:
+            sock.settimeout(server.options.idle_timeout_s)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.sock.close()
+
+    def run(self) -> None:
+        try:
+            self._read_loop()
+        except p.FrameRejected as e:
+            log.info("%s: rejected frame: %s", self.peer, e)
+            self._send_quietly(p.ErrorResponse(e.request_id, e.opcode, e.status, str(e)[:1000]))
+        except ProtocolError as e:
+            log.info("%s: protocol error, closing: %s", self.peer, e)
+        except (ConnectionError, TimeoutError, OSError) as e:
+            if not self._closed:
+                log.debug("%s: connection ended: %s", self.peer, e)
+        finally:
+            self.close()
+            self.server._forget(self)
+
+    def _recv_some(self) -> None:
+        # Never read past what the decoder needs: payload bytes then stay in the socket
+        # until read_payload_into receives them into their own buffer.
+        want = min(max(self.decoder.needed, 1), RECV_CHUNK)
+        data = self.sock.recv(want)
+        if not data:
+            raise ConnectionError("peer closed the connection")
+        self.decoder.feed(data)
+
+    def _read_loop(self) -> None:
+        dec = self.decoder
+        put_items: list[tuple[bytes, bytearray]] = []
+        put_bytes = 0
+        while not self._closed:
+            ev = dec.next_event()
+            if ev is None:
+                self._recv_some()
+                continue
+            if isinstance(ev, p.ItemTable):
+                # Lengths were checked against Limits by the decoder before we get here.
+                put_bytes = sum(it.length for it in ev.items)
+                self.server._budget.acquire(put_bytes)
+                put_items = [(it.block_id, bytearray(it.length)) for it in ev.items]
+            elif isinstance(ev, p.PayloadStart):
+                dec.read_payload_into(put_items[ev.index][1], self.sock.recv_into)
+            elif isinstance(ev, p.FrameEnd):
+                req = p.PutRequest(ev.header.request_id,
+                                   tuple((b, memoryview(v)) for b, v in put_items))
+                self._dispatch(req, payload_bytes=put_bytes)
+                put_items, put_bytes = [], 0
+            elif isinstance(ev, p.HelloRequest):
+                self._hello_done = True
+                self._send(p.HelloResponse(ev.request_id, self._nonce,
+                                           not self._authenticated, self.server.limits))
+            elif isinstance(ev, p.AuthRequest):
+                self._authenticate(ev)
+            else:
+                self._dispatch(ev, payload_bytes=0)
+
+    def _authenticate(self, req: p.AuthRequest) -> None:
+        token = self.server.options.auth_token
+        if token is None:
+            self._send(p.AuthResponse(req.request_id, bytes(32)))  # nothing to prove
+            return
+        try:
+            if not self._hello_done:
+                raise AuthError("AUTH before HELLO")
+            auth.verify(auth.client_proof(token, self._nonce, req.client_nonce), req.proof)
+        except AuthError as e:
+            log.warning("%s: authentication failed: %s", self.peer, e)
+            self._send(p.ErrorResponse(req.request_id, p.Opcode.AUTH, p.Status.AUTH_FAILED,
+                                       "authentication failed"))
+            self.close()
+            return
+        self._authenticated = True
+        self._send(p.AuthResponse(req.request_id,
+                                  auth.server_proof(token, self._nonce, req.client_nonce)))
+
+    def _dispatch(self, req: p.Request, payload_bytes: int) -> None:
+        if not self._authenticated:
+            self.server._budget.release(payload_bytes)
+            self._send(p.ErrorResponse(req.request_id, req.opcode, p.Status.AUTH_REQUIRED,
+                                       "this server requires AUTH before data operations"))
+            self.close()
+            return
+        if not self.server._begin():
+            self.server._budget.release(payload_bytes)
+            self._send(p.ErrorResponse(req.request_id, req.opcode, p.Status.BUSY,
+                                       "the node is draining"))
+            return
+        self._slots.acquire()  # backpressure: stop reading while too much is queued
+        try:
+            self.server._pool.submit(self._execute, req, payload_bytes)
+        except RuntimeError:  # pool shut down: the server is stopping
+            self._slots.release()
+            self.server._budget.release(payload_bytes)
+            self.server._end()
+            raise ConnectionError("server stopping") from None
+
+    def _execute(self, req: p.Request, payload_bytes: int) -> None:
+        op = _OP_NAMES.get(req.opcode, "other")
+        started = time.perf_counter()
+        error = None
+        try:
+            try:
+                resp = self.server.handle(req)
+            except Exception as e:  # the node's fault, not the client's: keep serving
+                log.exception("%s failed", op)
+                error = type(e).__name__
+                resp = p.ErrorResponse(req.request_id, req.opcode, p.Status.SERVER_ERROR,
+                                       f"{type(e).__name__}: {e}"[:1000])
+            self._send_quietly(resp)
+        finally:
+            self._slots.release()
+            self.server._budget.release(payload_bytes)
+            self.server._end()
+            if self.server._observe is not None:
+                self.server._observe(op, time.perf_counter() - started, error)
+
+    def _send(self, msg: p.Response) -> None:
+        bufs = p.encode(msg, self.server.limits)
+        with self._send_lock:
+            while bufs:
+                sent = self.sock.sendmsg(bufs[:IOV_MAX])
+                bufs = p.advance(bufs, sent)
+
+    def _send_quietly(self, msg: p.Response) -> None:
+        try:
+            self._send(msg)
+        except OSError:
+            self.close()  # the reader notices and cleans up
