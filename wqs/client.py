@@ -30,6 +30,7 @@ from wqs.rpc.tcp import TcpTransport
 log = logging.getLogger("wqs.client")
 
 RETRY_INTERVAL_S = 1.0
+GIB = 1 << 30
 
 
 def _buffer(data: Any) -> Any:
@@ -107,18 +108,46 @@ class Client:
         elif servers or options:
             raise TypeError("pass either a config or servers and options, not both")
         self.config = config
-        self.ring = HashRing(config.servers)
-        self._nodes = {a: _Node(a, config) for a in config.servers}
-        self._executor = ThreadPoolExecutor(max(4, 2 * len(self._nodes)),
-                                            thread_name_prefix="wqs-client")
+        self._nodes: dict[str, _Node] = {}
+        self._nodes_lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(16, thread_name_prefix="wqs-client")
         self.failed_requests = 0
+        self._watcher = None
+        if config.etcd is not None:
+            self._watch_etcd(config)
+        else:
+            weights = config.weights or {}
+            self._set_members({a: weights.get(a, 1.0) for a in config.servers})
+
+    def _set_members(self, weights: dict[str, float]) -> None:
+        """Swap in a ring over these nodes; callers already running keep the old one."""
+        with self._nodes_lock:
+            for address in weights:
+                if address not in self._nodes:
+                    self._nodes[address] = _Node(address, self.config)
+            self.ring = HashRing(weights)
+        log.info("ring: %d nodes", len(weights))
+
+    def _watch_etcd(self, config: ClientConfig) -> None:
+        from wqs.membership import EtcdClient, MembershipWatcher
+
+        def on_change(nodes: dict) -> None:
+            # Weight = capacity in GiB: every client derives the same ring from etcd.
+            self._set_members({a: max(r.capacity_bytes / GIB, 1e-3) for a, r in nodes.items()})
+
+        self._watcher = MembershipWatcher(EtcdClient(config.etcd), on_change)
+        self._watcher.start()
+        if not self._watcher.nodes:
+            self._set_members({})
 
     @classmethod
     def from_config(cls, path: str) -> "Client":
         return cls(config=load_client_config(path))
 
     def close(self) -> None:
-        for node in self._nodes.values():
+        if self._watcher is not None:
+            self._watcher.stop()
+        for node in list(self._nodes.values()):
             node.close()
         self._executor.shutdown(wait=False)
 
@@ -160,9 +189,12 @@ class Client:
             ids.append(to_block_id(block_id))
             bufs.append(_buffer(data))
         n_rep = replicas or self.config.replicas
+        ring = self.ring
+        if not len(ring):
+            return [False] * len(ids)
         plan: dict[str, list[int]] = {}
         for i, b in enumerate(ids):
-            for node in self.ring.nodes_for(b, n_rep):
+            for node in ring.nodes_for(b, n_rep):
                 plan.setdefault(node, []).append(i)
         ok = [True] * len(ids)
         for node, idx, result in self._fan_out(
@@ -184,11 +216,12 @@ class Client:
         if views is not None and len(views) != len(ids):
             raise ValueError(f"{len(ids)} ids but {len(views)} out buffers")
         results: list[Any] = [None] * len(ids)
-        todo = list(range(len(ids)))
+        ring = self.ring
+        todo = list(range(len(ids))) if len(ring) else []
         for attempt in range(self.config.replicas):
             plan: dict[str, list[int]] = {}
             for i in todo:
-                replicas = self.ring.nodes_for(ids[i], self.config.replicas)
+                replicas = ring.nodes_for(ids[i], self.config.replicas)
                 plan.setdefault(replicas[attempt % len(replicas)], []).append(i)
             for _, idx, result in self._fan_out(
                 plan, lambda t, idx: t.get_many([ids[i] for i in idx],
@@ -205,7 +238,8 @@ class Client:
     def exists_many(self, block_ids: Iterable[BlockIdLike]) -> list[bool]:
         ids = [to_block_id(b) for b in block_ids]
         found = [False] * len(ids)
-        plan = self.ring.group(ids) if ids else {}
+        ring = self.ring
+        plan = ring.group(ids) if ids and len(ring) else {}
         for _, idx, result in self._fan_out(plan, lambda t, idx: t.exists_many([ids[i] for i in idx])):
             if result is not None:
                 for i, hit in zip(idx, result):
@@ -215,9 +249,10 @@ class Client:
     def delete_many(self, block_ids: Iterable[BlockIdLike]) -> list[bool]:
         """Delete blocks from every replica; True where any replica held the block."""
         ids = [to_block_id(b) for b in block_ids]
+        ring = self.ring
         plan: dict[str, list[int]] = {}
-        for i, b in enumerate(ids):
-            for node in self.ring.nodes_for(b, self.config.replicas):
+        for i, b in enumerate(ids if len(ring) else []):
+            for node in ring.nodes_for(b, self.config.replicas):
                 plan.setdefault(node, []).append(i)
         deleted = [False] * len(ids)
         for _, idx, result in self._fan_out(plan, lambda t, idx: t.delete_many([ids[i] for i in idx])):
@@ -232,9 +267,10 @@ class Client:
         One parallel round trip: every node answers for its share of the chain at once.
         """
         ids = [to_block_id(b) for b in block_ids]
-        if not ids:
+        ring = self.ring
+        if not ids or not len(ring):
             return 0
-        plan = self.ring.group(ids)
+        plan = ring.group(ids)
         if len(plan) == 1:  # one node holds the whole chain: it counts in one request
             return self._fan_out(plan, lambda t, idx: t.lookup_prefix(ids))[0][2] or 0
         found = self.exists_many(ids)

@@ -339,6 +339,9 @@ class ClientConfig:
     """The client library: which nodes, how to talk to them."""
 
     servers: list[str] = field(default_factory=list)  # host:port of each data plane
+    # Relative share of the blocks per server (e.g. its capacity in GiB); default 1 each.
+    # Every client of a cluster must use the same weights, or they disagree on placement.
+    weights: dict[str, float] | None = None
     auth_token: str | None = field(default=None, repr=False)
     auth_token_file: str | None = None
     timeout_s: float = 5.0
@@ -352,6 +355,16 @@ class ClientConfig:
         self.servers = [_hostport(f"servers[{i}]", s) for i, s in enumerate(servers)]
         if len(set(self.servers)) != len(self.servers):
             raise _fail("servers", "lists a server twice", self.servers)
+        if self.weights is not None:
+            if not isinstance(self.weights, Mapping):
+                raise _fail("weights", "must be a mapping of host:port to a number", self.weights)
+            weights = {}
+            for server, w in self.weights.items():
+                key = f"weights[{server}]"
+                if _hostport(key, server) not in self.servers:
+                    raise _fail(key, "is not one of servers", server)
+                weights[_hostport(key, server)] = _float(key, w)
+            self.weights = weights
         self.auth_token = _str("auth_token", self.auth_token, optional=True)
         self.auth_token_file = _str("auth_token_file", self.auth_token_file, optional=True)
         self.timeout_s = _float("timeout_s", self.timeout_s)

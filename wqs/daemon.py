@@ -82,6 +82,7 @@ class Daemon:
         self.data: DataServer | None = None
         self.control = None
         self.metrics_server = None
+        self.registrar = None
         self.notifier = Notifier.from_env()
         self._stop = threading.Event()
         self.started_at = time.time()
@@ -115,16 +116,51 @@ class Daemon:
             lambda: self.engine, cfg.control_listen,
             {"node_id": cfg.node_id, "data_address": self.data.address, "version": __version__,
              "start_time": self.started_at, "transport": "tcp"},
-            cfg.auth_token, on_drain, request_metrics=request_metrics)
+            cfg.auth_token, on_drain, request_metrics=request_metrics,
+            cluster_provider=self._cluster_map if cfg.etcd is not None else None)
         if cfg.metrics_addr is not None:
             self.metrics_server = start_metrics_server(registry, *cfg.metrics_addr)
         self.data.start()
+        if cfg.etcd is not None:
+            self._register(cfg)
         info = self.engine.info()
         log.info("wqsd %s serving %s (%s, %d MiB in %d regions) on %s, control %s, metrics %s",
                  __version__, cfg.device, info["uuid"], info["capacity_bytes"] >> 20,
                  info["num_regions"], self.data.address, cfg.control_listen,
                  cfg.metrics_listen or "off")
         self.notifier.ready(f"serving {self.data.address}")
+
+    def _register(self, cfg: DaemonConfig) -> None:
+        from wqs.membership import EtcdClient, NodeRecord, Registrar
+
+        assert self.data is not None and self.engine is not None and cfg.etcd is not None
+        record = NodeRecord(node_id=cfg.node_id, address=self.data.address,
+                            control_address=cfg.control_listen,
+                            capacity_bytes=int(self.engine.info()["capacity_bytes"]),
+                            version=__version__)
+        self.registrar = Registrar(EtcdClient(cfg.etcd), record)
+        self.registrar.start()
+
+    def _cluster_map(self) -> list:
+        """Every node registered in etcd; this one with its live figures."""
+        from wqs.membership import EtcdClient, EtcdError, NodeRecord
+        from wqs.rpc.control import ClusterNodeInfo
+
+        assert self.control is not None and self.config.etcd is not None
+        me = self.control.service.local_node()
+        rows = [me]
+        try:
+            kvs, _ = EtcdClient(self.config.etcd).list_prefix()
+        except EtcdError as e:
+            log.warning("cluster map from etcd failed: %s", e)
+            return rows
+        for value in kvs.values():
+            rec = NodeRecord.from_json(value)
+            if rec.node_id != me.node_id:
+                rows.append(ClusterNodeInfo(node_id=rec.node_id, address=rec.address,
+                                            state="registered", capacity_bytes=rec.capacity_bytes,
+                                            control_address=rec.control_address))
+        return rows
 
     def wait(self) -> None:
         interval = self.notifier.watchdog_interval_s()
@@ -138,6 +174,8 @@ class Daemon:
     def stop(self) -> None:
         """Drain, stop serving, checkpoint the engine."""
         self.notifier.stopping()
+        if self.registrar is not None:
+            self.registrar.stop()  # leave the ring first, so clients stop sending here
         if self.data is not None:
             drained, remaining = self.data.drain(DRAIN_TIMEOUT_S)
             if not drained:
