@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                   title_justify="left")
     for c in ("blocks", "capacity", "load", "index MiB", "B / block", "insert time s",
               "inserts/s"):
-        table.add_column(c, justify="right")
+        table.add_column(c, justify="right", no_wrap=True)
     rows = []
     for n in counts:
         print(f"inserting {n:,} tags ...", file=sys.stderr, flush=True)
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(f"{r['count']:,}", f"{r['capacity']:,}", f"{r['load']:.2f}",
                       f"{r['nbytes'] / 2**20:,.1f}", f"{r['bytes_per_block']:.1f}",
                       f"{r['seconds']:.1f}", f"{r['inserts_per_s']:,.0f}")
-    console = Console()
+    console = Console(width=max(Console().width, 110))
     console.print(table)
     console.print(f"{SLOT_BYTES} B per slot; growth at load {MAX_LOAD} by 1.5x, so B/block "
                   f"ranges from {SLOT_BYTES / MAX_LOAD:.1f} to {SLOT_BYTES / (MAX_LOAD / 1.5):.1f}.")

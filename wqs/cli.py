@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Sequence, TypeVar
 
 from wqs import __version__
-from wqs.config import ClientConfig, format_hostport, load_client_config, parse_hostport, parse_size
+from wqs.config import (ClientConfig, format_hostport, load_client_config, parse_hostport,
+                        parse_size)
 from wqs.errors import WQSError
 from wqs.ids import BLOCK_ID_BYTES, block_id_hex
 
@@ -106,6 +107,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
     return value
 
 
@@ -282,6 +293,22 @@ class Context:
 
     # ---- failures ---------------------------------------------------------------------
 
+    def data_call(self, what: str, fn: Callable[[], T],
+                  complete: Callable[[T], bool] = lambda result: False) -> T:
+        """fn() on the data plane. An SDK error becomes one line naming what failed, and
+        so does a node failure the SDK only counted (see `node_failure`), unless
+        `complete(result)` says the answer is whole anyway (e.g. a replica answered)."""
+        before = self.failed_requests()
+        try:
+            result = fn()
+        except WQSError as e:
+            raise CLIError(f"{what}: {e}") from None
+        if not complete(result):
+            failure = self.node_failure(what, before)
+            if failure is not None:
+                raise failure
+        return result
+
     def failed_requests(self) -> int:
         return self._client.failed_requests if self._client is not None else 0
 
@@ -300,6 +327,7 @@ class Context:
 def cmd_format(args: argparse.Namespace, ctx: Context) -> int:
     from wqs.config import EngineConfig
     from wqs.engine.engine import Engine, check_formattable
+    from wqs.errors import FormatError
     from wqs.nvme.device import DirectDevice
 
     path = args.device
@@ -326,7 +354,10 @@ def cmd_format(args: argparse.Namespace, ctx: Context) -> int:
     try:
         if not created:
             # Refuse filesystems, partition tables and WQS devices before asking anything.
-            check_formattable(device, args.force)
+            try:
+                check_formattable(device, args.force)
+            except FormatError as e:  # the engine speaks of its `force` argument
+                raise CLIError(str(e).replace("pass force", "pass --force")) from None
             if not args.yes:
                 _confirm(f"Format {path} ({human_size(device.size)})? Everything on it is lost.")
         sb = Engine.format(device, config, force=True)
@@ -399,12 +430,10 @@ def cmd_put(args: argparse.Namespace, ctx: Context) -> int:
         except OSError as e:
             raise CLIError(f"cannot read {args.file}: {e.strerror}") from None
     client = ctx.client()
-    before = ctx.failed_requests()
-    ok = client.put(args.block_id, data)
     hexid = block_id_hex(args.block_id)
-    if not ok:
-        raise ctx.node_failure(f"put {hexid} failed", before) or CLIError(
-            f"put {hexid} failed: the node did not store it")
+    if not ctx.data_call(f"put {hexid} failed", lambda: client.put(args.block_id, data),
+                         complete=bool):
+        raise CLIError(f"put {hexid} failed: the node did not store it")
     if not args.quiet:
         nodes = client.ring.nodes_for(args.block_id, client.config.replicas)
         print(f"stored {hexid} ({len(data)} B) on {', '.join(nodes)}")
@@ -416,12 +445,12 @@ def cmd_get(args: argparse.Namespace, ctx: Context) -> int:
     if args.output is None and sys.stdout.isatty():
         raise CLIError("refusing to write a binary block to a terminal; use -o FILE, "
                        "-o - or a redirect")
-    before = ctx.failed_requests()
-    data = ctx.client().get(args.block_id)
     hexid = block_id_hex(args.block_id)
+    client = ctx.client()
+    data = ctx.data_call(f"get {hexid} failed", lambda: client.get(args.block_id),
+                         complete=lambda d: d is not None)
     if data is None:
-        raise ctx.node_failure(f"get {hexid} failed", before) or CLIError(
-            f"block {hexid} not found")
+        raise CLIError(f"block {hexid} not found")
     if to_stdout:
         sys.stdout.flush()
         sys.stdout.buffer.write(data)
@@ -437,22 +466,18 @@ def cmd_get(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_exists(args: argparse.Namespace, ctx: Context) -> int:
-    before = ctx.failed_requests()
-    found = ctx.client().exists_many(args.block_ids)
-    failure = ctx.node_failure("exists failed", before)
-    if failure is not None:
-        raise failure
+    client = ctx.client()
+    found = ctx.data_call("exists failed", lambda: client.exists_many(args.block_ids),
+                          complete=all)
     for block_id, hit in zip(args.block_ids, found):
         print(f"{block_id_hex(block_id)} {'yes' if hit else 'no'}")
     return 0 if all(found) else 1
 
 
 def cmd_delete(args: argparse.Namespace, ctx: Context) -> int:
-    before = ctx.failed_requests()
-    deleted = ctx.client().delete_many(args.block_ids)
-    failure = ctx.node_failure("delete failed", before)
-    if failure is not None:
-        raise failure
+    client = ctx.client()
+    # Every replica must answer: one that did not may still hold the block.
+    deleted = ctx.data_call("delete failed", lambda: client.delete_many(args.block_ids))
     for block_id, hit in zip(args.block_ids, deleted):
         print(f"{block_id_hex(block_id)} {'deleted' if hit else 'not found'}")
     return 0
@@ -470,11 +495,13 @@ class NodeReport:
     info: dict[str, Any] | None = None
     stats: dict[str, Any] | None = None
     error: str | None = None
+    problem: str | None = None  # unreachable | auth failed | error
+
 
     def as_json(self) -> dict[str, Any]:
         return {"address": self.address, "control_address": self.control_address,
-                "ok": self.error is None, "error": self.error, "node_info": self.info,
-                "stats": self.stats}
+                "ok": self.error is None, "error": self.error, "problem": self.problem,
+                "node_info": self.info, "stats": self.stats}
 
 
 def collect_node_reports(ctx: Context, *, want_stats: bool = True) -> list[NodeReport]:
@@ -489,10 +516,18 @@ def collect_node_reports(ctx: Context, *, want_stats: bool = True) -> list[NodeR
             if want_stats:
                 r.stats = cc.stats()
         except WQSError as e:
-            r.error = str(e)
+            r.error, r.problem = str(e), _problem(e)
         return r
 
     return _parallel(one, ctx.servers)
+
+
+def _problem(e: Exception) -> str:
+    from wqs.errors import AuthError, NodeUnavailable
+
+    if isinstance(e, NodeUnavailable):
+        return "unreachable"
+    return "auth failed" if isinstance(e, AuthError) else "error"
 
 
 def _percent(part: int, whole: int) -> str:
@@ -515,10 +550,10 @@ def render_node_table(reports: Sequence[NodeReport]) -> Any:
         name = r.address
         if r.info and r.info.get("node_id") and r.info["node_id"] != r.address:
             name = f"{r.address}\n[dim]{r.info['node_id']}[/dim]"
-        if r.error is not None:
-            state = "[red]unreachable[/red]" if r.info is None else \
-                f"[yellow]{r.info.get('status', '?')}[/yellow]"
-            table.add_row(name, state, "", "", "", "", "", f"[red]{r.error}[/red]")
+        if r.error is not None:  # the reason goes to stderr (see _report_failures)
+            state = f"[red]{r.problem}[/red]" if r.info is None else \
+                f"[yellow]{r.info.get('status', '?')}: no stats[/yellow]"
+            table.add_row(name, state, *["—"] * 6)
             continue
         assert r.info is not None and r.stats is not None
         e = r.stats.get("engine", {})
@@ -546,21 +581,22 @@ def cmd_stat(args: argparse.Namespace, ctx: Context) -> int:
     # Views of `stat` dispatch here. `stat --cluster` (to come) adds its flag in
     # `_add_stat_parser` and a branch below rendering ControlClient.cluster_map(); it
     # can reuse ctx.control_addresses(), ctx.control(), _parallel, human_size and
-    # _print_json, and end with _report_unreachable.
+    # _print_json, and end with _report_failures.
     reports = collect_node_reports(ctx)
     if args.json:
         _print_json([r.as_json() for r in reports])
     else:
         _console().print(render_node_table(reports))
-    return _report_unreachable([(r.address, r.error) for r in reports])
+    return _report_failures(len(reports), [f"{r.address}: control plane {r.error}"
+                                           for r in reports if r.error])
 
 
-def _report_unreachable(results: Sequence[tuple[str, str | None]]) -> int:
-    failed = [(node, err) for node, err in results if err]
-    if not failed:
+def _report_failures(total: int, failures: Sequence[str]) -> int:
+    """One stderr line naming every node that failed; the exit code."""
+    if not failures:
         return 0
-    detail = "; ".join(err if err.startswith(node) else f"{node}: {err}" for node, err in failed)
-    print(f"{PROG}: {len(failed)} of {len(results)} nodes failed: {detail}", file=sys.stderr)
+    print(f"{PROG}: {len(failures)} of {total} nodes failed: {'; '.join(failures)}",
+          file=sys.stderr)
     return 1
 
 
@@ -573,27 +609,34 @@ def cmd_ping(args: argparse.Namespace, ctx: Context) -> int:
     for i in range(args.count):
         if i:
             time.sleep(args.interval)
-        for node, rtt in client.ping().items():
+        try:
+            answers = client.ping()
+        except WQSError as e:  # e.g. an auth failure: the SDK raises those
+            raise CLIError(f"ping failed: {e}") from None
+        for node, rtt in answers.items():
             if rtt is not None:
                 rtts[node].append(rtt)
     controls = ctx.control_addresses()
 
-    def health(server: str) -> tuple[str | None, float | None, str | None]:
-        started = time.perf_counter()
+    def health(server: str) -> tuple[str | None, float | None, str | None, str | None]:
         try:
-            status = ctx.control(controls[server]).health()
+            cc = ctx.control(controls[server])
+            cc.health()  # the first call also opens the channel: time the second
+            started = time.perf_counter()
+            status = cc.health()
         except WQSError as e:
-            return None, None, str(e)
-        return status, time.perf_counter() - started, None
+            return None, None, str(e), _problem(e)
+        return status, time.perf_counter() - started, None, None
 
     healths = dict(zip(ctx.servers, _parallel(health, ctx.servers)))
-    data_errors = {s: "; ".join(r for r in ctx.log.reasons if r.startswith(s)) or
-                   "no answer" for s in ctx.servers if not rtts[s]}
+    data_errors = {s: "; ".join(r[len(s):].lstrip(": ") for r in ctx.log.reasons
+                                if r.startswith(s)) or "no answer"
+                   for s in ctx.servers if not rtts[s]}
 
     rows = []
     for s in ctx.servers:
         got = rtts[s]
-        status, ctl_rtt, ctl_err = healths[s]
+        status, ctl_rtt, ctl_err, ctl_problem = healths[s]
         rows.append({
             "address": s, "control_address": controls[s],
             "data_ok": bool(got), "data_error": data_errors.get(s),
@@ -602,6 +645,7 @@ def cmd_ping(args: argparse.Namespace, ctx: Context) -> int:
             "rtt_max_s": max(got) if got else None,
             "replies": len(got), "sent": args.count,
             "control_status": status, "control_rtt_s": ctl_rtt, "control_error": ctl_err,
+            "control_problem": ctl_problem,
         })
     if args.json:
         _print_json(rows)
@@ -628,20 +672,21 @@ def cmd_ping(args: argparse.Namespace, ctx: Context) -> int:
                 cells.append(f"{row['replies']}/{row['sent']}")
             cells.append(row["control_address"])
             if row["control_status"] is None:
-                cells.append("[red]unreachable[/red]")
+                cells.append(f"[red]{row['control_problem']}[/red]")
             else:
                 st = row["control_status"]
                 cells.append(f"[{_STATE_STYLE.get(st, 'red')}]{st}[/] "
                              f"[dim]({_ms(row['control_rtt_s'])})[/dim]")
             table.add_row(*cells)
         _console().print(table)
-    results = []
+    failures = []
     for row in rows:
-        errs = [e for e in (row["data_error"] and f"data plane: {row['data_error']}",
-                            row["control_error"] and f"control plane: {row['control_error']}")
+        errs = [e for e in (row["data_error"] and f"data plane {row['data_error']}",
+                            row["control_error"] and f"control plane {row['control_error']}")
                 if e]
-        results.append((row["address"], f"{row['address']}: " + "; ".join(errs) if errs else None))
-    return _report_unreachable(results)
+        if errs:
+            failures.append(f"{row['address']}: {', '.join(errs)}")
+    return _report_failures(len(rows), failures)
 
 
 # --------------------------------------------------------------------------- parser
@@ -739,7 +784,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="data-plane round trip and control-plane health per node")
     p.add_argument("-c", "--count", type=_positive_int, default=1,
                    help="data-plane pings per node (default 1)")
-    p.add_argument("-i", "--interval", type=float, default=0.2,
+    p.add_argument("-i", "--interval", type=_non_negative_float, default=0.2,
                    help="seconds between pings (default 0.2)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_ping)

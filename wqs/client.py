@@ -21,7 +21,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Sequence
 
 from wqs.config import ClientConfig, load_client_config
-from wqs.errors import BlockTooLarge, NodeUnavailable, RemoteError, WQSError
+from wqs.errors import (AuthError, BlockTooLarge, NodeUnavailable, ProtocolError, RemoteError,
+                        WQSError)
 from wqs.ids import BlockIdLike, to_block_id
 from wqs.ring import HashRing
 from wqs.rpc import protocol as p
@@ -82,6 +83,10 @@ class _Node:
             except NodeUnavailable as e:
                 self.mark_down(str(e))
                 raise
+            except (AuthError, ProtocolError) as e:
+                # Misconfiguration rather than an outage: raise it, naming the node.
+                kind = AuthError if isinstance(e, AuthError) else ProtocolError
+                raise kind(f"{self.address}: {e}") from None
             self._conns[i] = conn
             self.last_error = None
             return conn
@@ -111,7 +116,8 @@ class Client:
         self._nodes: dict[str, _Node] = {}
         self._nodes_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(16, thread_name_prefix="wqs-client")
-        self.failed_requests = 0
+        self._failures = itertools.count()
+        self.failed_requests = 0  # requests that met a down or failing node
         self._watcher = None
         if config.etcd is not None:
             self._watch_etcd(config)
@@ -160,6 +166,10 @@ class Client:
     @property
     def nodes(self) -> tuple[str, ...]:
         return self.ring.nodes
+
+    def node_errors(self) -> dict[str, str | None]:
+        """Per node, the last error that made it unavailable (None: it is healthy)."""
+        return {a: n.last_error for a, n in self._nodes.items() if a in self.ring}
 
     # ---- single-block calls ----------------------------------------------------------
 
@@ -317,7 +327,7 @@ class Client:
         try:
             return call(node.transport(), idx)
         except (NodeUnavailable, RemoteError, ConnectionError, OSError) as e:
-            self.failed_requests += 1
+            self.failed_requests = next(self._failures) + 1
             if isinstance(e, NodeUnavailable):
                 node.mark_down(str(e))
             else:

@@ -94,6 +94,13 @@ class DirectDevice:
         except OSError as e:
             raise DeviceError(f"{path}: cannot open with O_DIRECT: {e.strerror}") from None
         try:
+            # One owner at a time: a second daemon, or `wqs format` while a daemon runs,
+            # must not write under the first one.
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise DeviceError(f"{path} is in use by another process (a running wqsd?)") from None
+        try:
             geometry = probe_geometry(self._fd)
         except Exception:
             os.close(self._fd)

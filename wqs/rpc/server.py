@@ -287,32 +287,47 @@ class _Connection:
     def _read_loop(self) -> None:
         dec = self.decoder
         put_items: list[tuple[bytes, bytearray]] = []
-        put_bytes = 0
-        while not self._closed:
-            ev = dec.next_event()
-            if ev is None:
-                self._recv_some()
-                continue
-            if isinstance(ev, p.ItemTable):
-                # Lengths were checked against Limits by the decoder before we get here.
-                put_bytes = sum(it.length for it in ev.items)
-                self.server._budget.acquire(put_bytes)
-                put_items = [(it.block_id, bytearray(it.length)) for it in ev.items]
-            elif isinstance(ev, p.PayloadStart):
-                dec.read_payload_into(put_items[ev.index][1], self.sock.recv_into)
-            elif isinstance(ev, p.FrameEnd):
-                req = p.PutRequest(ev.header.request_id,
-                                   tuple((b, memoryview(v)) for b, v in put_items))
-                self._dispatch(req, payload_bytes=put_bytes)
-                put_items, put_bytes = [], 0
-            elif isinstance(ev, p.HelloRequest):
-                self._hello_done = True
-                self._send(p.HelloResponse(ev.request_id, self._nonce,
-                                           not self._authenticated, self.server.limits))
-            elif isinstance(ev, p.AuthRequest):
-                self._authenticate(ev)
-            else:
-                self._dispatch(ev, payload_bytes=0)
+        put_bytes = 0  # budget held by the PUT being received; returned however it ends
+        try:
+            while not self._closed:
+                ev = dec.next_event()
+                if ev is None:
+                    self._recv_some()
+                    continue
+                if isinstance(ev, p.ItemTable):
+                    if not self._authenticated:
+                        # Refuse before reserving budget or memory for what the peer claims.
+                        self._send(p.ErrorResponse(
+                            ev.header.request_id, p.Opcode.PUT, p.Status.AUTH_REQUIRED,
+                            "this server requires AUTH before data operations"))
+                        self.close()
+                        return
+                    # Lengths were checked against Limits by the decoder before we get here.
+                    put_bytes = sum(it.length for it in ev.items)
+                    self.server._budget.acquire(put_bytes)
+                    # Buffers are allocated as their payloads arrive (PayloadStart), so
+                    # memory follows the bytes received, not the bytes claimed.
+                    put_items = [(it.block_id, bytearray()) for it in ev.items]
+                elif isinstance(ev, p.PayloadStart):
+                    buf = bytearray(ev.length)
+                    put_items[ev.index] = (ev.block_id, buf)
+                    dec.read_payload_into(buf, self.sock.recv_into)
+                elif isinstance(ev, p.FrameEnd):
+                    req = p.PutRequest(ev.header.request_id,
+                                       tuple((b, memoryview(v)) for b, v in put_items))
+                    held, put_items, put_bytes = put_bytes, [], 0
+                    self._dispatch(req, payload_bytes=held)  # releases `held` when done
+                elif isinstance(ev, p.HelloRequest):
+                    self._hello_done = True
+                    self._send(p.HelloResponse(ev.request_id, self._nonce,
+                                               not self._authenticated, self.server.limits))
+                elif isinstance(ev, p.AuthRequest):
+                    self._authenticate(ev)
+                else:
+                    self._dispatch(ev, payload_bytes=0)
+        finally:
+            if put_bytes:  # the peer went away (or broke the frame) mid-PUT
+                self.server._budget.release(put_bytes)
 
     def _authenticate(self, req: p.AuthRequest) -> None:
         token = self.server.options.auth_token

@@ -1,0 +1,308 @@
+"""IO engines of wqs-bench: where the blocks go (fio's ``ioengine``).
+
+Every engine stores blocks of bytes under 16-byte IDs and is called from many threads
+at once. ``get`` receives each block into the caller's buffer and returns its length
+(None for a miss), so every engine pays for moving the bytes into a caller's memory.
+
+* ``wqs``: a WQS cluster through the SDK (`wqs.Client`): put_many / get_many(outs=) /
+  exists_many / lookup_prefix. The default.
+* ``redis``: a Redis server through redis-py (SET/GET/EXISTS, a pool with a connection
+  per worker thread), the value under the ID's 16 raw bytes.
+* ``files``: one file per block under a directory (``<dir>/ab/cd/<hex id>``), written
+  with open/write/close and read with open/readinto: what a KV-cache tier without a
+  native engine does. ``files_direct`` opens them with O_DIRECT (aligned bounce buffers)
+  so reads go to the disk instead of the page cache.
+* ``rawsock``: the transport ceiling: a minimal sender/receiver (`bench.rawsock`) moving
+  the same bytes over one TCP connection per worker thread, nothing stored.
+* ``null``: does nothing (fio's null engine); measures wqs-bench itself.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from typing import Any, Sequence
+
+Buffer = Any
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+class Engine:
+    name = "?"
+    stores = True  # False: a read of an absent block still "hits" (null, rawsock)
+
+    def put(self, ids: Sequence[bytes], bufs: Sequence[Buffer]) -> list[bool]:
+        raise NotImplementedError
+
+    def get(self, ids: Sequence[bytes], outs: Sequence[Buffer]) -> list[int | None]:
+        raise NotImplementedError
+
+    def exists(self, ids: Sequence[bytes]) -> list[bool]:
+        raise NotImplementedError
+
+    def lookup_prefix(self, ids: Sequence[bytes]) -> int:
+        found = self.exists(ids)
+        return next((i for i, hit in enumerate(found) if not hit), len(ids))
+
+    def delete(self, ids: Sequence[bytes]) -> None:
+        pass
+
+    def describe(self) -> str:
+        return self.name
+
+    def close(self) -> None:
+        pass
+
+
+class WqsEngine(Engine):
+    name = "wqs"
+
+    def __init__(self, servers: Sequence[str] | None = None, config: str | None = None,
+                 connections: int | None = None) -> None:
+        import wqs
+        from wqs.config import load_client_config
+
+        if config:
+            overrides = {"servers": list(servers)} if servers else {}
+            cfg = load_client_config(config, overrides)
+        else:
+            if not servers:
+                raise EngineError("ioengine=wqs needs --servers=HOST:PORT[,HOST:PORT...] "
+                                  "or --config=client.yaml")
+            cfg = load_client_config(None, {"servers": list(servers)})
+        if connections:
+            cfg.connections_per_node = connections
+        self.client = wqs.Client(config=cfg)
+        self.servers = list(cfg.servers)
+        down = [n for n, rtt in self.client.ping().items() if rtt is None]
+        if down:
+            self.client.close()
+            raise EngineError(f"cannot reach WQS node(s) {', '.join(down)}")
+
+    def put(self, ids, bufs):
+        return self.client.put_many(list(zip(ids, bufs)))
+
+    def get(self, ids, outs):
+        res = self.client.get_many(ids, outs=outs)
+        return [None if r is None else len(r) for r in res]
+
+    def exists(self, ids):
+        return self.client.exists_many(ids)
+
+    def lookup_prefix(self, ids):
+        return self.client.lookup_prefix(ids)
+
+    def delete(self, ids):
+        self.client.delete_many(ids)
+
+    def describe(self) -> str:
+        return f"wqs ({','.join(self.servers)})"
+
+    def close(self):
+        self.client.close()
+
+
+class RedisEngine(Engine):
+    name = "redis"
+
+    def __init__(self, address: str, connections: int = 64) -> None:
+        try:
+            import redis
+        except ImportError:
+            raise EngineError("ioengine=redis needs the redis package "
+                              "(pip install redis)") from None
+        host, _, port = address.rpartition(":")
+        self.address = address
+        self.pool = redis.BlockingConnectionPool(host=host or "127.0.0.1", port=int(port),
+                                                 max_connections=connections, timeout=30)
+        self.r = redis.Redis(connection_pool=self.pool)
+        try:
+            self.r.ping()
+        except redis.RedisError as e:
+            raise EngineError(f"cannot reach redis at {address}: {e}") from None
+
+    def put(self, ids, bufs):
+        if len(ids) == 1:
+            return [bool(self.r.set(ids[0], bytes(memoryview(bufs[0]))))]
+        pipe = self.r.pipeline(transaction=False)
+        for bid, buf in zip(ids, bufs):
+            pipe.set(bid, bytes(memoryview(buf)))
+        return [bool(x) for x in pipe.execute()]
+
+    def get(self, ids, outs):
+        values = [self.r.get(ids[0])] if len(ids) == 1 else self.r.mget(ids)
+        out: list[int | None] = []
+        for value, dest in zip(values, outs):
+            if value is None:
+                out.append(None)
+                continue
+            n = len(value)
+            memoryview(dest).cast("B")[:n] = value
+            out.append(n)
+        return out
+
+    def exists(self, ids):
+        pipe = self.r.pipeline(transaction=False)
+        for bid in ids:
+            pipe.exists(bid)
+        return [bool(x) for x in pipe.execute()]
+
+    def delete(self, ids):
+        if ids:
+            self.r.delete(*ids)
+
+    def describe(self) -> str:
+        return f"redis ({self.address})"
+
+    def close(self):
+        self.pool.disconnect()
+
+
+ALIGN = 4096
+
+
+class FilesEngine(Engine):
+    """A file per block: the filesystem does the allocation, the index and the caching."""
+
+    name = "files"
+
+    def __init__(self, root: str, direct: bool = False) -> None:
+        self.root = root
+        self.direct = direct
+        os.makedirs(root, exist_ok=True)
+        self._made: set[str] = set()
+        self._local = threading.local()
+        if direct and not hasattr(os, "O_DIRECT"):
+            raise EngineError("files_direct needs O_DIRECT")
+
+    def _path(self, bid: bytes) -> str:
+        h = bid.hex()
+        d = os.path.join(self.root, h[:2], h[2:4])
+        if d not in self._made:
+            os.makedirs(d, exist_ok=True)
+            self._made.add(d)
+        return os.path.join(d, h)
+
+    def _bounce(self, n: int) -> mmap.mmap:
+        """A page-aligned buffer for O_DIRECT, one per thread, grown as needed."""
+        buf = getattr(self._local, "buf", None)
+        size = (n + ALIGN - 1) // ALIGN * ALIGN
+        if buf is None or len(buf) < size:
+            buf = mmap.mmap(-1, max(size, ALIGN))
+            self._local.buf = buf
+        return buf
+
+    def put(self, ids, bufs):
+        ok = []
+        for bid, data in zip(ids, bufs):
+            path = self._path(bid)
+            view = memoryview(data).cast("B")
+            try:
+                if self.direct:
+                    n = view.nbytes
+                    padded = (n + ALIGN - 1) // ALIGN * ALIGN
+                    bounce = self._bounce(padded)
+                    bounce[:n] = view
+                    if padded > n:
+                        bounce[n:padded] = bytes(padded - n)
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+                    try:
+                        os.write(fd, memoryview(bounce)[:padded])
+                        if padded != n:
+                            os.ftruncate(fd, n)
+                    finally:
+                        os.close(fd)
+                else:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                    try:
+                        while view.nbytes:
+                            view = view[os.write(fd, view):]
+                    finally:
+                        os.close(fd)
+                ok.append(True)
+            except OSError:
+                ok.append(False)
+        return ok
+
+    def get(self, ids, outs):
+        res: list[int | None] = []
+        for bid, out in zip(ids, outs):
+            try:
+                fd = os.open(self._path(bid), os.O_RDONLY | (os.O_DIRECT if self.direct else 0))
+            except FileNotFoundError:
+                res.append(None)
+                continue
+            try:
+                dest = memoryview(out).cast("B")
+                if self.direct:
+                    size = os.fstat(fd).st_size
+                    bounce = self._bounce(size)
+                    padded = (size + ALIGN - 1) // ALIGN * ALIGN
+                    got = os.readv(fd, [memoryview(bounce)[:padded]])
+                    got = min(got, size)
+                    dest[:got] = memoryview(bounce)[:got]
+                else:
+                    got = os.readv(fd, [dest])
+                res.append(got)
+            finally:
+                os.close(fd)
+        return res
+
+    def exists(self, ids):
+        return [os.path.exists(self._path(b)) for b in ids]
+
+    def delete(self, ids):
+        for b in ids:
+            try:
+                os.unlink(self._path(b))
+            except FileNotFoundError:
+                pass
+
+    def describe(self) -> str:
+        return f"files ({self.root}{', O_DIRECT' if self.direct else ', page cache'})"
+
+
+class NullEngine(Engine):
+    name = "null"
+    stores = False
+
+    def put(self, ids, bufs):
+        return [True] * len(ids)
+
+    def get(self, ids, outs):
+        return [memoryview(o).nbytes for o in outs]
+
+    def exists(self, ids):
+        return [True] * len(ids)
+
+    def lookup_prefix(self, ids):
+        return 0
+
+
+def make_engine(name: str, *, servers: Sequence[str] | None = None, config: str | None = None,
+                redis: str | None = None, files_dir: str | None = None,
+                files_direct: bool = False, rawsock: str | None = None,
+                threads: int = 1) -> Engine:
+    if name == "wqs":
+        return WqsEngine(servers, config)
+    if name == "redis":
+        if not redis:
+            raise EngineError("ioengine=redis needs --redis=HOST:PORT")
+        return RedisEngine(redis, connections=max(8, threads))
+    if name == "files":
+        if not files_dir:
+            raise EngineError("ioengine=files needs --files_dir=DIR")
+        return FilesEngine(files_dir, files_direct)
+    if name == "rawsock":
+        from bench.rawsock import RawSockEngine
+
+        if not rawsock:
+            raise EngineError("ioengine=rawsock needs --rawsock=HOST:PORT (python -m bench.rawsock)")
+        return RawSockEngine(rawsock)
+    if name == "null":
+        return NullEngine()
+    raise EngineError(f"unknown ioengine {name!r}")
