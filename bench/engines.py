@@ -127,10 +127,10 @@ class RedisEngine(Engine):
 
     def put(self, ids, bufs):
         if len(ids) == 1:
-            return [bool(self.r.set(ids[0], bytes(memoryview(bufs[0]))))]
+            return [bool(self.r.set(ids[0], memoryview(bufs[0]).cast("B")))]
         pipe = self.r.pipeline(transaction=False)
         for bid, buf in zip(ids, bufs):
-            pipe.set(bid, bytes(memoryview(buf)))
+            pipe.set(bid, memoryview(buf).cast("B"))
         return [bool(x) for x in pipe.execute()]
 
     def get(self, ids, outs):

@@ -504,9 +504,10 @@ class NodeReport:
                 "node_info": self.info, "stats": self.stats}
 
 
-def collect_node_reports(ctx: Context, *, want_stats: bool = True) -> list[NodeReport]:
+def collect_node_reports(ctx: Context, *, want_stats: bool = True,
+                         controls: dict[str, str] | None = None) -> list[NodeReport]:
     """node_info() (and stats()) of every server, in parallel."""
-    controls = ctx.control_addresses()
+    controls = controls if controls is not None else ctx.control_addresses()
 
     def one(server: str) -> NodeReport:
         r = NodeReport(server, controls[server])
@@ -519,7 +520,27 @@ def collect_node_reports(ctx: Context, *, want_stats: bool = True) -> list[NodeR
             r.error, r.problem = str(e), _problem(e)
         return r
 
-    return _parallel(one, ctx.servers)
+    return _parallel(one, list(controls))
+
+
+def cluster_members(ctx: Context) -> tuple[dict[str, str], list[str]]:
+    """Every node the cluster knows of (data -> control address): the servers given,
+    plus whatever their ClusterMap lists (the etcd registrations). And the failures."""
+    members = dict(ctx.control_addresses())
+    failures = []
+    for server, control in list(members.items()):
+        try:
+            rows = ctx.control(control).cluster_map()
+        except WQSError as e:
+            failures.append(f"{server}: cluster map: {e}")
+            continue
+        for row in rows:
+            address = row["address"]
+            if address and address not in members:
+                host, port = parse_hostport(address)
+                members[address] = row.get("control_address") or \
+                    format_hostport(host, port + CONTROL_PORT_OFFSET)
+    return members, failures
 
 
 def _problem(e: Exception) -> str:
@@ -578,17 +599,19 @@ def render_node_table(reports: Sequence[NodeReport]) -> Any:
 
 
 def cmd_stat(args: argparse.Namespace, ctx: Context) -> int:
-    # Views of `stat` dispatch here. `stat --cluster` (to come) adds its flag in
-    # `_add_stat_parser` and a branch below rendering ControlClient.cluster_map(); it
-    # can reuse ctx.control_addresses(), ctx.control(), _parallel, human_size and
-    # _print_json, and end with _report_failures.
-    reports = collect_node_reports(ctx)
+    # --cluster: every node the cluster map knows of, not just the servers given.
+    map_failures: list[str] = []
+    if args.cluster:
+        members, map_failures = cluster_members(ctx)
+        reports = collect_node_reports(ctx, controls=members)
+    else:
+        reports = collect_node_reports(ctx)
     if args.json:
         _print_json([r.as_json() for r in reports])
     else:
         _console().print(render_node_table(reports))
-    return _report_failures(len(reports), [f"{r.address}: control plane {r.error}"
-                                           for r in reports if r.error])
+    failures = [f"{r.address}: control plane {r.error}" for r in reports if r.error]
+    return _report_failures(len(reports), failures + map_failures)
 
 
 def _report_failures(total: int, failures: Sequence[str]) -> int:
@@ -719,7 +742,9 @@ def _add_stat_parser(sub: Any, common: argparse.ArgumentParser) -> argparse.Argu
     p = sub.add_parser("stat", parents=[common], help="engine stats of every node",
                        description="Engine stats of every node, through the control plane.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    # `--cluster` goes here (see cmd_stat).
+    p.add_argument("--cluster", action="store_true",
+                   help="every node of the cluster (from the nodes' cluster maps, i.e. "
+                        "etcd registrations), with state, capacity, use and hit rate")
     p.set_defaults(func=cmd_stat)
     return p
 

@@ -159,7 +159,7 @@ class Daemon:
             rec = NodeRecord.from_json(value)
             if rec.node_id != me.node_id:
                 rows.append(ClusterNodeInfo(node_id=rec.node_id, address=rec.address,
-                                            state="registered", capacity_bytes=rec.capacity_bytes,
+                                            state="serving", capacity_bytes=rec.capacity_bytes,
                                             control_address=rec.control_address))
         return rows
 
