@@ -53,6 +53,10 @@ def _writable(out: Any) -> memoryview:
     return view
 
 
+class NodeDown(NodeUnavailable):
+    """A node failed recently and is skipped until its retry interval has passed."""
+
+
 class _Node:
     """Connections to one node, opened lazily, with a back-off after a failure."""
 
@@ -66,16 +70,23 @@ class _Node:
         self.last_error: str | None = None
 
     def transport(self) -> TcpTransport:
-        i = next(self._next) % len(self._conns)
-        conn = self._conns[i]
-        if conn is not None and not conn.closed:
-            return conn
+        """An open connection (round robin), opening one if allowed; NodeDown while the
+        node is in its back-off after a failure and no connection is open."""
+        start = next(self._next)
+        n = len(self._conns)
+        for k in range(n):
+            conn = self._conns[(start + k) % n]
+            if conn is not None and not conn.closed:
+                if k == 0 or time.monotonic() < self._down_until:
+                    return conn
+                break  # slot `start` is closed: reopen it below, now that we may
         with self._lock:
+            i = start % n
             conn = self._conns[i]
             if conn is not None and not conn.closed:
                 return conn
             if time.monotonic() < self._down_until:
-                raise NodeUnavailable(f"{self.address}: down ({self.last_error})")
+                raise NodeDown(f"{self.address}: down ({self.last_error})")
             try:
                 conn = TcpTransport(self.address, auth_token=self.config.auth_token,
                                     timeout_s=self.config.timeout_s,
@@ -88,8 +99,13 @@ class _Node:
                 kind = AuthError if isinstance(e, AuthError) else ProtocolError
                 raise kind(f"{self.address}: {e}") from None
             self._conns[i] = conn
-            self.last_error = None
             return conn
+
+    def mark_up(self) -> None:
+        if self.last_error is not None:
+            log.info("node %s is back", self.address)
+            self.last_error = None
+            self._down_until = 0.0
 
     def mark_down(self, reason: str) -> None:
         self._down_until = time.monotonic() + RETRY_INTERVAL_S
@@ -325,10 +341,12 @@ class Client:
     def _call_node(self, address: str, idx: list[int], call) -> Any:
         node = self._nodes[address]
         try:
-            return call(node.transport(), idx)
+            result = call(node.transport(), idx)
+            node.mark_up()
+            return result
         except (NodeUnavailable, RemoteError, ConnectionError, OSError) as e:
             self.failed_requests = next(self._failures) + 1
-            if isinstance(e, NodeUnavailable):
+            if isinstance(e, NodeUnavailable) and not isinstance(e, NodeDown):
                 node.mark_down(str(e))
             else:
                 log.warning("request to %s failed: %s", address, e)
