@@ -461,7 +461,7 @@ def split_argv(argv: list[str]) -> Invocation:
             else:
                 raise FioOptionError(f"option '--{key}' needs a value (--{key}=VALUE)")
         if key == "name":
-            current = {}
+            current = {"name": value}  # fio lists it among the job's options
             inv.jobs.append((value, current))
         elif key in CLI_ONLY:
             inv.cli[key] = value

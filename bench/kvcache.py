@@ -51,7 +51,7 @@ conversations, turn after turn, as an inference engine with a KV-cache tier woul
 
 1. chain the prompt's full blocks into IDs (`wqs.prefix_block_ids`, namespace = model);
 2. ``lookup_prefix``: how many leading blocks are stored (one round trip);
-3. ``get`` those hits into buffers (in calls of at most 64 MiB); a hit that no longer
+3. ``get`` those hits into buffers (in calls of at most 16 MiB); a hit that no longer
    loads (evicted between lookup and get) ends the prefix there ("lost hit");
 4. ``put`` the prompt's remaining full blocks (the engine computed their KV in prefill);
 5. with ``--save_decode``, also put the full blocks the answer completes (LMCache's
@@ -74,7 +74,7 @@ import numpy as np
 
 VOCAB = 128_256
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "fp32": 4}
-MAX_CALL_BYTES = 64 << 20
+MAX_CALL_BYTES = 16 << 20
 TURNS_P = 0.3
 MAX_TURNS = 32
 USER_MEDIAN, USER_SIGMA, USER_CLIP = 64, 1.1, (4, 4096)
@@ -242,6 +242,8 @@ def replay_stream(ctx: Any, clone: Any, stream: int, rec: Any) -> None:
                     if bad:
                         stop = True
                         break
+                    if spec.verify:
+                        clone.note(verified=1)
                     valid += 1
                 if stop:
                     break

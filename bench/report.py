@@ -446,9 +446,14 @@ def header_lines(specs: list[JobSpec], groups: list[int], engine_desc: str) -> l
     total = 0
     for spec, g in zip(specs, groups):
         eng = spec.ioengine
-        lines.append(f"{spec.name}: (g={g}): rw={spec.rw}, bs={describe_bs(spec)}, "
-                     f"ioengine={eng}, iodepth={spec.iodepth}"
-                     + (f", workload={spec.workload}" if spec.workload != "fio" else ""))
+        if spec.workload == "prefix":
+            lines.append(f"{spec.name}: (g={g}): workload=prefix, model={spec.model}, "
+                         f"block_tokens={spec.block_tokens}, kv_dtype={spec.kv_dtype}, "
+                         f"conversations={spec.conversations}, ioengine={eng}, "
+                         f"iodepth={spec.iodepth}")
+        else:
+            lines.append(f"{spec.name}: (g={g}): rw={spec.rw}, bs={describe_bs(spec)}, "
+                         f"ioengine={eng}, iodepth={spec.iodepth}")
         if spec.numjobs > 1:
             lines.append("...")
         total += spec.numjobs

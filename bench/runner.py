@@ -121,6 +121,9 @@ class Clone:
             lo, hi = spec.bs_range(ddir)
             items = []
             for _ in range(n):
+                length = lo if lo == hi else lo * self.rng.randint(1, hi // lo)
+                if not spec.time_based and counting and limit and self.issued + length > limit:
+                    break  # like fio: no IO past the end of the data set
                 if spec.random:
                     if self.perm is None or self.pos >= len(self.perm):
                         self.perm = self.np_rng.permutation(self.nslots)
@@ -132,13 +135,12 @@ class Clone:
                         self.perm = None
                     slot = self.pos
                 self.pos += 1
-                length = lo if lo == hi else lo * self.rng.randint(1, hi // lo)
                 items.append((slot, length))
                 if counting:
                     self.issued += length
                 if not spec.time_based and counting and limit and self.issued >= limit:
                     break
-            return ddir, items
+            return (ddir, items) if items else None
 
     def block(self, slot: int) -> bytes:
         return block_id(self.namespace, slot * self.slot_size, self.slot_size)

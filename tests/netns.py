@@ -1,7 +1,8 @@
 """Test hosts in network namespaces: each gets its own address, reachable from here.
 
 Host i lives in namespace `wqs<tag>n<i>`, joined to the test's namespace by a veth
-pair: this side 10.213.<i>.1/24, the host's side 10.213.<i>.2/24. `cut(i)` takes this
+pair: this side 10.B.<i+1>.1/24, the host's side 10.B.<i+1>.2/24, with B chosen so
+that no route of the machine uses 10.B.0.0/16. `cut(i)` takes this
 side's link down, so packets to host i vanish (a network cut, not a refused
 connection); `heal(i)` brings it back. Everything stays inside namespaces the test
 created; `teardown()` removes them.
@@ -14,7 +15,16 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
-SUBNET = "10.213"
+def _free_subnet() -> str:
+    """A 10.x/16 no route uses yet, so concurrent test runs never share addresses."""
+    routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"],
+                            capture_output=True, text=True).stdout
+    start = os.getpid() % 100
+    for k in range(100):
+        subnet = f"10.{150 + (start + k) % 100}"
+        if f"{subnet}." not in routes:
+            return subnet
+    raise RuntimeError("no free 10.x.0.0/16 for test hosts")
 
 
 def _ip(*args: str) -> None:
@@ -41,17 +51,18 @@ class NetnsHosts:
     count: int
     tag: str = field(default_factory=lambda: str(os.getpid() % 100000))
     created: list[int] = field(default_factory=list)
+    subnet: str = field(default_factory=_free_subnet)
 
     def ns(self, i: int) -> str:
         return f"wqs{self.tag}n{i}"
 
     def host_ip(self, i: int) -> str:
         """The address of test host i (inside its namespace)."""
-        return f"{SUBNET}.{i + 1}.2"
+        return f"{self.subnet}.{i + 1}.2"
 
     def gateway_ip(self, i: int) -> str:
         """This namespace's address on host i's link (e.g. for etcd to listen on)."""
-        return f"{SUBNET}.{i + 1}.1"
+        return f"{self.subnet}.{i + 1}.1"
 
     def _veth(self, i: int) -> str:
         return f"wqv{self.tag}x{i}"[-15:]
@@ -62,7 +73,7 @@ class NetnsHosts:
     def setup(self) -> "NetnsHosts":
         # Whatever happens to the links, packets for test hosts never leave the machine:
         # with a link down its /24 route goes, and this catches them instead.
-        subprocess.run(["ip", "route", "add", "blackhole", f"{SUBNET}.0.0/16"],
+        subprocess.run(["ip", "route", "add", "blackhole", f"{self.subnet}.0.0/16"],
                        capture_output=True)
         for i in range(self.count):
             ns, here, there = self.ns(i), self._veth(i), self._peer(i)
@@ -94,5 +105,5 @@ class NetnsHosts:
             subprocess.run(["ip", "link", "del", self._veth(i)], capture_output=True)
             subprocess.run(["ip", "netns", "del", self.ns(i)], capture_output=True)
         self.created.clear()
-        subprocess.run(["ip", "route", "del", "blackhole", f"{SUBNET}.0.0/16"],
+        subprocess.run(["ip", "route", "del", "blackhole", f"{self.subnet}.0.0/16"],
                        capture_output=True)

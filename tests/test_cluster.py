@@ -292,7 +292,8 @@ def _wait_for(predicate, timeout_s: float, what: str) -> None:
 def test_etcd_join_and_leave(daemon_factory, hosts, etcd, tmp_path):
     def node_config(i: int) -> dict:
         endpoint = f"{hosts.gateway_ip(i)}:{etcd}" if hosts is not None else f"127.0.0.1:{etcd}"
-        return {"etcd": {"endpoints": [endpoint], "prefix": "/wqs/test/", "lease_ttl": 2}}
+        return {"node_id": f"node{i}",  # one host name for all: the default would clash
+                "etcd": {"endpoints": [endpoint], "prefix": "/wqs/test/", "lease_ttl": 2}}
 
     cluster = Cluster(daemon_factory, hosts)
     for i in range(2):

@@ -70,18 +70,13 @@ class _Node:
         self.last_error: str | None = None
 
     def transport(self) -> TcpTransport:
-        """An open connection (round robin), opening one if allowed; NodeDown while the
-        node is in its back-off after a failure and no connection is open."""
-        start = next(self._next)
-        n = len(self._conns)
-        for k in range(n):
-            conn = self._conns[(start + k) % n]
-            if conn is not None and not conn.closed:
-                if k == 0 or time.monotonic() < self._down_until:
-                    return conn
-                break  # slot `start` is closed: reopen it below, now that we may
+        """The next connection (round robin), opened if needed; NodeDown while the node
+        is in its back-off after a failure."""
+        i = next(self._next) % len(self._conns)
+        conn = self._conns[i]
+        if conn is not None and not conn.closed:
+            return conn
         with self._lock:
-            i = start % n
             conn = self._conns[i]
             if conn is not None and not conn.closed:
                 return conn
@@ -108,7 +103,12 @@ class _Node:
             self._down_until = 0.0
 
     def mark_down(self, reason: str) -> None:
+        """The node failed a request: its other connections are as dead as this one was,
+        so close them and answer for it at once until the retry interval has passed."""
         self._down_until = time.monotonic() + RETRY_INTERVAL_S
+        for conn in self._conns:
+            if conn is not None:
+                conn.close()
         if self.last_error is None:
             log.warning("node %s unavailable: %s", self.address, reason)
         self.last_error = reason

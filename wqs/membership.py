@@ -110,6 +110,10 @@ class EtcdClient:
             body["lease"] = lease
         self._call("/v3/kv/put", body)
 
+    def get(self, key: bytes) -> bytes | None:
+        kvs = self._call("/v3/kv/range", {"key": _b64(key)}).get("kvs", [])
+        return base64.b64decode(kvs[0].get("value", "")) if kvs else None
+
     def delete(self, key: bytes) -> None:
         self._call("/v3/kv/deleterange", {"key": _b64(key)})
 
@@ -182,6 +186,13 @@ class Registrar:
                  self.key.decode(), self.client.lease_ttl)
 
     def _register(self) -> None:
+        existing = self.client.get(self.key)
+        if existing is not None:
+            other = NodeRecord.from_json(existing)
+            if other.address != self.record.address:
+                # Two daemons under one node_id would overwrite each other's record.
+                raise EtcdError(f"node_id {self.record.node_id!r} is already registered by "
+                                f"{other.address}; give each daemon its own node_id")
         self._lease = self.client.grant(self.client.lease_ttl)
         self.client.put(self.key, self.record.to_json(), self._lease)
 
@@ -217,9 +228,8 @@ class MembershipWatcher:
 
     def start(self) -> dict[str, NodeRecord]:
         """Load the current members (raises EtcdError if etcd is unreachable), then watch."""
-        revision = self._load()
+        self._revision = self._load()
         self._thread.start()
-        self._revision = revision
         return self.nodes
 
     def _load(self) -> int:

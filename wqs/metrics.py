@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import math
+import socket
+import socketserver
 import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry, Counter, GCCollector, Histogram, PlatformCollector, ProcessCollector,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -266,11 +269,33 @@ class MetricsServer:
         self.thread.join(timeout)
 
 
+class _MetricsHTTPServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind looks up the FQDN of the bind address: a reverse DNS
+        # query that can stall a daemon's start for many seconds where DNS is slow or
+        # unreachable. The name is never used here, so skip it.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), port
+        self.setup_environ()
+
+
+class _MetricsHTTPServer6(_MetricsHTTPServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass  # one line per scrape would drown the daemon's log
+
+
 def start_metrics_server(registry: CollectorRegistry, host: str, port: int) -> MetricsServer:
     """Serve `registry` at http://host:port/metrics in a daemon thread. Port 0 picks one."""
-    result = start_http_server(port, addr=host, registry=registry)
-    if result is None:  # prometheus_client < 0.17 gives no handle to stop it
-        raise RuntimeError("prometheus-client >= 0.17 is needed (start_http_server must "
-                           "return the server so it can be shut down)")
-    server, thread = result
+    server_class = _MetricsHTTPServer6 if ":" in host else _MetricsHTTPServer
+    server = make_server(host, port, make_wsgi_app(registry), server_class,
+                         handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name="wqs-metrics", daemon=True)
+    thread.start()
     return MetricsServer(server=server, thread=thread, host=host, port=server.server_port)
