@@ -28,6 +28,7 @@ from wqs.rpc.server import DataServer, ServerOptions
 log = logging.getLogger("wqs.daemon")
 
 DRAIN_TIMEOUT_S = 30.0
+WAKE_INTERVAL_S = 0.25  # longest the main thread sleeps before it checks for signals
 # syslog priorities, understood by journald as a "<N>" prefix on each stderr line.
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
              logging.CRITICAL: 2}
@@ -164,10 +165,20 @@ class Daemon:
         return rows
 
     def wait(self) -> None:
+        # Wait in short slices: Python runs signal handlers only in the main thread, and
+        # a SIGTERM the kernel hands to another thread (gRPC's, a pool's) does not wake
+        # the main thread from a lock wait, so one long wait could miss it for an hour.
         interval = self.notifier.watchdog_interval_s()
-        while not self._stop.wait(interval or 3600):
-            if interval:
+        next_ping = time.monotonic() + interval if interval else None
+        while True:
+            slice_s = WAKE_INTERVAL_S
+            if next_ping is not None:
+                slice_s = max(0.0, min(slice_s, next_ping - time.monotonic()))
+            if self._stop.wait(slice_s):
+                return
+            if next_ping is not None and time.monotonic() >= next_ping:
                 self.notifier.watchdog()
+                next_ping = time.monotonic() + interval
 
     def request_stop(self) -> None:
         self._stop.set()

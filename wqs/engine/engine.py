@@ -30,7 +30,7 @@ import numpy as np
 from wqs.config import EngineConfig
 from wqs.engine import format as fmt
 from wqs.engine.dram import DramTier, make_dram_tier
-from wqs.engine.index import META_HEAD, META_HIT, Index, block_tag
+from wqs.engine.index import META_HEAD, META_HIT, META_LEN_MASK, Index, block_tag
 from wqs.engine.stats import EngineStats
 from wqs.errors import BlockTooLarge, DeviceError, FormatError
 from wqs.nvme.buffers import BufferPool
@@ -45,6 +45,7 @@ MIN_REGION_SIZE = 1024 * 1024
 REINSERT_FRACTION = 0.5  # at most this share of a new region is filled by reinsertion
 
 Buffer = bytes | bytearray | memoryview
+_ZEROS = memoryview(bytes(UNIT))  # padding source: an entry pads less than one unit
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,7 @@ class Engine:
         self._active = -1
         self._active_ptr = 0
         self._access_clock = 0
+        self._waiting_idle = 0  # threads in _wait_idle: only then is notify worth its cost
         self._closed = False
 
     # ---- public API ------------------------------------------------------------------
@@ -212,10 +214,7 @@ class Engine:
             views.append((block_id, view))
         if not pieces:
             return
-        self._append(pieces)
-        with self._lock:
-            self.stats_counters.puts += len(views)
-            self.stats_counters.put_bytes += sum(v.nbytes for _, v in views)
+        self._append(pieces, puts=len(views), put_bytes=sum(v.nbytes for _, v in views))
         if self.dram is not None:
             for block_id, view in views:
                 self.dram.put(block_id, view.tobytes())
@@ -374,29 +373,36 @@ class Engine:
                                  segment_index=k))
         return pieces
 
-    def _append(self, pieces: list[_Piece]) -> None:
+    def _append(self, pieces: list[_Piece], puts: int = 0, put_bytes: int = 0) -> None:
+        """Reserve, write, publish: the engine lock is taken twice, never during IO."""
         with self._lock:
             if self._closed:
                 raise DeviceError("engine is closed")
             slots = [self._reserve(fmt.entry_len(p.payload.nbytes)) for p in pieces]
             for s in slots:
                 self.regions.inflight[s.region] += 1
+        written = False
         try:
             ids = self._entry_ids(pieces, slots)
             for run in _contiguous_runs(pieces, slots):
                 self._write_run(run, ids)
             if self.config.sync:
                 self.device.flush()
+            written = True
         finally:
             with self._lock:
                 for s in slots:
                     self.regions.inflight[s.region] -= 1
-                self._idle.notify_all()
-        with self._lock:
-            # Publish segments before the head so a reader never sees a head whose
-            # segments are not indexed yet.
-            for i in sorted(range(len(pieces)), key=lambda i: pieces[i].flags != fmt.ENTRY_SEGMENT):
-                self._publish(ids[i], pieces[i], slots[i])
+                if written:
+                    # Segments before the head, so a reader never finds a head whose
+                    # segments are not indexed yet.
+                    for i in sorted(range(len(pieces)),
+                                    key=lambda i: pieces[i].flags != fmt.ENTRY_SEGMENT):
+                        self._publish(ids[i], pieces[i], slots[i])
+                    self.stats_counters.puts += puts
+                    self.stats_counters.put_bytes += put_bytes
+                if self._waiting_idle:
+                    self._idle.notify_all()
 
     @staticmethod
     def _entry_ids(pieces: list[_Piece], slots: list[_Slot]) -> list[bytes]:
@@ -429,7 +435,7 @@ class Engine:
                 buf[end : end + n] = p.payload
                 elen = fmt.entry_len(n)
                 # Zero the padding so stale bytes never look like data.
-                buf[end + n : pos + elen] = bytes(pos + elen - end - n)
+                buf[end + n : pos + elen] = _ZEROS[: pos + elen - end - n]
                 pos += elen
             self.device.write(self.sb.region_offset(first.region) + first.offset, buf)
 
@@ -507,43 +513,56 @@ class Engine:
     def _read_hits(self, region: int, slots: np.ndarray) -> list[tuple[bytes, bytes]]:
         """The still-valid, recently read, unsegmented blocks of a region being reclaimed."""
         budget = int(self.sb.region_size * REINSERT_FRACTION)
-        out = []
+        wanted = []
         for s in slots:
             meta = int(self.index.metas[s])
             if not meta & META_HIT or meta & META_HEAD:
                 continue
-            loc = int(self.index.locs[s])
-            plen = meta & ((1 << 27) - 1)
-            elen = fmt.entry_len(plen)
-            if elen > budget:
-                continue
-            entry = self._read_entry_at(loc, elen, int(self.regions.gen[region]))
-            if entry is None or entry[0].flags:
-                continue
-            header, payload = entry
-            out.append((header.block_id, payload))
-            budget -= elen
+            elen = fmt.entry_len(meta & META_LEN_MASK)
+            if elen <= budget:
+                wanted.append(int(self.index.locs[s]))
+                budget -= elen
+        if not wanted:
+            return []
+        gen = int(self.regions.gen[region])
+        base = region * self.units_per_region
+        out = []
+        # This runs under the engine lock: one large read beats many small ones.
+        with self.buffers.borrow(self.sb.region_size) as image:
+            self.device.read_into(self.sb.region_offset(region), image)
+            for loc in sorted(wanted):
+                entry = _parse_entry(image, (loc - base) * UNIT, gen)
+                if entry is not None and not entry[0].flags:
+                    out.append((entry[0].block_id, entry[1]))
         return out
 
     def _reinsert(self, blocks: list[tuple[bytes, bytes]]) -> None:
-        """Append reclaimed hit blocks to the fresh region. Called with the lock held."""
+        """Append reclaimed hit blocks to the fresh region in one write (lock held)."""
+        pieces, slots = [], []
         for block_id, payload in blocks:
             if block_tag(block_id) in self.index:
                 continue  # rewritten meanwhile
-            piece = _Piece(block_id, memoryview(payload))
-            slot = self._reserve(fmt.entry_len(len(payload)))
-            assert slot.region == self._active
-            self._write_run([(0, piece, slot)], [block_id])
+            pieces.append(_Piece(block_id, memoryview(payload)))
+            slots.append(self._reserve(fmt.entry_len(len(payload))))
+            assert slots[-1].region == self._active  # the budget keeps them in one region
+        ids = [p.block_id for p in pieces]
+        for run in _contiguous_runs(pieces, slots):
+            self._write_run(run, ids)
+        for block_id, piece, slot in zip(ids, pieces, slots):
             self._publish(block_id, piece, slot)
-            self.stats_counters.reinserted_blocks += 1
+        self.stats_counters.reinserted_blocks += len(pieces)
 
     def _tick(self) -> int:
         self._access_clock += 1
         return self._access_clock
 
     def _wait_idle(self) -> None:
-        while int(self.regions.inflight.sum()) > 0:
-            self._idle.wait()
+        self._waiting_idle += 1
+        try:
+            while int(self.regions.inflight.sum()) > 0:
+                self._idle.wait()
+        finally:
+            self._waiting_idle -= 1
 
     # ---- read path -------------------------------------------------------------------
 
@@ -621,13 +640,10 @@ class Engine:
         offset = self.sb.region_offset(region) + unit * UNIT
         with self.buffers.borrow(elen) as buf:
             self.device.read_into(offset, buf)
-            header = fmt.unpack_entry_header(buf)
-            if header is None or header.gen != gen or header.entry_len != elen:
+            entry = _parse_entry(buf, 0, gen)
+            if entry is None or entry[0].entry_len != elen:
                 return None
-            payload = buf[fmt.ENTRY_HEADER_SIZE : fmt.ENTRY_HEADER_SIZE + header.payload_len]
-            if fmt.checksum(payload) != header.payload_checksum:
-                return None
-            return header, payload.tobytes()
+            return entry
 
     # ---- recovery --------------------------------------------------------------------
 
@@ -726,6 +742,18 @@ class Engine:
                     self.index.put(tag, loc, h.payload_len, meta)
         self._seq = max_seq + 1
         self._access_clock = max_seq
+
+
+def _parse_entry(buf: memoryview, pos: int, gen: int) -> tuple[fmt.EntryHeader, bytes] | None:
+    """The verified entry at buf[pos:] of generation `gen`, or None."""
+    header = fmt.unpack_entry_header(buf, pos)
+    if header is None or header.gen != gen or pos + header.entry_len > len(buf):
+        return None
+    start = pos + fmt.ENTRY_HEADER_SIZE
+    payload = buf[start : start + header.payload_len]
+    if fmt.checksum(payload) != header.payload_checksum:
+        return None
+    return header, payload.tobytes()
 
 
 def _scan_region(buf: memoryview, gen: int) -> list[tuple[int, fmt.EntryHeader]]:
