@@ -2,10 +2,11 @@
 
 The parsing follows fio 3.x, so a fio command line or job file means the same thing here:
 
-* **Sizes** (``bs``, ``size``, ...): a number with an optional unit. With fio's default
-  ``kb_base=1024`` a plain prefix is binary (``4k`` = ``4kb`` = 4096, ``1m`` = 1 MiB)
-  and, fio's compatibility quirk, an IEC prefix is decimal (``4KiB`` = 4000). With
-  ``kb_base=1000`` it is the other way round. No unit means bytes.
+* **Sizes** (``bs``, ``size``, ...): a whole number with an optional unit. With fio's
+  default ``kb_base=1024`` a plain prefix is binary (``4k`` = ``4kb`` = 4096, ``1m`` =
+  1 MiB) and, fio's compatibility quirk, an IEC prefix is decimal (``4KiB`` = 4000).
+  With ``kb_base=1000`` it is the other way round. No unit means bytes. fio reads a
+  decimal such as ``1.5k`` as 1 byte; wqs-bench refuses it.
 * **Times** (``runtime``, ``ramp_time``): seconds unless suffixed with ``us``/``usec``,
   ``ms``/``msec``, ``s``/``sec``, ``m``/``min``, ``h`` or ``d``.
 * **The command line**: options before the first ``--name`` are global; each ``--name``
@@ -20,7 +21,6 @@ The parsing follows fio 3.x, so a fio command line or job file means the same th
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -111,17 +111,15 @@ def parse_size(value: str | int, kb_base: int = 1024) -> int:
     number, prefix, iec, _b = m.group(1), m.group(2).lower(), m.group(3), m.group(4)
     if iec and not prefix:
         raise FioOptionError(f"bad size {value!r}")
+    if "." in number:
+        # fio 3.33 reads "1.5k" as 1 byte (it stops at the dot); refuse rather than guess
+        raise FioOptionError(f"bad size {value!r}: use a whole number with a smaller unit "
+                             "(e.g. 1536 or 1536k)")
     if kb_base == 1024:
         base = 1000 if iec else 1024
     else:
         base = 1024 if iec else 1000
-    scaled = float(number) * base ** _POW[prefix] if "." in number else \
-        int(number) * base ** _POW[prefix]
-    if isinstance(scaled, float):
-        if not scaled.is_integer():
-            scaled = math.floor(scaled)
-        scaled = int(scaled)
-    return scaled
+    return int(number) * base ** _POW[prefix]
 
 
 _TIME_UNITS = {"": 1.0, "s": 1.0, "sec": 1.0, "us": 1e-6, "usec": 1e-6, "ms": 1e-3,
@@ -454,7 +452,7 @@ def split_argv(argv: list[str]) -> Invocation:
             raise FioOptionError(f"unrecognized option '--{body.split('=')[0]}'")
         if not eq:
             if key in FLAGS:
-                value = "1"
+                value = ""  # a bare flag: on, and (as fio does) not listed in JSON options
             elif i < len(argv) and not argv[i].startswith("--"):
                 value = argv[i]
                 i += 1
@@ -506,7 +504,7 @@ def parse_job_file(text: str, env: dict[str, str] | None = None
         key = canonical(key)
         if not _known(key) or key in CLI_ONLY - {"servers", "config"}:
             raise FioOptionError(f"line {lineno}: unrecognized option {key!r}")
-        value = value.strip() if eq else ("1" if key in FLAGS else "")
+        value = value.strip() if eq else ""  # a bare flag is on
         if section == "global":
             glob[key] = value
         else:

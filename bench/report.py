@@ -267,7 +267,8 @@ def job_json(r: JobResult, group_kib: dict[str, float], elapsed_s: int) -> dict[
         complete[bk] = 100.0
     out: dict[str, Any] = {
         "jobname": r.name, "groupid": r.groupid, "error": r.error, "eta": 0,
-        "elapsed": elapsed_s, "job options": dict(spec.options),
+        "elapsed": elapsed_s,
+        "job options": {k: v for k, v in spec.options.items() if v != ""},
     }
     for d in DDIRS:
         out[d] = dir_json(r.dirs[d], r.runtime_ns, spec, group_kib.get(d, 0.0)) \
@@ -338,7 +339,9 @@ def to_json(results: list[JobResult], global_options: dict[str, str], started: f
         "time": time.strftime("%a %b %d %H:%M:%S %Y", time.localtime(started)),
     }
     if global_options:
-        doc["global options"] = dict(global_options)
+        shown = {k: v for k, v in global_options.items() if v != ""}  # bare flags: not listed
+        if shown:
+            doc["global options"] = shown
     doc["jobs"] = [job_json(r, {d: status[r.groupid].agg.get(d, 0.0) / 1024 for d in DDIRS},
                             elapsed) for r in results]
     doc["wqs"] = {"wqs-bench": True, **(extra or {})}

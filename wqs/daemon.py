@@ -122,9 +122,11 @@ class Daemon:
             cluster_provider=self._cluster_map if cfg.etcd is not None else None)
         if cfg.metrics_addr is not None:
             self.metrics_server = start_metrics_server(registry, *cfg.metrics_addr)
-        self.data.start()
         if cfg.etcd is not None:
+            # The socket already listens: clients that see the record and connect at
+            # once wait in its backlog until the accept loop starts below.
             self._register(cfg)
+        self.data.start()
         info = self.engine.info()
         log.info("wqsd %s serving %s (%s, %d MiB in %d regions) on %s, control %s, metrics %s",
                  __version__, cfg.device, info["uuid"], info["capacity_bytes"] >> 20,
