@@ -14,7 +14,6 @@ import tempfile
 import threading
 import time
 import urllib.request
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -209,13 +208,12 @@ def test_sigterm_is_a_clean_shutdown_and_blocks_survive(daemon_factory):
     with wqs.Client([d.address]) as c:
         assert all(c.put_many(items.items()))
         # SIGTERM must not wait on clients: one idle (c), one stalled in the middle of a PUT.
-        stalled = socket.create_connection(("127.0.0.1", d.port))
         frame = p.encode_request(p.PutRequest(1, [(bid(10_000), os.urandom(100_000))]))
-        stalled.sendall(p.encode_request(p.HelloRequest(0)) + frame[:50_000])
-        t0 = time.monotonic()
-        assert d.terminate() == 0
-        assert time.monotonic() - t0 < 10
-        stalled.close()
+        with socket.create_connection(("127.0.0.1", d.port)) as stalled:
+            stalled.sendall(p.encode_request(p.HelloRequest(0)) + frame[:50_000])
+            t0 = time.monotonic()
+            assert d.terminate() == 0
+            assert time.monotonic() - t0 < 10
     assert "clean shutdown" in d.stderr_text()
     d.restart()
     assert "from checkpoint" in d.stderr_text()  # no device scan after a clean stop

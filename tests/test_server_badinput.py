@@ -8,7 +8,6 @@ import os
 import socket
 import struct
 import time
-from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -291,6 +290,31 @@ def test_half_a_put_payload_then_stall(daemon):
     assert daemon.rss_kib() - rss_before < RSS_SLACK_KIB
 
 
+def test_stalled_put_is_dropped_after_frame_timeout(factory):
+    d = factory(config={**CONFIG, "frame_timeout_s": 1.0})
+    frame = p.encode_request(p.PutRequest(51, [(b"\x06" * 16, os.urandom(MiB))]))
+    s, _ = connect(d)
+    s.sendall(frame[: len(frame) // 2])
+    started = time.monotonic()
+    assert closes_after(s, timeout_s=10) == []  # closed by the server, no answer
+    assert 0.9 < time.monotonic() - started < 5
+    # An idle connection (between frames) is not dropped by the frame timeout.
+    idle, _ = connect(d)
+    time.sleep(2.5)
+    idle.sendall(p.encode_request(p.PingRequest(2)))
+    assert isinstance(read_messages(idle, 1)[0][0], p.PingResponse)
+    idle.close()
+    assert_serving(d, b"after-stall")
+
+
+def test_request_before_hello_is_refused(daemon):
+    s, _ = connect(daemon, hello=False)
+    s.sendall(p.encode_request(p.PingRequest(3)))
+    err = error_of(closes_after(s))
+    assert err.status == p.Status.BAD_REQUEST and "HELLO" in err.message
+    assert_serving(daemon, b"hello-first")
+
+
 def test_big_put_claim_then_stall_does_not_allocate_the_claim(daemon):
     """Memory follows the bytes that arrive, not what the table claims."""
     rss_before = daemon.rss_kib()
@@ -411,5 +435,6 @@ def test_fuzzed_frames_never_hang_or_kill_the_server(daemon):
             s.close()
 
     one()
-    assert sum(seen.values()) > 50
+    assert sum(seen.values()) > 50, seen
+    assert seen["answered"] and seen["closed"], seen  # both outcomes were exercised
     assert_serving(daemon, b"fuzz")

@@ -282,6 +282,7 @@ class DaemonConfig:
     log_level: str = "info"
     workers: int = 16
     max_connections: int = 1024
+    frame_timeout_s: float = 30.0  # a client stalled mid-request this long is dropped
     etcd: EtcdConfig | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
 
@@ -316,6 +317,7 @@ class DaemonConfig:
         self.log_level = _choice("log_level", self.log_level, _LOG_LEVELS)
         self.workers = _int("workers", self.workers, 1, 4096)
         self.max_connections = _int("max_connections", self.max_connections, 1, 1 << 20)
+        self.frame_timeout_s = _float("frame_timeout_s", self.frame_timeout_s)
         self.etcd = _nested("etcd", self.etcd, EtcdConfig)
         self.engine = _nested("engine", self.engine, EngineConfig)
         if self.engine is None:

@@ -107,7 +107,8 @@ class Daemon:
         host, port = cfg.listen_addr
         self.data = DataServer(self.engine, ServerOptions(
             host=host, port=port, auth_token=cfg.auth_token, workers=cfg.workers,
-            max_connections=cfg.max_connections), observe=observe)
+            max_connections=cfg.max_connections, frame_timeout_s=cfg.frame_timeout_s),
+            observe=observe)
 
         def on_drain(timeout_s: float) -> DrainResult:
             assert self.data is not None

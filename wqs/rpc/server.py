@@ -45,7 +45,10 @@ class ServerOptions:
     workers: int = 16
     max_connections: int = 1024
     max_inflight_bytes: int = 1 << 30
-    idle_timeout_s: float | None = None  # close connections silent for this long
+    # A peer silent this long in the middle of a frame is disconnected: a stalled PUT
+    # would otherwise hold its share of max_inflight_bytes for ever.
+    frame_timeout_s: float = 30.0
+    idle_timeout_s: float | None = None  # close connections silent between frames
 
 
 class _ByteBudget:
@@ -248,8 +251,7 @@ class _Connection:
         self._authenticated = server.options.auth_token is None
         self._closed = False
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if server.options.idle_timeout_s:
-            sock.settimeout(server.options.idle_timeout_s)
+        sock.settimeout(server.options.frame_timeout_s)
 
     def close(self) -> None:
         if not self._closed:
@@ -279,7 +281,19 @@ class _Connection:
         # Never read past what the decoder needs: payload bytes then stay in the socket
         # until read_payload_into receives them into their own buffer.
         want = min(max(self.decoder.needed, 1), RECV_CHUNK)
-        data = self.sock.recv(want)
+        idle = 0.0
+        while True:
+            try:
+                data = self.sock.recv(want)
+                break
+            except TimeoutError:
+                if self.decoder.header is not None or self.decoder.buffered:
+                    raise TimeoutError(f"stalled mid-frame for "
+                                       f"{self.server.options.frame_timeout_s}s") from None
+                idle += self.server.options.frame_timeout_s
+                limit = self.server.options.idle_timeout_s
+                if limit is not None and idle >= limit:
+                    raise
         if not data:
             raise ConnectionError("peer closed the connection")
         self.decoder.feed(data)
@@ -294,6 +308,13 @@ class _Connection:
                 if ev is None:
                     self._recv_some()
                     continue
+                if not self._hello_done and not isinstance(ev, p.HelloRequest):
+                    rid = ev.header.request_id if isinstance(ev, p.ItemTable) else ev.request_id
+                    op = ev.header.opcode if isinstance(ev, p.ItemTable) else ev.opcode
+                    self._send(p.ErrorResponse(rid, op, p.Status.BAD_REQUEST,
+                                               "HELLO must be the first request"))
+                    self.close()
+                    return
                 if isinstance(ev, p.ItemTable):
                     if not self._authenticated:
                         # Refuse before reserving budget or memory for what the peer claims.
