@@ -128,6 +128,10 @@ class Daemon:
             # once wait in its backlog until the accept loop starts below.
             self._register(cfg)
         self.data.start()
+        from wqs.rdma import probe
+
+        rdma = probe()
+        log.info("data-plane transport: tcp (RDMA transport not built yet; %s)", rdma.reason)
         info = self.engine.info()
         log.info("wqsd %s serving %s (%s, %d MiB in %d regions) on %s, control %s, metrics %s",
                  __version__, cfg.device, info["uuid"], info["capacity_bytes"] >> 20,
