@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                     qs = sorted(v.items())
                     weights = np.diff([0.0] + [q for q, _ in qs]) * 100
                     v = np.repeat([x for _, x in qs], np.maximum(1, weights.round().astype(int)))
-                series.append((s, v))
+                series.append((s if s != "fio" else "fio (from its percentiles)", v))
             plot_series(series, os.path.join(args.cdf, f"cdf-{op}-{bs // 1024}k-qd{qd}.png"),
                         f"{op}, {bs_label(bs)}, QD {qd} (last run of each system)")
     bad = sum(p.errors for p in points if p.system != "fio")

@@ -351,3 +351,48 @@ def test_default_geometry_fits_a_256_mib_device(tmp_path):
         engine.close()
     finally:
         device.close()
+
+
+def test_concurrent_large_batches_on_a_small_device_wait_instead_of_failing(open_engine,
+                                                                              small_config):
+    # 14 regions of 1 MiB; four writers with 3 MiB batches pin up to 16 regions at once
+    # if nothing made them wait for each other.
+    engine = open_engine(small_config, size=16 * MiB)
+    errors = []
+
+    def writer(t: int) -> None:
+        rng = random.Random(t)
+        try:
+            for i in range(12):
+                engine.put_many([(block_id(t * 1000 + i * 10 + k), rng.randbytes(700_000))
+                                 for k in range(4)])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert engine.stats().evicted_regions > 0
+    # Every block is either evicted or exact, never damaged by a concurrent batch.
+    survivors = 0
+    for t in range(4):
+        rng = random.Random(t)
+        for i in range(12):
+            for k in range(4):
+                expected = rng.randbytes(700_000)
+                got = engine.get(block_id(t * 1000 + i * 10 + k))
+                assert got in (None, expected)
+                survivors += got is not None
+    assert survivors >= 8
+    assert engine.stats().checksum_failures == 0
+
+
+def test_a_write_larger_than_the_device_can_hold_is_refused(open_engine, small_config):
+    engine = open_engine(small_config, size=8 * MiB)  # 6 regions of 1 MiB
+    with pytest.raises(BlockTooLarge, match="regions"):
+        engine.put(block_id(1), bytes(5 * MiB))
+    engine.put(block_id(2), b"still works")
+    assert engine.get(block_id(2)) == b"still works"

@@ -200,8 +200,11 @@ class Engine:
         self.put_many([(block_id, data)])
 
     def put_many(self, items: Sequence[tuple[bytes, Buffer]]) -> None:
-        """Store many blocks; neighbours are coalesced into one large write."""
-        pieces: list[_Piece] = []
+        """Store many blocks; neighbours are coalesced into large writes.
+
+        A batch is written in groups of at most a quarter of the device's regions, so
+        concurrent large batches can always make room by evicting.
+        """
         views = []
         for block_id, data in items:
             assert len(block_id) == 16, "block IDs are 16 bytes"
@@ -210,11 +213,22 @@ class Engine:
                 raise BlockTooLarge(
                     f"block of {view.nbytes} B exceeds max_block_size {self.max_block_size}"
                 )
-            pieces.extend(self._split(block_id, view))
             views.append((block_id, view))
-        if not pieces:
-            return
-        self._append(pieces, puts=len(views), put_bytes=sum(v.nbytes for _, v in views))
+        group_limit = max(1, self.sb.num_regions // 4) * (self.sb.region_size - UNIT)
+        group: list[_Piece] = []
+        group_bytes = group_puts = group_payload = 0
+        for block_id, view in views:
+            pieces = self._split(block_id, view)
+            size = sum(fmt.entry_len(p.payload.nbytes) for p in pieces)
+            if group and group_bytes + size > group_limit:
+                self._append(group, puts=group_puts, put_bytes=group_payload)
+                group, group_bytes, group_puts, group_payload = [], 0, 0, 0
+            group.extend(pieces)
+            group_bytes += size
+            group_puts += 1
+            group_payload += view.nbytes
+        if group:
+            self._append(group, puts=group_puts, put_bytes=group_payload)
         if self.dram is not None:
             for block_id, view in views:
                 self.dram.put(block_id, view.tobytes())
@@ -375,12 +389,24 @@ class Engine:
 
     def _append(self, pieces: list[_Piece], puts: int = 0, put_bytes: int = 0) -> None:
         """Reserve, write, publish: the engine lock is taken twice, never during IO."""
+        need = sum(fmt.entry_len(p.payload.nbytes) for p in pieces)
+        regions_needed = -(-need // (self.sb.region_size - UNIT)) + 1
+        if regions_needed > max(1, self.sb.num_regions - 2):
+            raise BlockTooLarge(
+                f"a write of {need} B needs {regions_needed} regions; this device has "
+                f"{self.sb.num_regions}, and one write may use all but two of them")
         with self._lock:
             if self._closed:
                 raise DeviceError("engine is closed")
+            # Wait, holding nothing, until enough regions are free or evictable: writes
+            # in flight pin their regions, and reserving into them would deadlock.
+            while self._available_regions() < regions_needed:
+                self._waiting_idle += 1
+                try:
+                    self._idle.wait(1.0)
+                finally:
+                    self._waiting_idle -= 1
             slots = [self._reserve(fmt.entry_len(p.payload.nbytes)) for p in pieces]
-            for s in slots:
-                self.regions.inflight[s.region] += 1
         written = False
         try:
             ids = self._entry_ids(pieces, slots)
@@ -464,9 +490,18 @@ class Engine:
             self._open_new_region()
         slot = _Slot(self._active, self._active_ptr, int(self.regions.gen[self._active]),
                      self._next_seq())
+        # Pinned from now on: a region with writes in flight is never reclaimed, not even
+        # for the rest of this same batch.
+        self.regions.inflight[self._active] += 1
         self._active_ptr += elen
         self.regions.write_ptr[self._active] = self._active_ptr
         return slot
+
+    def _available_regions(self) -> int:
+        """Regions a new reservation could use now: free, or sealed and not pinned."""
+        r = self.regions
+        usable = (r.state == FREE) | ((r.state == SEALED) & (r.inflight == 0))
+        return int(np.count_nonzero(usable))
 
     def _next_seq(self) -> int:
         seq = self._seq
@@ -546,8 +581,12 @@ class Engine:
             slots.append(self._reserve(fmt.entry_len(len(payload))))
             assert slots[-1].region == self._active  # the budget keeps them in one region
         ids = [p.block_id for p in pieces]
-        for run in _contiguous_runs(pieces, slots):
-            self._write_run(run, ids)
+        try:
+            for run in _contiguous_runs(pieces, slots):
+                self._write_run(run, ids)
+        finally:
+            for slot in slots:
+                self.regions.inflight[slot.region] -= 1
         for block_id, piece, slot in zip(ids, pieces, slots):
             self._publish(block_id, piece, slot)
         self.stats_counters.reinserted_blocks += len(pieces)
