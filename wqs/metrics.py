@@ -169,11 +169,14 @@ class RequestMetrics:
         # `summaries()` (the Stats RPC).
         self._error_counts: dict[str, int] = {}
         self._lock = threading.Lock()
-        for op in OPS:
-            self.latency.labels(op=op)
+        # Label lookups cost more than the observation: resolve each op's child once.
+        self._by_op = {op: self.latency.labels(op=op) for op in OPS}
 
     def observe(self, op: str, seconds: float) -> None:
-        self.latency.labels(op=op).observe(seconds)
+        child = self._by_op.get(op)
+        if child is None:
+            child = self._by_op.setdefault(op, self.latency.labels(op=op))
+        child.observe(seconds)
 
     def error(self, op: str, status: str) -> None:
         self.errors.labels(op=op, status=status).inc()

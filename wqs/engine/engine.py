@@ -390,17 +390,17 @@ class Engine:
     def _append(self, pieces: list[_Piece], puts: int = 0, put_bytes: int = 0) -> None:
         """Reserve, write, publish: the engine lock is taken twice, never during IO."""
         need = sum(fmt.entry_len(p.payload.nbytes) for p in pieces)
-        regions_needed = -(-need // (self.sb.region_size - UNIT)) + 1
-        if regions_needed > max(1, self.sb.num_regions - 2):
+        per_region = self.sb.region_size - UNIT
+        if -(-need // per_region) > max(1, self.sb.num_regions - 2):
             raise BlockTooLarge(
-                f"a write of {need} B needs {regions_needed} regions; this device has "
-                f"{self.sb.num_regions}, and one write may use all but two of them")
+                f"a write of {need} B needs {-(-need // per_region)} regions; this device "
+                f"has {self.sb.num_regions}, and one write may use all but two of them")
         with self._lock:
             if self._closed:
                 raise DeviceError("engine is closed")
             # Wait, holding nothing, until enough regions are free or evictable: writes
             # in flight pin their regions, and reserving into them would deadlock.
-            while self._available_regions() < regions_needed:
+            while self._available_regions() < self._regions_needed(need):
                 self._waiting_idle += 1
                 try:
                     self._idle.wait(1.0)
@@ -496,6 +496,14 @@ class Engine:
         self._active_ptr += elen
         self.regions.write_ptr[self._active] = self._active_ptr
         return slot
+
+    def _regions_needed(self, nbytes: int) -> int:
+        """New regions a write of nbytes may open, beyond the room left in the open one."""
+        room = self.sb.region_size - self._active_ptr if self._active >= 0 else 0
+        if nbytes <= room:
+            return 0
+        # +1: entries do not split, so each region may end with an unusable tail.
+        return -(-(nbytes - room) // (self.sb.region_size - UNIT)) + 1
 
     def _available_regions(self) -> int:
         """Regions a new reservation could use now: free, or sealed and not pinned."""

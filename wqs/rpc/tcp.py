@@ -1,10 +1,13 @@
 """The TCP transport: one connection to one storage node (implements `Transport`).
 
-Requests are written by the calling thread; one reader thread per connection decodes
-responses and completes their futures by request id, so any number of requests can be
-in flight on one connection. A GET's payloads are received straight into the caller's
-`outs` buffers when given. Every wait is bounded by `timeout_s`; a connection that
-misses it is closed, so a stuck node never hangs a caller twice.
+Requests are written by the calling thread, so any number can be in flight on one
+connection. There is no reader thread: a caller waiting for its answer becomes the
+connection's reader (leader/follower) and completes every response it decodes, by
+request id, until its own arrives; then the next waiter takes over. That spares each
+request a hand-over between threads, which under the GIL costs more than the read. A
+GET's payloads are received straight into the caller's `outs` buffers when given.
+Every wait is bounded by `timeout_s`; a connection that misses it is closed, so a
+stuck node never hangs a caller twice.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import socket
 import threading
 import time
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -62,7 +64,11 @@ class TcpTransport:
         self._decoder = p.FrameDecoder(response=True)
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
-        self._lock = threading.Lock()  # guards _pending and _closed
+        self._lock = threading.Lock()  # guards _pending, _closed and _reading
+        # Signalled when a response completes or the reader role becomes free.
+        self._cv = threading.Condition(self._lock)
+        self._reading = False  # some waiting caller is reading the socket
+        self._current: _Pending | None = None  # the payload frame being received
         self._send_lock = threading.Lock()
         self._closed = False
         self._error: Exception | None = None
@@ -71,12 +77,8 @@ class TcpTransport:
         except Exception:
             self.sock.close()
             raise
-        self.sock.settimeout(None)  # the reader blocks; callers bound their own waits
-        self._reader = threading.Thread(target=self._read_loop, name=f"wqs-tcp-{address}",
-                                        daemon=True)
-        self._reader.start()
 
-    # ---- handshake (synchronous, before the reader starts) ---------------------------
+    # ---- handshake (synchronous, before any request) ---------------------------------
 
     def _handshake(self, token: str | None, timeout_s: float) -> p.Limits:
         self.sock.settimeout(timeout_s)
@@ -134,12 +136,30 @@ class TcpTransport:
         return pending.future
 
     def wait(self, future: Future, deadline: float | None = None) -> p.Response:
-        left = self.timeout_s if deadline is None else max(0.0, deadline - time.monotonic())
-        try:
-            return future.result(timeout=left)
-        except FutureTimeout:
-            self._fail(NodeUnavailable(f"{self.address}: no answer within {self.timeout_s}s"))
-            raise NodeUnavailable(f"{self.address}: no answer within {self.timeout_s}s") from None
+        """The response of `future`, reading the socket ourselves if nobody else is."""
+        end = time.monotonic() + self.timeout_s if deadline is None else deadline
+        lead = False
+        with self._cv:
+            while not future.done() and not self._closed:
+                if not self._reading:
+                    self._reading = lead = True
+                    break
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+        if lead:
+            try:
+                self._read_until(future, end)
+            finally:
+                with self._cv:
+                    self._reading = False
+                    self._cv.notify_all()  # a follower takes over the reading
+        if not future.done():
+            error = NodeUnavailable(f"{self.address}: no answer within {self.timeout_s}s")
+            self._fail(error)
+            raise error
+        return future.result()
 
     @property
     def closed(self) -> bool:
@@ -164,32 +184,41 @@ class TcpTransport:
         for entry in pending.values():
             if not entry.future.done():
                 entry.future.set_exception(error)
+        with self._cv:
+            self._cv.notify_all()
 
     # ---- the reader ------------------------------------------------------------------
 
-    def _read_loop(self) -> None:
+    def _read_until(self, future: Future, end: float) -> None:
+        """Decode responses, completing whichever they answer, until `future` is done or
+        `end` passes. Called by the one waiter that holds the reader role."""
         dec = self._decoder
-        current: _Pending | None = None
         try:
-            while True:
+            while not future.done():
                 ev = dec.next_event()
                 if ev is None:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        return
+                    self.sock.settimeout(left)
                     data = self.sock.recv(min(max(dec.needed, 1), RECV_CHUNK))
                     if not data:
                         raise ConnectionError("the node closed the connection")
                     dec.feed(data)
                     continue
                 if isinstance(ev, p.ItemTable):
-                    current = self._start_payloads(ev)
+                    self._current = self._start_payloads(ev)
                 elif isinstance(ev, p.PayloadStart):
-                    assert current is not None
-                    dec.read_payload_into(current.dests[ev.index], self.sock.recv_into)
+                    assert self._current is not None
+                    dec.read_payload_into(self._current.dests[ev.index], self.sock.recv_into)
                 elif isinstance(ev, p.FrameEnd):
-                    assert current is not None
-                    self._finish_get(ev.header.request_id, current)
-                    current = None
+                    assert self._current is not None
+                    self._finish_get(ev.header.request_id, self._current)
+                    self._current = None
                 else:
                     self._complete(ev.request_id, ev)
+        except TimeoutError:
+            return  # the caller reports it (and closes the connection)
         except (OSError, ConnectionError, ProtocolError) as e:
             self._fail(NodeUnavailable(f"{self.address}: {e}"))
 
@@ -236,6 +265,8 @@ class TcpTransport:
             entry.future.set_exception(result)
         else:
             entry.future.set_result(result)
+        with self._cv:
+            self._cv.notify_all()  # its waiter may be a follower
 
     # ---- Transport -------------------------------------------------------------------
 

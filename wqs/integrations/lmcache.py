@@ -1,0 +1,355 @@
+"""LMCache remote storage plugin: LMCache's KV chunks in a WQS cluster.
+
+Tested with LMCache 0.5.6 (the 0.5.x plugin interface: ``remote_storage_plugins`` plus
+``extra_config["remote_storage_plugin.<name>.module_path" / ".class_name"]``, the backend
+dialing ``plugin://<name>``). Add to the LMCache YAML (``LMCACHE_CONFIG_FILE``)::
+
+    chunk_size: 256
+    local_cpu: true
+    max_local_cpu_size: 5            # GB of host DRAM in front of WQS
+    remote_serde: naive
+    remote_storage_plugins: ["wqs"]
+    extra_config:
+      remote_storage_plugin.wqs.module_path: wqs.integrations.lmcache
+      remote_storage_plugin.wqs.class_name: WQSConnectorAdapter
+      remote_storage_plugin.wqs.servers: "10.0.0.1:7070,10.0.0.2:7070,10.0.0.3:7070"
+      # or: remote_storage_plugin.wqs.config: /etc/wqs/client.yaml   (etcd, auth, replicas)
+      # optional: remote_storage_plugin.wqs.timeout_s: 2.0
+      #           remote_storage_plugin.wqs.namespace: "prod"   (separates deployments)
+
+The plugin name is ``wqs`` or ``wqs.<instance>`` (LMCache's ``type.instance`` form); keys
+are looked up under the full name first, then under ``remote_storage_plugin.wqs.``.
+Without any, ``$WQS_CONFIG`` / ``$WQS_SERVERS`` name the cluster.
+
+Storage layout. An LMCache key (`CacheEngineKey` or `LayerCacheEngineKey`) maps to two
+WQS blocks whose IDs are pure functions of ``key.to_string()`` and the namespace, so
+every process and host computes the same IDs (see `key_block_ids`):
+
+* the data block: the chunk's bytes exactly as ``memory_obj.byte_array`` holds them;
+* the meta block: ``b"WQSLMC\\0\\1"`` + LMCache's own `RemoteMetadata` chunk header (length,
+  memory format, dtype and shape per group) -- what LMCache's FS connector writes in
+  front of its data. It tells a full chunk from a partial one (``save_unfull_chunk``).
+
+Both are written by one ``put_many`` and read by one ``get_many`` (one parallel round
+trip); the data block is received straight into the memory object LMCache allocated,
+so a load copies nothing in Python. Existence and prefix lookups ask about data blocks
+only (``batched_async_contains`` is one ``lookup_prefix``).
+
+Failures. A node that is down or slow makes its blocks misses (``exists`` False, ``get``
+None, the consecutive-hit count ends there), and a put it cannot take is logged and
+dropped: no call raises into LMCache's event loop. ``list()`` returns ``[]``: WQS
+addresses blocks by hash and keeps no key catalogue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, List, Optional, Sequence
+
+from lmcache.utils import CacheEngineKey
+from lmcache.v1.memory_management import MemoryObj
+from lmcache.v1.protocol import RemoteMetadata
+from lmcache.v1.storage_backend.connector import ConnectorAdapter, ConnectorContext
+from lmcache.v1.storage_backend.connector.base_connector import RemoteConnector
+
+from wqs.errors import WQSError
+from wqs.integrations.common import acquire_client, cluster_spec, derive_id, release_client
+
+log = logging.getLogger("wqs.integrations.lmcache")
+
+PLUGIN_TYPE = "wqs"
+META_MAGIC = b"WQSLMC\x00\x01"  # 6 bytes tag + format version 1
+META_BUF_BYTES = 4096  # receive buffer per meta block: far above any RemoteMetadata
+_DATA_DOMAIN = b"wqs/lmcache/data/1\x00"
+_META_DOMAIN = b"wqs/lmcache/meta/1\x00"
+
+
+def key_block_ids(key_string: str, namespace: str = "") -> tuple[bytes, bytes]:
+    """(data block ID, meta block ID) of an LMCache key given as ``key.to_string()``."""
+    return (derive_id(_DATA_DOMAIN, namespace, key_string),
+            derive_id(_META_DOMAIN, namespace, key_string))
+
+
+def _plugin_type(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
+class WQSConnectorAdapter(ConnectorAdapter):
+    """What ``remote_storage_plugin.<name>.class_name`` names: LMCache instantiates it
+    with no arguments and asks it for a connector for ``plugin://wqs[.<instance>]``."""
+
+    def __init__(self) -> None:
+        super().__init__(f"plugin://{PLUGIN_TYPE}")
+
+    def can_parse(self, url: str) -> bool:
+        if not url.startswith("plugin://"):
+            return False
+        return _plugin_type(url[len("plugin://"):]) == PLUGIN_TYPE
+
+    def create_connector(self, context: ConnectorContext) -> RemoteConnector:
+        name = context.plugin_name or context.url[len("plugin://"):] or PLUGIN_TYPE
+        return WQSRemoteConnector(
+            loop=context.loop, local_cpu_backend=context.local_cpu_backend,
+            config=context.config, metadata=context.metadata, plugin_name=name)
+
+
+class WQSRemoteConnector(RemoteConnector):
+    """LMCache's `RemoteConnector` interface over a `wqs.Client`.
+
+    Also loadable directly as ``class_name: WQSRemoteConnector`` (LMCache then wraps it
+    in its DynamicConnectorAdapter and passes no metadata: it is taken from the local
+    CPU backend).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, local_cpu_backend: Any, config: Any,
+                 metadata: Any = None, plugin_name: Optional[str] = None,
+                 client: Any = None) -> None:
+        if metadata is None:
+            metadata = getattr(local_cpu_backend, "metadata", None)
+        super().__init__(config, metadata)
+        self.loop = loop
+        self.local_cpu_backend = local_cpu_backend
+        self.plugin_name = plugin_name or PLUGIN_TYPE
+        extra = getattr(config, "extra_config", None) or {}
+
+        def get(key: str) -> Any:
+            for prefix in (self.plugin_name, PLUGIN_TYPE):
+                value = extra.get(f"remote_storage_plugin.{prefix}.{key}")
+                if value is not None:
+                    return value
+            return None
+
+        self.namespace = str(get("namespace") or "")
+        self._owns_client = client is None
+        if client is None:
+            path, servers, overrides = cluster_spec(
+                get, f"extra_config['remote_storage_plugin.{self.plugin_name}.{{key}}']")
+            client = acquire_client(path, servers, overrides)
+        self.client = client
+        # The SDK blocks; LMCache's loop must not. Calls run here, never on the loop
+        # thread and never on the client's own pool (its fan-out uses that one).
+        self._pool = ThreadPoolExecutor(int(get("io_threads") or 8),
+                                        thread_name_prefix="wqs-lmcache")
+        self._stats_lock = threading.Lock()
+        self.stats = {"put_blocks": 0, "put_failed": 0, "get_hits": 0, "get_misses": 0,
+                      "errors": 0}
+        self._closed = False
+        log.info("WQS LMCache connector %s: nodes %s, namespace %r", self.plugin_name,
+                 list(self.client.nodes), self.namespace)
+
+    # ---- helpers ---------------------------------------------------------------------
+
+    def _ids(self, key: CacheEngineKey) -> tuple[bytes, bytes]:
+        return key_block_ids(key.to_string(), self.namespace)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self.stats[name] += n
+
+    async def _run(self, fn: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    def _safe(self, what: str, fn: Callable[[], Any], default: Any) -> Any:
+        """fn(); on any error (a node failing in a way the SDK raises, a bug in a
+        buffer) log it and return `default`: the engine sees a miss, never a raise."""
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - a storage failure must not stall the engine
+            self._count("errors")
+            log.warning("WQS %s failed, treated as a miss: %s", what, e)
+            return default
+
+    @staticmethod
+    def _view(memory_obj: MemoryObj) -> memoryview:
+        buf = memory_obj.byte_array
+        view = buf if isinstance(buf, memoryview) else memoryview(buf)
+        return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+    def _meta_bytes(self, memory_obj: MemoryObj, length: int) -> bytes:
+        md = RemoteMetadata(length, memory_obj.get_shapes(), memory_obj.get_dtypes(),
+                            memory_obj.get_memory_format())
+        return META_MAGIC + md.serialize()
+
+    def _allocate(self) -> Optional[MemoryObj]:
+        try:
+            return self.local_cpu_backend.allocate(self.meta_shapes, self.meta_dtypes,
+                                                   self.meta_fmt, busy_loop=False)
+        except TypeError:  # an LMCache whose allocate() has no busy_loop
+            return self.local_cpu_backend.allocate(self.meta_shapes, self.meta_dtypes,
+                                                   self.meta_fmt)
+
+    def _finish(self, memory_obj: MemoryObj, data: Any, meta: Any) -> Optional[MemoryObj]:
+        """Check a received (data, meta) pair against the memory object it was received
+        into; the object (reshaped for a partial chunk) or None (then released)."""
+        if data is None or meta is None:
+            return None
+        meta = memoryview(meta)
+        if bytes(meta[: len(META_MAGIC)]) != META_MAGIC:
+            log.warning("WQS block with a foreign meta header; treated as a miss")
+            return None
+        try:
+            md = RemoteMetadata.deserialize(meta[len(META_MAGIC):])
+        except Exception as e:  # noqa: BLE001 - e.g. a header of another group count
+            log.warning("WQS meta header unreadable (%s); treated as a miss", e)
+            return None
+        n = len(memoryview(data))
+        if (md.length != n or md.fmt != self.meta_fmt or list(md.dtypes) != list(self.meta_dtypes)):
+            log.warning("WQS chunk does not match this engine (%d B, %s, %s); a miss",
+                        md.length, md.fmt, md.dtypes)
+            return None
+        if n == self.full_chunk_size_bytes:
+            return memory_obj
+        return self.reshape_partial_chunk(memory_obj, n)
+
+    def _get_batch(self, keys: Sequence[CacheEngineKey]) -> list[Optional[MemoryObj]]:
+        """Allocate, fetch every key's two blocks in one get_many, check; per key the
+        memory object or None. Objects of misses are released here."""
+        objs: list[MemoryObj] = []
+        for _ in keys:
+            obj = self._allocate()
+            if obj is None:  # local CPU memory is full: fetch what fits
+                log.debug("LMCache CPU buffer full after %d of %d chunks", len(objs), len(keys))
+                break
+            objs.append(obj)
+        n = len(objs)
+        if n == 0:
+            return [None] * len(keys)
+        ids: list[bytes] = []
+        metas: list[bytes] = []
+        for key in keys[:n]:
+            d, m = self._ids(key)
+            ids.append(d)
+            metas.append(m)
+        outs = [self._view(o) for o in objs] + [bytearray(META_BUF_BYTES) for _ in range(n)]
+        try:
+            got = self.client.get_many(ids + metas, outs=outs)
+        except Exception as e:  # noqa: BLE001 - e.g. a stored block larger than a chunk
+            self._count("errors")
+            log.warning("WQS get of %d chunks failed, treated as misses: %s", n, e)
+            got = [None] * (2 * n)
+        result: list[Optional[MemoryObj]] = []
+        for i, obj in enumerate(objs):
+            done = self._safe("chunk check", lambda: self._finish(obj, got[i], got[n + i]), None)
+            if done is None:
+                obj.ref_count_down()
+            result.append(done)
+        hits = sum(r is not None for r in result)
+        self._count("get_hits", hits)
+        self._count("get_misses", len(keys) - hits)
+        return result + [None] * (len(keys) - n)
+
+    def _put_batch(self, keys: Sequence[CacheEngineKey], memory_objs: Sequence[MemoryObj]) -> None:
+        items: list[tuple[bytes, Any]] = []
+        for key, obj in zip(keys, memory_objs):
+            view = self._view(obj)
+            d, m = self._ids(key)
+            items.append((d, view))
+            items.append((m, self._meta_bytes(obj, len(view))))
+        ok = self.client.put_many(items)
+        failed = sum(1 for i in range(0, len(ok), 2) if not (ok[i] and ok[i + 1]))
+        self._count("put_blocks", len(keys) - failed)
+        if failed:
+            self._count("put_failed", failed)
+            log.warning("WQS could not store %d of %d chunks (node down?); dropped",
+                        failed, len(keys))
+
+    # ---- RemoteConnector: single keys -----------------------------------------------
+
+    async def exists(self, key: CacheEngineKey) -> bool:
+        return await self._run(lambda: self.exists_sync(key))
+
+    def exists_sync(self, key: CacheEngineKey) -> bool:
+        return bool(self._safe("exists", lambda: self.client.exists(self._ids(key)[0]), False))
+
+    async def get(self, key: CacheEngineKey) -> Optional[MemoryObj]:
+        return (await self._run(lambda: self._safe("get", lambda: self._get_batch([key]),
+                                                     [None])))[0]
+
+    async def put(self, key: CacheEngineKey, memory_obj: MemoryObj) -> None:
+        # LMCache's InstrumentedRemoteConnector drops the caller's reference afterwards.
+        await self._run(lambda: self._safe("put", lambda: self._put_batch([key], [memory_obj]),
+                                           None))
+
+    async def list(self) -> List[str]:
+        return []  # blocks are addressed by hash; WQS keeps no catalogue of LMCache keys
+
+    def remove_sync(self, key: CacheEngineKey) -> bool:
+        return bool(self._safe("remove", lambda: any(self.client.delete_many(self._ids(key))),
+                               False))
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.shutdown(wait=True)
+        if self._owns_client:
+            release_client(self.client)
+        log.info("WQS LMCache connector %s closed: %s", self.plugin_name, self.stats)
+
+    def support_ping(self) -> bool:
+        return True
+
+    async def ping(self) -> int:
+        """0 while at least one node answers; 1 when none does."""
+        rtts = await self._run(lambda: self._safe("ping", self.client.ping, {}))
+        return 0 if any(v is not None for v in rtts.values()) else 1
+
+    # ---- RemoteConnector: batches ----------------------------------------------------
+
+    def support_batched_put(self) -> bool:
+        return True
+
+    async def batched_put(self, keys: List[CacheEngineKey], memory_objs: List[MemoryObj]) -> None:
+        await self._run(lambda: self._safe("batched put",
+                                           lambda: self._put_batch(keys, memory_objs), None))
+
+    def support_batched_get(self) -> bool:
+        return True
+
+    async def batched_get(self, keys: List[CacheEngineKey]) -> List[Optional[MemoryObj]]:
+        return await self._run(lambda: self._safe("batched get", lambda: self._get_batch(keys),
+                                                  [None] * len(keys)))
+
+    def support_batched_contains(self) -> bool:
+        return True
+
+    def batched_contains(self, keys: List[CacheEngineKey]) -> int:
+        return int(self._safe("lookup", lambda: self.client.lookup_prefix(
+            [self._ids(k)[0] for k in keys]), 0))
+
+    def support_batched_async_contains(self) -> bool:
+        return True
+
+    async def batched_async_contains(self, lookup_id: str, keys: List[CacheEngineKey],
+                                     pin: bool = False) -> int:
+        """How many leading keys are stored: one `lookup_prefix`, one round trip."""
+        return await self._run(lambda: self.batched_contains(keys))
+
+    def support_batched_get_non_blocking(self) -> bool:
+        return True
+
+    async def batched_get_non_blocking(self, lookup_id: str,
+                                       keys: List[CacheEngineKey]) -> List[MemoryObj]:
+        """The consecutive prefix of hits (what LMCache's async loader expects); objects
+        after the first miss are released."""
+        got = await self._run(lambda: self._safe("batched get", lambda: self._get_batch(keys),
+                                                 [None] * len(keys)))
+        prefix: List[MemoryObj] = []
+        for obj in got:
+            if obj is None:
+                break
+            prefix.append(obj)
+        for obj in got[len(prefix):]:
+            if obj is not None:
+                obj.ref_count_down()
+        return prefix
+
+    def __repr__(self) -> str:
+        return f"<WQSRemoteConnector {self.plugin_name} nodes={list(self.client.nodes)}>"
+
+
+__all__ = ["WQSConnectorAdapter", "WQSRemoteConnector", "key_block_ids", "META_MAGIC"]
