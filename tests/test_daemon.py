@@ -198,6 +198,33 @@ def test_many_threads_share_one_client(client):
     assert not errors
 
 
+def test_32_waiters_on_one_connection_all_get_their_own_answer(shared):
+    # One connection, 32 callers: they take turns reading the socket for each other
+    # (leader/follower), and each must get exactly its own block back, promptly.
+    with wqs.Client([shared.address], connections_per_node=1, timeout_s=10.0) as c:
+        values = {bid(50_000 + i): os.urandom(2000 + i) for i in range(64)}
+        assert all(c.put_many(list(values.items())))
+        errors = []
+        started = time.monotonic()
+
+        def worker(k: int) -> None:
+            try:
+                for r in range(30):
+                    b = bid(50_000 + (k * 7 + r) % 64)
+                    assert c.get(b) == values[b]
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors[:3]
+        assert c.failed_requests == 0
+        assert time.monotonic() - started < 30
+
+
 # --------------------------------------------------------------------------- restart
 
 

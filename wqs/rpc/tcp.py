@@ -65,9 +65,10 @@ class TcpTransport:
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._lock = threading.Lock()  # guards _pending, _closed and _reading
-        # Signalled when a response completes or the reader role becomes free.
-        self._cv = threading.Condition(self._lock)
         self._reading = False  # some waiting caller is reading the socket
+        # Waiters that are not reading, each woken alone: by its own response, or to
+        # take over the reading (a shared condition would wake all 32 at QD32).
+        self._followers: list[threading.Event] = []
         self._current: _Pending | None = None  # the payload frame being received
         self._send_lock = threading.Lock()
         self._closed = False
@@ -138,23 +139,40 @@ class TcpTransport:
     def wait(self, future: Future, deadline: float | None = None) -> p.Response:
         """The response of `future`, reading the socket ourselves if nobody else is."""
         end = time.monotonic() + self.timeout_s if deadline is None else deadline
+        wake = threading.Event()
+        future.add_done_callback(lambda _: wake.set())
         lead = False
-        with self._cv:
-            while not future.done() and not self._closed:
+        while True:
+            with self._lock:
+                if future.done() or self._closed:
+                    break
                 if not self._reading:
                     self._reading = lead = True
                     break
-                left = end - time.monotonic()
-                if left <= 0:
-                    break
-                self._cv.wait(left)
+                self._followers.append(wake)
+            left = end - time.monotonic()
+            woken = left > 0 and wake.wait(left)
+            with self._lock:
+                # Woken by our own answer we are still listed: a stale entry there
+                # would swallow the next hand-over of the reader role.
+                if wake in self._followers:
+                    self._followers.remove(wake)
+                wake.clear()
+            if not woken:
+                break
         if lead:
             try:
                 self._read_until(future, end)
             finally:
-                with self._cv:
+                with self._lock:
                     self._reading = False
-                    self._cv.notify_all()  # a follower takes over the reading
+        # Whoever leaves while nobody reads hands the role on (a woken successor may
+        # find its own answer already there and leave too).
+        with self._lock:
+            successor = self._followers.pop(0) if (self._followers and not self._reading) \
+                else None
+        if successor is not None:
+            successor.set()
         if not future.done():
             error = NodeUnavailable(f"{self.address}: no answer within {self.timeout_s}s")
             self._fail(error)
@@ -184,8 +202,10 @@ class TcpTransport:
         for entry in pending.values():
             if not entry.future.done():
                 entry.future.set_exception(error)
-        with self._cv:
-            self._cv.notify_all()
+        with self._lock:
+            followers, self._followers = self._followers, []
+        for wake in followers:
+            wake.set()
 
     # ---- the reader ------------------------------------------------------------------
 
@@ -264,9 +284,7 @@ class TcpTransport:
         if isinstance(result, Exception):
             entry.future.set_exception(result)
         else:
-            entry.future.set_result(result)
-        with self._cv:
-            self._cv.notify_all()  # its waiter may be a follower
+            entry.future.set_result(result)  # its done-callback wakes its waiter
 
     # ---- Transport -------------------------------------------------------------------
 
