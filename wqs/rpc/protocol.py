@@ -249,7 +249,7 @@ class LookupPrefixRequest(_IdsRequest):
 @dataclass(frozen=True)
 class GetItem:
     block_id: bytes
-    status: Status  # OK, NOT_FOUND or SERVER_ERROR
+    status: Status  # OK, NOT_FOUND, BUSY (did not fit this frame: ask again) or SERVER_ERROR
     payload: BytesLike | None = None  # present exactly when status is OK
 
 
