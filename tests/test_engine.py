@@ -396,3 +396,32 @@ def test_a_write_larger_than_the_device_can_hold_is_refused(open_engine, small_c
         engine.put(block_id(1), bytes(5 * MiB))
     engine.put(block_id(2), b"still works")
     assert engine.get(block_id(2)) == b"still works"
+
+
+def test_dram_tier_never_serves_an_overwritten_version(open_engine, small_config):
+    # A get reads v1 from the device slowly; meanwhile a put publishes v2. The get must
+    # not then put v1 into the DRAM tier over v2.
+    engine = open_engine(dataclasses.replace(small_config, dram_cache_bytes=4 * MiB))
+    key = block_id(1)
+    engine.put(key, b"v1" * 100)
+    engine.dram.clear()
+    read_into = engine.device.read_into
+    reading, release = threading.Event(), threading.Event()
+
+    def slow_read(offset, buf):
+        read_into(offset, buf)
+        reading.set()
+        release.wait(5)
+
+    engine.device.read_into = slow_read
+    got = []
+    reader = threading.Thread(target=lambda: got.append(engine.get(key)))
+    reader.start()
+    assert reading.wait(5)
+    engine.device.read_into = read_into
+    engine.put(key, b"v2" * 100)
+    release.set()
+    reader.join()
+    assert got == [b"v1" * 100]  # what it read was the newest when it looked
+    assert engine.get(key) == b"v2" * 100
+    assert engine.delete(key) and engine.get(key) is None

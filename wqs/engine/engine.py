@@ -216,22 +216,22 @@ class Engine:
             views.append((block_id, view))
         group_limit = max(1, self.sb.num_regions // 4) * (self.sb.region_size - UNIT)
         group: list[_Piece] = []
+        hot: dict[bytes, bytes] = {}
         group_bytes = group_puts = group_payload = 0
         for block_id, view in views:
             pieces = self._split(block_id, view)
             size = sum(fmt.entry_len(p.payload.nbytes) for p in pieces)
             if group and group_bytes + size > group_limit:
-                self._append(group, puts=group_puts, put_bytes=group_payload)
-                group, group_bytes, group_puts, group_payload = [], 0, 0, 0
+                self._append(group, puts=group_puts, put_bytes=group_payload, hot=hot)
+                group, hot, group_bytes, group_puts, group_payload = [], {}, 0, 0, 0
             group.extend(pieces)
+            if self.dram is not None:
+                hot[block_id] = view.tobytes()  # copied now: the caller may reuse its buffer
             group_bytes += size
             group_puts += 1
             group_payload += view.nbytes
         if group:
-            self._append(group, puts=group_puts, put_bytes=group_payload)
-        if self.dram is not None:
-            for block_id, view in views:
-                self.dram.put(block_id, view.tobytes())
+            self._append(group, puts=group_puts, put_bytes=group_payload, hot=hot)
 
     def get(self, block_id: bytes) -> bytes | None:
         """The block's bytes, or None on a miss (absent, evicted or failing its checksum)."""
@@ -241,15 +241,21 @@ class Engine:
             if value is not None:
                 self._count_hit(dram=True, nbytes=len(value))
                 return value
-        value = self._read_block(block_id)
-        if value is None:
+        found = self._read_block(block_id)
+        if found is None:
             with self._lock:
                 self.stats_counters.gets += 1
                 self.stats_counters.misses += 1
             return None
+        value, loc = found
         self._count_hit(dram=False, nbytes=len(value))
         if self.dram is not None:
-            self.dram.put(block_id, value)
+            with self._lock:
+                # Only if no newer write (or delete) of the block was published meanwhile:
+                # that writer fills the tier itself, and must not be overtaken.
+                current = self.index.get(block_tag(block_id))
+                if current is not None and current.loc == loc:
+                    self.dram.put(block_id, value)
         return value
 
     def get_into(self, block_id: bytes, out: Buffer) -> int | None:
@@ -295,16 +301,20 @@ class Engine:
 
     def delete(self, block_id: bytes) -> bool:
         """Remove a block; True if it was present. Durable: it stays deleted after a crash."""
+        hot = False
         if self.dram is not None:
+            hot = block_id in self.dram
             self.dram.remove(block_id)
         with self._lock:
             present = block_tag(block_id) in self.index
         if not present:
-            return False
+            return hot
         # The tombstone makes the delete survive a scan-based recovery.
         self._append([_Piece(block_id, memoryview(b""), flags=fmt.ENTRY_TOMBSTONE)])
         with self._lock:
             self.stats_counters.deletes += 1
+            if self.dram is not None:
+                self.dram.remove(block_id)  # again: a get may have refilled it meanwhile
         return True
 
     def evict_all(self) -> int:
@@ -387,7 +397,8 @@ class Engine:
                                  segment_index=k))
         return pieces
 
-    def _append(self, pieces: list[_Piece], puts: int = 0, put_bytes: int = 0) -> None:
+    def _append(self, pieces: list[_Piece], puts: int = 0, put_bytes: int = 0,
+                hot: dict[bytes, bytes] | None = None) -> None:
         """Reserve, write, publish: the engine lock is taken twice, never during IO."""
         need = sum(fmt.entry_len(p.payload.nbytes) for p in pieces)
         per_region = self.sb.region_size - UNIT
@@ -424,7 +435,11 @@ class Engine:
                     # segments are not indexed yet.
                     for i in sorted(range(len(pieces)),
                                     key=lambda i: pieces[i].flags != fmt.ENTRY_SEGMENT):
-                        self._publish(ids[i], pieces[i], slots[i])
+                        current = self._publish(ids[i], pieces[i], slots[i])
+                        # The DRAM tier follows the index: a block enters it only while
+                        # this write is the newest, under the same lock.
+                        if current and hot and ids[i] in hot:
+                            self.dram.put(ids[i], hot[ids[i]])
                     self.stats_counters.puts += puts
                     self.stats_counters.put_bytes += put_bytes
                 if self._waiting_idle:
@@ -465,17 +480,19 @@ class Engine:
                 pos += elen
             self.device.write(self.sb.region_offset(first.region) + first.offset, buf)
 
-    def _publish(self, entry_id: bytes, piece: _Piece, slot: _Slot) -> None:
+    def _publish(self, entry_id: bytes, piece: _Piece, slot: _Slot) -> bool:
+        """Point the index at a written entry unless a newer one is there; whether it did."""
         tag = block_tag(entry_id)
         loc = slot.region * self.units_per_region + slot.offset // UNIT
         current = self.index.get(tag)
         if current is not None and self._newer_than(current.loc, slot):
-            return  # a concurrent put of the same ID reserved later space: it wins
+            return False  # a concurrent put of the same ID reserved later space: it wins
         if piece.flags & fmt.ENTRY_TOMBSTONE:
             self.index.remove(tag)
         else:
             meta = META_HEAD if piece.flags & fmt.ENTRY_HEAD else 0
             self.index.put(tag, loc, piece.payload.nbytes, meta)
+        return True
 
     def _newer_than(self, loc: int, slot: _Slot) -> bool:
         region = loc // self.units_per_region
@@ -634,7 +651,8 @@ class Engine:
             self.regions.last_access[region] = self._tick()
             return found.loc, found.payload_len, int(self.regions.gen[region]), found.head
 
-    def _read_block(self, block_id: bytes) -> bytes | None:
+    def _read_block(self, block_id: bytes) -> tuple[bytes, int] | None:
+        """The block's bytes and the index location they were read from, or None."""
         found = self._lookup(block_id)
         if found is None:
             return None
@@ -644,7 +662,7 @@ class Engine:
             return None
         header, payload = entry
         if not is_head:
-            return payload
+            return payload, loc
         # A segmented block: the head holds segment 0 and the total length.
         parts = [payload]
         got = len(payload)
@@ -662,7 +680,7 @@ class Engine:
             k += 1
         if got != header.total_len:
             return None
-        return b"".join(parts)
+        return b"".join(parts), loc
 
     def _read_verified(self, entry_id: bytes, loc: int, plen: int,
                        gen: int) -> tuple[fmt.EntryHeader, bytes] | None:

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, List, Optional, Sequence
@@ -56,7 +55,6 @@ from lmcache.v1.protocol import RemoteMetadata
 from lmcache.v1.storage_backend.connector import ConnectorAdapter, ConnectorContext
 from lmcache.v1.storage_backend.connector.base_connector import RemoteConnector
 
-from wqs.errors import WQSError
 from wqs.integrations.common import acquire_client, cluster_spec, derive_id, release_client
 
 log = logging.getLogger("wqs.integrations.lmcache")

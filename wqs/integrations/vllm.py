@@ -32,8 +32,8 @@ default, ``fail``, fails such requests.
 
 Block IDs. A request's tokens are cut into vLLM blocks (``cache_config.block_size``
 tokens) and chained with `wqs.prefix_block_ids`, salted with the namespace built by
-`chain_namespace` (model id, block size, KV dtype, TP/PP sizes, LoRA, ``cache_salt``,
-multimodal inputs). So the IDs depend on tokens and those settings only, never on the
+`wqs.integrations.vllm_ids.chain_namespace` (model id, block size, KV dtype, TP/PP sizes,
+LoRA, ``cache_salt``, multimodal inputs). So the IDs depend on tokens and those settings only, never on the
 host, process or hash seed: a prefill instance writes the blocks a decode instance
 on another host reads (PD disaggregation through WQS). One chain position holds, per
 (PP rank, TP rank), one WQS block per attention layer -- that layer's slice of the vLLM
@@ -56,12 +56,10 @@ that is down makes lookups shorter, loads fail into `get_block_ids_with_load_err
 from __future__ import annotations
 
 import logging
-import struct
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -72,7 +70,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from wqs.ids import prefix_block_ids
-from wqs.integrations.common import acquire_client, cluster_spec, derive_id, release_client
+from wqs.integrations.common import acquire_client, cluster_spec, release_client
+from wqs.integrations.vllm_ids import (chain_namespace, layer_block_id, marker_block_id,
+                                       marker_bytes, rank_tag)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -86,51 +86,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("wqs.integrations.vllm")
 
 SUPPORTED_VLLM = "0.33.x (v1 KV connector API, 3-argument constructor)"
-MARKER_MAGIC = b"WQSVLLM\x01"
-_MARKER = struct.Struct("<8sIIQ")  # magic, num layers, reserved, bytes per layer block
-_LAYER_DOMAIN = b"wqs/vllm/layer/1\x00"
-_MARKER_DOMAIN = b"wqs/vllm/commit/1\x00"
 
 
-# --------------------------------------------------------------------------- IDs
+# --------------------------------------------------------------------------- helpers
 
 
 def _byte_view(t: torch.Tensor) -> Any:
     """A writable uint8 numpy view of a contiguous CPU tensor (any dtype, bf16 too)."""
     return t.reshape(-1).view(torch.uint8).numpy()
-
-
-
-def chain_namespace(model_id: str, block_size: int, kv_dtype: str, tp_size: int, pp_size: int,
-                    *, lora: str | None = None, cache_salt: str | None = None,
-                    mm_hashes: tuple[str, ...] = (), namespace: str = "") -> str:
-    """The `prefix_block_ids` namespace of one request: everything besides the tokens
-    that decides the bytes of its KV blocks, and nothing about the host."""
-    parts = [f"wqs-vllm/1", f"model={model_id}", f"block={block_size}", f"kv={kv_dtype}",
-             f"tp={tp_size}", f"pp={pp_size}"]
-    if lora:
-        parts.append(f"lora={lora}")
-    if cache_salt:
-        parts.append(f"salt={cache_salt}")
-    if mm_hashes:  # multimodal: the same placeholder tokens can stand for other images
-        parts.append("mm=" + ",".join(mm_hashes))
-    if namespace:
-        parts.append(f"ns={namespace}")
-    return "|".join(parts)
-
-
-def rank_tag(pp_rank: int, tp_rank: int) -> str:
-    return f"pp{pp_rank}/tp{tp_rank}"
-
-
-def layer_block_id(chain_id: bytes, rank: str, layer_name: str) -> bytes:
-    """The WQS block holding one layer's slice of one vLLM block, for one rank."""
-    return derive_id(_LAYER_DOMAIN, chain_id, rank, layer_name)
-
-
-def marker_block_id(chain_id: bytes, rank: str) -> bytes:
-    """The commit marker of one chain position for one rank (written last)."""
-    return derive_id(_MARKER_DOMAIN, chain_id, rank)
 
 
 # --------------------------------------------------------------------------- metadata
@@ -545,7 +508,7 @@ class WQSConnector(KVConnectorBase_V1):
                 for i, stored in enumerate(fut.result()):
                     ok[i] = ok[i] and stored
             per_block = max((kv[0].nbytes for kv in self._kv_caches.values()), default=0)
-            marker = _MARKER.pack(MARKER_MAGIC, len(futures), 0, per_block)
+            marker = marker_bytes(len(futures), per_block)
             items = [(marker_block_id(c, self._rank), marker)
                      for c, good in zip(chain, ok) if good]
             n_ok = sum(self.client.put_many(items)) if items else 0
@@ -571,5 +534,4 @@ class WQSConnector(KVConnectorBase_V1):
         log.info("WQSConnector %s closed: %s", self.role.name, self.stats)
 
 
-__all__ = ["WQSConnector", "WQSConnectorMetadata", "BlockSpec", "chain_namespace",
-           "layer_block_id", "marker_block_id", "rank_tag", "SUPPORTED_VLLM"]
+__all__ = ["WQSConnector", "WQSConnectorMetadata", "BlockSpec", "SUPPORTED_VLLM"]
