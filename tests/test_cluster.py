@@ -242,6 +242,26 @@ def test_slow_node_does_not_serialise_the_others(daemon_factory, hosts):
     client.close()
 
 
+def test_replicas_survive_a_killed_node(daemon_factory, hosts):
+    cluster = Cluster(daemon_factory, hosts).start()
+    client = cluster.client(replicas=2)
+    ids = ids_of(300, seed=12)
+    assert all(client.put_many([(b, b * 8) for b in ids]))
+    # Two copies on distinct nodes: 600 entries over the three nodes.
+    counts = [cluster.engine_stats(i)["index_entries"] for i in range(NODES)]
+    assert sum(counts) == 2 * len(ids)
+    for b in ids[:20]:
+        owners = client.ring.nodes_for(b, 2)
+        assert len(set(owners)) == 2
+    cluster.nodes[0].kill()
+    # Every block still has a live replica: reads fall through to it.
+    assert client.get_many(ids) == [b * 8 for b in ids]
+    assert client.exists_many(ids) == [True] * len(ids)
+    assert client.lookup_prefix(ids) == len(ids)
+    assert client.delete_many(ids[:10]) == [True] * 10
+    client.close()
+
+
 # ---- etcd membership ----------------------------------------------------------------
 
 

@@ -262,14 +262,29 @@ class Client:
         return results
 
     def exists_many(self, block_ids: Iterable[BlockIdLike]) -> list[bool]:
+        """Whether each block is stored; a block its owner lacks is asked of its replicas."""
         ids = [to_block_id(b) for b in block_ids]
         found = [False] * len(ids)
         ring = self.ring
-        plan = ring.group(ids) if ids and len(ring) else {}
-        for _, idx, result in self._fan_out(plan, lambda t, idx: t.exists_many([ids[i] for i in idx])):
-            if result is not None:
-                for i, hit in zip(idx, result):
-                    found[i] = hit
+        todo = list(range(len(ids))) if len(ring) else []
+        for attempt in range(self.config.replicas):
+            if attempt == 0:
+                plan = {n: [todo[k] for k in ks]
+                        for n, ks in ring.group([ids[i] for i in todo]).items()} if todo else {}
+            else:
+                plan = {}
+                for i in todo:
+                    owners = ring.nodes_for(ids[i], self.config.replicas)
+                    plan.setdefault(owners[attempt % len(owners)], []).append(i)
+            for _, idx, result in self._fan_out(
+                plan, lambda t, idx: t.exists_many([ids[i] for i in idx])
+            ):
+                if result is not None:
+                    for i, hit in zip(idx, result):
+                        found[i] = hit
+            todo = [i for i in todo if not found[i]]
+            if not todo:
+                break
         return found
 
     def delete_many(self, block_ids: Iterable[BlockIdLike]) -> list[bool]:
@@ -297,7 +312,8 @@ class Client:
         if not ids or not len(ring):
             return 0
         plan = ring.group(ids)
-        if len(plan) == 1:  # one node holds the whole chain: it counts in one request
+        if len(plan) == 1 and self.config.replicas == 1:
+            # One node holds the whole chain: it counts in one request.
             return self._fan_out(plan, lambda t, idx: t.lookup_prefix(ids))[0][2] or 0
         found = self.exists_many(ids)
         return next((i for i, hit in enumerate(found) if not hit), len(ids))

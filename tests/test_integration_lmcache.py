@@ -1,0 +1,336 @@
+"""The LMCache remote storage plugin against the real `lmcache` package and real daemons.
+
+Everything runs on the CPU: LMCache's own config objects (from the YAML the plugin's
+docstring documents), its metadata, its CPU memory allocator and objects, its
+RemoteBackend / ConnectorManager plugin loading, and a whole `LMCacheEngine`
+(store -> lookup -> retrieve) whose KV "GPU" is a CPU tensor. Skipped, with the reason,
+where `lmcache` (or torch) is not installed: see wqs/integrations/README.md for the
+install.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install torch==2.13.0)")
+pytest.importorskip("lmcache", reason="lmcache is not installed: see wqs/integrations/README.md "
+                    "for the CI install (pip install --no-deps lmcache==0.5.6 + its runtime deps)")
+
+from lmcache.utils import CacheEngineKey  # noqa: E402
+from lmcache.v1.cache_engine import LMCacheEngineBuilder  # noqa: E402
+from lmcache.v1.config import LMCacheEngineConfig  # noqa: E402
+from lmcache.v1.gpu_connector.gpu_connectors import GPUConnectorInterface  # noqa: E402
+from lmcache.v1.memory_management import MemoryFormat, MemoryObj  # noqa: E402
+from lmcache.v1.metadata import LMCacheMetadata  # noqa: E402
+from lmcache.v1.storage_backend.connector import CreateConnector  # noqa: E402
+from lmcache.v1.storage_backend.local_cpu_backend import LocalCPUBackend  # noqa: E402
+from lmcache.v1.storage_backend.remote_backend import RemoteBackend  # noqa: E402
+
+import wqs  # noqa: E402
+from tests.daemons import ROOT, daemon_factory  # noqa: E402,F401 (fixture import)
+from wqs.integrations.common import derive_id  # noqa: E402
+from wqs.integrations.lmcache import (META_MAGIC, WQSRemoteConnector,  # noqa: E402
+                                      key_block_ids)
+
+LAYERS, HEADS, HEAD_DIM, CHUNK = 4, 2, 64, 16
+KV_SHAPE = (LAYERS, 2, CHUNK, HEADS, HEAD_DIM)
+DTYPE = torch.bfloat16
+CHUNK_BYTES = 2 * LAYERS * CHUNK * HEADS * HEAD_DIM * 2  # 32 KiB
+
+YAML = """\
+chunk_size: {chunk}
+local_cpu: false
+max_local_cpu_size: 0.05
+remote_serde: naive
+save_unfull_chunk: true
+remote_storage_plugins: ["wqs"]
+extra_config:
+  remote_storage_plugin.wqs.module_path: wqs.integrations.lmcache
+  remote_storage_plugin.wqs.class_name: WQSConnectorAdapter
+  remote_storage_plugin.wqs.servers: "{servers}"
+  remote_storage_plugin.wqs.timeout_s: 1.0
+  remote_storage_plugin.wqs.namespace: "{namespace}"
+"""
+
+
+class CPUKVConnector(GPUConnectorInterface):
+    """LMCache's GPU-connector interface over a CPU tensor ``kvcaches`` of shape
+    [2, layers, tokens, heads*head_dim] (the chunk format KV_2LTD): copies, nothing else."""
+
+    def from_gpu(self, memory_obj, start, end, **kwargs):
+        memory_obj.tensor.copy_(kwargs["kvcaches"][:, :, start:end, :])
+
+    def to_gpu(self, memory_obj, start, end, **kwargs):
+        kwargs["kvcaches"][:, :, start:end, :] = memory_obj.tensor
+
+    def batched_from_gpu(self, memory_objs, starts, ends, **kwargs):
+        for obj, s, e in zip(memory_objs, starts, ends):
+            self.from_gpu(obj, s, e, **kwargs)
+
+    def batched_to_gpu(self, memory_objs, starts, ends, **kwargs):
+        for obj, s, e in zip(memory_objs, starts, ends):
+            self.to_gpu(obj, s, e, **kwargs)
+
+    def get_shape(self, num_tokens):
+        return torch.Size([2, LAYERS, num_tokens, HEADS * HEAD_DIM])
+
+
+def lmcache_config(tmp_path: Path, servers: list[str], namespace: str = "t") -> LMCacheEngineConfig:
+    """LMCache's own config, read by LMCache from the YAML a user writes."""
+    path = tmp_path / f"lmcache-{namespace}.yaml"
+    path.write_text(YAML.format(chunk=CHUNK, servers=",".join(servers), namespace=namespace))
+    return LMCacheEngineConfig.from_file(str(path))
+
+
+def lmcache_metadata() -> LMCacheMetadata:
+    return LMCacheMetadata(model_name="tiny-llama", world_size=1, local_world_size=1,
+                           worker_id=0, local_worker_id=0, kv_dtype=DTYPE, kv_shape=KV_SHAPE,
+                           chunk_size=CHUNK)
+
+
+_engines = iter(range(1_000_000))
+
+
+@pytest.fixture
+def engines():
+    """make(config) -> a post-initialised LMCacheEngine on the CPU; all destroyed after."""
+    made: list[str] = []
+
+    def make(config: LMCacheEngineConfig):
+        iid = f"wqs-test-{next(_engines)}"
+        config.lmcache_instance_id = iid
+        engine = LMCacheEngineBuilder.get_or_create(iid, config, lmcache_metadata(),
+                                                    CPUKVConnector(), None, None)
+        engine.post_init()
+        made.append(iid)
+        return engine
+
+    yield make
+    for iid in made:
+        LMCacheEngineBuilder.destroy(iid)
+
+
+@pytest.fixture
+def loop():
+    """An asyncio loop on its own thread, as LMCache runs its remote backends."""
+    lp = asyncio.new_event_loop()
+    t = threading.Thread(target=lp.run_forever, daemon=True)
+    t.start()
+    yield lp
+    lp.call_soon_threadsafe(lp.stop)
+    t.join(5)
+
+
+def remote_backend(config, loop):
+    """LMCache's RemoteBackend for plugin "wqs", over its real LocalCPUBackend."""
+    metadata = lmcache_metadata()
+    local = LocalCPUBackend(config, metadata, dst_device="cpu")
+    return RemoteBackend(config, metadata, loop, local, dst_device="cpu", plugin_name="wqs")
+
+
+def wqs_connector(backend: RemoteBackend) -> WQSRemoteConnector:
+    conn = backend.connection.getWrappedConnector()
+    assert isinstance(conn, WQSRemoteConnector)
+    return conn
+
+
+def key(i: int) -> CacheEngineKey:
+    return CacheEngineKey(model_name="tiny-llama", world_size=1, worker_id=0,
+                          chunk_hash=0x5EED0000 + i, dtype=DTYPE)
+
+
+def filled(backend: RemoteBackend, seed: int) -> MemoryObj:
+    metadata = lmcache_metadata()
+    obj = backend.local_cpu_backend.allocate(metadata.get_shapes(), metadata.get_dtypes(),
+                                             MemoryFormat.KV_2LTD)
+    g = torch.Generator().manual_seed(seed)
+    obj.tensor.copy_(torch.randn(obj.tensor.shape, generator=g).to(DTYPE))
+    return obj
+
+
+def run(loop, coro, timeout=20):
+    return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+
+def wait_until(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_key_to_block_ids_is_deterministic_across_processes():
+    k = key(1)
+    ids = key_block_ids(k.to_string(), "ns")
+    assert ids[0] != ids[1] and len(ids[0]) == 16
+    assert key_block_ids(k.to_string(), "other") != ids
+    code = ("from wqs.integrations.lmcache import key_block_ids;"
+            f"print(key_block_ids({k.to_string()!r}, 'ns')[0].hex())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True, env={"PYTHONPATH": str(ROOT),
+                                                     "PYTHONHASHSEED": "123"})
+    assert out.stdout.strip() == ids[0].hex()
+    # Frozen: changing the mapping orphans every chunk already stored.
+    assert key_block_ids("m@1@0@abc@bfloat16", "")[0] == \
+        derive_id(b"wqs/lmcache/data/1\x00", "", "m@1@0@abc@bfloat16")
+
+
+def test_lmcache_loads_the_plugin_from_its_yaml(tmp_path, daemon_factory, loop):
+    d = daemon_factory()
+    config = lmcache_config(tmp_path, [d.address])
+    assert config.remote_storage_plugins == ["wqs"]
+    conn = CreateConnector("plugin://wqs", loop, None, config, lmcache_metadata(),
+                           plugin_name="wqs")
+    inner = conn.getWrappedConnector()  # LMCache wraps every connector in its instrumentation
+    assert isinstance(inner, WQSRemoteConnector)
+    assert inner.client.nodes == (d.address,)
+    assert inner.full_chunk_size_bytes == CHUNK_BYTES
+    assert run(loop, conn.list()) == []
+    assert run(loop, conn.ping()) == 0
+    run(loop, conn.close())
+
+
+def test_engine_store_lookup_retrieve_through_wqs(tmp_path, daemon_factory, engines):
+    """LMCacheEngine A stores 100 tokens (6 full chunks + a partial one) into a 2-node
+    cluster; engine B, with an empty CPU tier and the servers in the other order,
+    looks them up and retrieves them bit-exact from WQS."""
+    nodes = [daemon_factory(), daemon_factory()]
+    servers = [n.address for n in nodes]
+    tokens = torch.arange(1000, 1100)
+    kv = torch.randn(2, LAYERS, len(tokens), HEADS * HEAD_DIM,
+                     generator=torch.Generator().manual_seed(7)).to(DTYPE)
+
+    a = engines(lmcache_config(tmp_path, servers, "e2e"))
+    a.store(tokens, kvcaches=kv)
+    b = engines(lmcache_config(tmp_path, servers[::-1], "e2e"))
+    wait_until(lambda: b.lookup(tokens) == len(tokens))  # puts are asynchronous in LMCache
+
+    out = torch.zeros_like(kv)
+    mask = b.retrieve(tokens, kvcaches=out)
+    assert int(mask.sum()) == len(tokens)
+    assert torch.equal(out, kv)
+
+    # The blocks are in WQS, under the documented IDs: data = the chunk's bytes,
+    # meta = the magic + LMCache's RemoteMetadata header.
+    client = wqs.Client(servers)
+    conn_ids = [key_block_ids(k.to_string(), "e2e")
+                for _, _, k in b.token_database.process_tokens(tokens)]
+    got = client.get_many([m for _, m in conn_ids])
+    assert all(g is not None and bytes(g[:len(META_MAGIC)]) == META_MAGIC for g in got)
+    sizes = [len(client.get(dd)) for dd, _ in conn_ids]
+    assert sizes == [CHUNK_BYTES] * 6 + [CHUNK_BYTES * 4 // CHUNK]
+    client.close()
+
+    # A different namespace sees none of it.
+    c = engines(lmcache_config(tmp_path, servers, "other"))
+    assert c.lookup(tokens) == 0
+
+
+def test_remote_backend_batched_fast_paths(tmp_path, daemon_factory, loop):
+    """batched put / contains / get_non_blocking as LMCache's RemoteBackend calls them."""
+    d = daemon_factory()
+    backend = remote_backend(lmcache_config(tmp_path, [d.address], "batch"), loop)
+    conn = wqs_connector(backend)
+    keys = [key(i) for i in range(8)]
+    objs = [filled(backend, i) for i in range(8)]
+    expect = [o.tensor.clone() for o in objs]
+    stored = [0, 1, 2, 3, 4, 6, 7]  # key 5 missing: the consecutive hits end at 5
+    backend.batched_submit_put_task([keys[i] for i in stored], [objs[i] for i in stored])
+    wait_until(lambda: not backend.put_tasks)
+    assert conn.stats["put_blocks"] == len(stored)
+
+    calls = []
+    real = conn.client.lookup_prefix
+    conn.client.lookup_prefix = lambda ids: calls.append(len(ids)) or real(ids)
+    assert run(loop, backend.batched_async_contains("l1", keys)) == 5
+    assert calls == [8]  # one lookup_prefix for the whole batch: one round trip
+    assert backend.batched_contains(keys) == 5
+    assert backend.contains(keys[6]) and not backend.contains(keys[5])
+
+    got = run(loop, backend.batched_get_non_blocking("l1", keys))
+    assert len(got) == 5
+    for obj, want in zip(got, expect):
+        assert torch.equal(obj.tensor, want)
+        obj.ref_count_down()
+
+    blocking = backend.batched_get_blocking(keys)
+    assert [o is not None for o in blocking] == [i in stored for i in range(8)]
+    assert torch.equal(blocking[7].tensor, expect[7])
+    single = backend.get_blocking(keys[3])
+    assert torch.equal(single.tensor, expect[3])
+
+    assert backend.remove(keys[0]) and not backend.contains(keys[0])
+    assert run(loop, backend.batched_async_contains("l2", keys)) == 0
+    backend.close()
+
+
+def test_partial_chunk_keeps_its_shape(tmp_path, daemon_factory, loop):
+    """A chunk shorter than chunk_size (save_unfull_chunk) comes back with its own
+    shape: the stored meta header carries it."""
+    d = daemon_factory()
+    backend = remote_backend(lmcache_config(tmp_path, [d.address], "partial"), loop)
+    metadata = lmcache_metadata()
+    obj = backend.local_cpu_backend.allocate(metadata.get_shapes(5), metadata.get_dtypes(),
+                                             MemoryFormat.KV_2LTD)
+    obj.tensor.copy_(torch.randn(obj.tensor.shape).to(DTYPE))
+    want = obj.tensor.clone()
+    backend.submit_put_task(key(99), obj).result(10)
+    got = backend.get_blocking(key(99))
+    assert tuple(got.tensor.shape) == (2, LAYERS, 5, HEADS * HEAD_DIM)
+    assert torch.equal(got.tensor, want)
+    backend.close()
+
+
+def test_a_dead_node_is_a_miss_not_an_error(tmp_path, daemon_factory, engines, loop):
+    """Kill one of three nodes: lookups end at the first chunk it held, retrieves return
+    that prefix, gets of its chunks are None, puts to it are dropped -- nothing raises,
+    and every call returns within the client timeout."""
+    nodes = [daemon_factory() for _ in range(3)]
+    servers = [n.address for n in nodes]
+    tokens = torch.arange(5000, 5000 + 12 * CHUNK)
+    kv = torch.randn(2, LAYERS, len(tokens), HEADS * HEAD_DIM,
+                     generator=torch.Generator().manual_seed(3)).to(DTYPE)
+    a = engines(lmcache_config(tmp_path, servers, "fail"))
+    a.store(tokens, kvcaches=kv)
+    wait_until(lambda: a.lookup(tokens) == len(tokens))
+
+    # Which chunk is the first on the node we kill?
+    keys = [k for _, _, k in a.token_database.process_tokens(tokens)]
+    ring = wqs.Client(servers)
+    owners = [ring.ring.nodes_for(key_block_ids(k.to_string(), "fail")[0], 1)[0] for k in keys]
+    ring.close()
+    victim = next((o for o in owners if o != owners[0]), owners[0])
+    first_lost = owners.index(victim)  # > 0 unless one node holds every chunk
+    next(n for n in nodes if n.address == victim).kill()
+
+    b = engines(lmcache_config(tmp_path, servers[::-1], "fail"))
+    started = time.monotonic()
+    hit = b.lookup(tokens)
+    assert hit == first_lost * CHUNK
+    out = torch.zeros_like(kv)
+    mask = b.retrieve(tokens, kvcaches=out)
+    n = int(mask.sum())
+    assert n == hit and torch.equal(out[:, :, :n], kv[:, :, :n])
+    assert time.monotonic() - started < 10
+
+    backend = remote_backend(lmcache_config(tmp_path, servers, "fail"), loop)
+    conn = wqs_connector(backend)
+    lost = [k for k, o in zip(keys, owners) if o == victim]
+    assert not backend.contains(lost[0])
+    assert backend.get_blocking(lost[0]) is None
+    assert run(loop, backend.batched_get_non_blocking("x", keys)) is not None
+    obj = filled(backend, 1)
+    backend.submit_put_task(lost[0], obj).result(10)  # dropped, logged, no raise
+    assert conn.stats["put_failed"] >= 1
+    assert run(loop, backend.connection.ping()) == 0  # two nodes still answer
+    backend.close()
