@@ -8,6 +8,7 @@ the same way: packets go unanswered.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -309,7 +310,7 @@ def _wait_for(predicate, timeout_s: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def test_etcd_join_and_leave(daemon_factory, hosts, etcd, tmp_path):
+def test_etcd_join_and_leave(daemon_factory, hosts, etcd, tmp_path, capsys):
     def node_config(i: int) -> dict:
         endpoint = f"{hosts.gateway_ip(i)}:{etcd}" if hosts is not None else f"127.0.0.1:{etcd}"
         return {"node_id": f"node{i}",  # one host name for all: the default would clash
@@ -337,6 +338,14 @@ def test_etcd_join_and_leave(daemon_factory, hosts, etcd, tmp_path):
 
         assert wqs_cli(["--servers", cluster.nodes[0].address, "stat", "--cluster",
                         "--json"]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        assert {r["address"] for r in rows} == set(cluster.addresses)
+        # A client config naming only etcd is enough for the CLI too.
+        config = tmp_path / "client.yaml"
+        config.write_text(f"etcd: {{endpoints: ['127.0.0.1:{etcd}'], prefix: /wqs/test/}}\n")
+        assert wqs_cli(["--config", str(config), "stat", "--json"]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        assert {r["address"] for r in rows} == set(cluster.addresses)
         # A clean stop leaves at once (lease revoked); a killed node when its lease ends.
         assert cluster.nodes[2].terminate() == 0
         _wait_for(lambda: len(client.nodes) == 2, 5, "the stopped node to leave")

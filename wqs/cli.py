@@ -234,10 +234,22 @@ class Context:
         cfg = load_client_config(path, overrides)
         if token is not None:  # the command line and the environment win over the file
             cfg = dataclasses.replace(cfg, auth_token=token, auth_token_file=None)
+        if not cfg.servers and cfg.etcd is not None:
+            cfg = dataclasses.replace(cfg, servers=self._servers_from_etcd(cfg))
         if not cfg.servers:
-            raise CLIError("no servers to talk to: the CLI does not discover nodes through "
-                           "etcd; pass --servers host:port[,host:port]")
+            raise CLIError("no servers to talk to: pass --servers host:port[,host:port] "
+                           "(or a config whose etcd has registered nodes)")
         return cfg
+
+    @staticmethod
+    def _servers_from_etcd(cfg: ClientConfig) -> list[str]:
+        from wqs.membership import EtcdClient, EtcdError, NodeRecord
+
+        try:
+            kvs, _ = EtcdClient(cfg.etcd).list_prefix()
+        except EtcdError as e:
+            raise CLIError(str(e)) from None
+        return sorted(NodeRecord.from_json(v).address for v in kvs.values())
 
     @property
     def servers(self) -> list[str]:
