@@ -21,8 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Sequence
 
 from wqs.config import ClientConfig, load_client_config
-from wqs.errors import (AuthError, BlockTooLarge, NodeUnavailable, ProtocolError, RemoteError,
-                        WQSError)
+from wqs.errors import AuthError, BlockTooLarge, NodeUnavailable, ProtocolError, RemoteError
 from wqs.ids import BlockIdLike, to_block_id
 from wqs.ring import HashRing
 from wqs.rpc import protocol as p
@@ -131,7 +130,10 @@ class Client:
         self.config = config
         self._nodes: dict[str, _Node] = {}
         self._nodes_lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(16, thread_name_prefix="wqs-client")
+        # Two pools: node calls of one fan-out never wait behind *_async callers that
+        # are themselves waiting for node calls (which could deadlock one pool).
+        self._fanout_pool = ThreadPoolExecutor(16, thread_name_prefix="wqs-fanout")
+        self._executor = ThreadPoolExecutor(16, thread_name_prefix="wqs-async")
         self._failures = itertools.count()
         self.failed_requests = 0  # requests that met a down or failing node
         self._watcher = None
@@ -148,6 +150,9 @@ class Client:
                 if address not in self._nodes:
                     self._nodes[address] = _Node(address, self.config)
             self.ring = HashRing(weights)
+            gone = [a for a in self._nodes if a not in weights]
+            for address in gone:  # left the cluster: drop its connections
+                self._nodes.pop(address).close()
         log.info("ring: %d nodes", len(weights))
 
     def _watch_etcd(self, config: ClientConfig) -> None:
@@ -172,6 +177,7 @@ class Client:
         for node in list(self._nodes.values()):
             node.close()
         self._executor.shutdown(wait=False)
+        self._fanout_pool.shutdown(wait=False)
 
     def __enter__(self) -> "Client":
         return self
@@ -347,15 +353,19 @@ class Client:
         """
         if not plan:
             return []
-        if len(plan) == 1:
-            node, idx = next(iter(plan.items()))
-            return [(node, idx, self._call_node(node, idx, call))]
-        futures = {node: self._executor.submit(self._call_node, node, idx, call)
-                   for node, idx in plan.items()}
-        return [(node, plan[node], fut.result()) for node, fut in futures.items()]
+        items = list(plan.items())
+        # Every node but the first on the pool, the first on this thread meanwhile.
+        futures = [(node, idx, self._fanout_pool.submit(self._call_node, node, idx, call))
+                   for node, idx in items[1:]]
+        node, idx = items[0]
+        results = [(node, idx, self._call_node(node, idx, call))]
+        return results + [(node, idx, fut.result()) for node, idx, fut in futures]
 
     def _call_node(self, address: str, idx: list[int], call) -> Any:
-        node = self._nodes[address]
+        node = self._nodes.get(address)
+        if node is None:  # left the cluster since the plan was made
+            self.failed_requests = next(self._failures) + 1
+            return None
         try:
             result = call(node.transport(), idx)
             node.mark_up()
@@ -367,10 +377,6 @@ class Client:
             else:
                 log.warning("request to %s failed: %s", address, e)
             return None
-        except BlockTooLarge:
-            raise
-        except WQSError:
-            raise
 
 
 class AsyncClient:
