@@ -51,7 +51,10 @@ class BufferPool:
             self._free.setdefault(c, []).append(buf)
             self.cached_bytes += c
             return
-        buf.close()
+        try:
+            buf.close()
+        except BufferError:
+            pass  # a view of it is still alive somewhere; the GC unmaps it later
 
     @contextmanager
     def borrow(self, nbytes: int) -> Iterator[memoryview]:
