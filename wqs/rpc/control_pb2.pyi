@@ -30,7 +30,7 @@ class GetChallengeResponse(_message.Message):
     server_nonce: bytes
     ttl_seconds: float
     auth_required: bool
-    def __init__(self, server_nonce: _Optional[bytes] = ..., ttl_seconds: _Optional[float] = ..., auth_required: _Optional[bool] = ...) -> None: ...
+    def __init__(self, server_nonce: _Optional[bytes] = ..., ttl_seconds: _Optional[float] = ..., auth_required: bool = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()
@@ -154,7 +154,7 @@ class DrainResponse(_message.Message):
     elapsed_seconds: float
     status: ServingStatus
     message: str
-    def __init__(self, drained: _Optional[bool] = ..., inflight_remaining: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., status: _Optional[_Union[ServingStatus, str]] = ..., message: _Optional[str] = ...) -> None: ...
+    def __init__(self, drained: bool = ..., inflight_remaining: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., status: _Optional[_Union[ServingStatus, str]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class EvictAllRequest(_message.Message):
     __slots__ = ()

@@ -5,7 +5,7 @@ import warnings
 
 from wqs.rpc import control_pb2 as wqs_dot_rpc_dot_control__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.74.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in wqs/rpc/control_pb2_grpc.py depends on'
+        + f' but the generated code in wqs/rpc/control_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class ControlStub:
+class ControlStub(object):
     """Administration of one WQS daemon. Every RPC but GetChallenge needs the wqs-auth proof
     when the daemon has a token (see the top of this file).
     """
@@ -73,7 +73,7 @@ class ControlStub:
                 _registered_method=True)
 
 
-class ControlServicer:
+class ControlServicer(object):
     """Administration of one WQS daemon. Every RPC but GetChallenge needs the wqs-auth proof
     when the daemon has a token (see the top of this file).
     """
@@ -173,7 +173,7 @@ def add_ControlServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Control:
+class Control(object):
     """Administration of one WQS daemon. Every RPC but GetChallenge needs the wqs-auth proof
     when the daemon has a token (see the top of this file).
     """
