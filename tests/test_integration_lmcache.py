@@ -35,7 +35,6 @@ from lmcache.v1.storage_backend.remote_backend import RemoteBackend  # noqa: E40
 
 import wqs  # noqa: E402
 from tests.daemons import ROOT, daemon_factory  # noqa: E402,F401 (fixture import)
-from wqs.integrations.common import derive_id  # noqa: E402
 from wqs.integrations.lmcache import (META_MAGIC, WQSRemoteConnector,  # noqa: E402
                                       key_block_ids)
 
@@ -252,10 +251,11 @@ def test_remote_backend_batched_fast_paths(tmp_path, daemon_factory, loop):
     assert conn.stats["put_blocks"] == len(stored)
 
     calls = []
-    real = conn.client.lookup_prefix
-    conn.client.lookup_prefix = lambda ids: calls.append(len(ids)) or real(ids)
+    real = conn.client.exists_many
+    conn.client.exists_many = lambda ids: calls.append(len(ids)) or real(ids)
     assert run(loop, backend.batched_async_contains("l1", keys)) == 5
-    assert calls == [8]  # one lookup_prefix for the whole batch: one round trip
+    assert calls == [16]  # one call (one parallel round trip) for both blocks of 8 keys
+    conn.client.exists_many = real
     assert backend.batched_contains(keys) == 5
     assert backend.contains(keys[6]) and not backend.contains(keys[5])
 
@@ -310,13 +310,15 @@ def test_a_dead_node_is_a_miss_not_an_error(tmp_path, daemon_factory, engines, l
     a.store(tokens, kvcaches=kv)
     wait_until(lambda: a.lookup(tokens) == len(tokens))
 
-    # Which chunk is the first on the node we kill?
+    # Kill a node that holds neither block of chunk 0; a chunk is lost when either of
+    # its blocks (data, meta) was there.
     keys = [k for _, _, k in a.token_database.process_tokens(tokens)]
-    ring = wqs.Client(servers)
-    owners = [ring.ring.nodes_for(key_block_ids(k.to_string(), "fail")[0], 1)[0] for k in keys]
-    ring.close()
-    victim = next((o for o in owners if o != owners[0]), owners[0])
-    first_lost = owners.index(victim)  # > 0 unless one node holds every chunk
+    with wqs.Client(servers) as placement:
+        ring = placement.ring
+    homes = [{ring.nodes_for(b, 1)[0] for b in key_block_ids(k.to_string(), "fail")}
+             for k in keys]
+    victim = next(n for n in servers if n not in homes[0])
+    first_lost = next((i for i, h in enumerate(homes) if victim in h), len(keys))
     next(n for n in nodes if n.address == victim).kill()
 
     b = engines(lmcache_config(tmp_path, servers[::-1], "fail"))
@@ -331,7 +333,7 @@ def test_a_dead_node_is_a_miss_not_an_error(tmp_path, daemon_factory, engines, l
 
     backend = remote_backend(lmcache_config(tmp_path, servers, "fail"), loop)
     conn = wqs_connector(backend)
-    lost = [k for k, o in zip(keys, owners) if o == victim]
+    lost = [k for k, h in zip(keys, homes) if victim in h]
     assert not backend.contains(lost[0])
     assert backend.get_blocking(lost[0]) is None
     prefix = run(loop, backend.batched_get_non_blocking("x", keys))

@@ -31,9 +31,13 @@ every process and host computes the same IDs (see `key_block_ids`):
   front of its data. It tells a full chunk from a partial one (``save_unfull_chunk``).
 
 Both are written by one ``put_many`` and read by one ``get_many`` (one parallel round
-trip); the data block is received straight into the memory object LMCache allocated,
-so a load copies nothing in Python. Existence and prefix lookups ask about data blocks
-only (``batched_async_contains`` is one ``lookup_prefix``).
+trip); the data block is received straight into the memory object LMCache allocated, so
+a load copies nothing in Python (one block holding header and data would cost a 32 MiB
+memcpy per chunk on each side: the SDK cannot split one block between two buffers).
+Existence checks and ``batched_async_contains`` ask about both blocks of every key in
+one ``exists_many`` (one parallel round trip), so a hit means both can be read. The
+price: with ``replicas: 1`` a chunk depends on two nodes, so a dead node turns about
+twice its share of chunks into misses (``replicas: 2`` in the client config avoids it).
 
 Failures. A node that is down or slow makes its blocks misses (``exists`` False, ``get``
 None, the consecutive-hit count ends there), and a put it cannot take is logged and
@@ -257,11 +261,20 @@ class WQSRemoteConnector(RemoteConnector):
 
     # ---- RemoteConnector: single keys -----------------------------------------------
 
+    def _stored_prefix(self, keys: Sequence[CacheEngineKey]) -> int:
+        """How many leading keys have both blocks stored: one exists_many."""
+        if not keys:
+            return 0
+        ids = [self._ids(k) for k in keys]
+        found = self.client.exists_many([d for d, _ in ids] + [m for _, m in ids])
+        n = len(keys)
+        return next((i for i in range(n) if not (found[i] and found[n + i])), n)
+
     async def exists(self, key: CacheEngineKey) -> bool:
         return await self._run(lambda: self.exists_sync(key))
 
     def exists_sync(self, key: CacheEngineKey) -> bool:
-        return bool(self._safe("exists", lambda: self.client.exists(self._ids(key)[0]), False))
+        return bool(self._safe("exists", lambda: self._stored_prefix([key]) == 1, False))
 
     async def get(self, key: CacheEngineKey) -> Optional[MemoryObj]:
         return (await self._run(lambda: self._safe("get", lambda: self._get_batch([key]),
@@ -316,15 +329,14 @@ class WQSRemoteConnector(RemoteConnector):
         return True
 
     def batched_contains(self, keys: List[CacheEngineKey]) -> int:
-        return int(self._safe("lookup", lambda: self.client.lookup_prefix(
-            [self._ids(k)[0] for k in keys]), 0))
+        return int(self._safe("lookup", lambda: self._stored_prefix(keys), 0))
 
     def support_batched_async_contains(self) -> bool:
         return True
 
     async def batched_async_contains(self, lookup_id: str, keys: List[CacheEngineKey],
                                      pin: bool = False) -> int:
-        """How many leading keys are stored: one `lookup_prefix`, one round trip."""
+        """How many leading keys are stored: one `exists_many`, one round trip."""
         return await self._run(lambda: self.batched_contains(keys))
 
     def support_batched_get_non_blocking(self) -> bool:

@@ -344,6 +344,13 @@ class WQSConnector(KVConnectorBase_V1):
     # ==================================================================================
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        num_blocks = getattr(self._kv_cache_config, "num_blocks", None)
+        for name, kv in kv_caches.items():
+            if kv.dim() != 4 or (num_blocks is not None and kv.shape[0] != num_blocks):
+                raise ValueError(
+                    f"WQSConnector needs vLLM's standardized per-layer KV view "
+                    f"[num_blocks, H, N, C] (vLLM {SUPPORTED_VLLM}); layer {name} is "
+                    f"{tuple(kv.shape)} with {num_blocks} blocks")
         self._kv_caches = dict(kv_caches)
         tp = pp = 0
         try:
