@@ -27,4 +27,31 @@ fi
 .venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet -e ".[test]"
 
-exec .venv/bin/python -m pytest -q "$@"
+# The LMCache and vLLM integration tests need those packages, whose pins conflict with
+# the main environment's, so they get their own (wqs/integrations/README.md). Set
+# WQS_SKIP_INTEGRATION=1 to leave them out.
+integration=()
+if [ $# -eq 0 ] && [ -z "${WQS_SKIP_INTEGRATION:-}" ]; then
+    if ! .venv-integ/bin/python -c "import lmcache, vllm, torch" >/dev/null 2>&1; then
+        echo "test.sh: building .venv-integ (torch CPU, lmcache, vllm)..."
+        if ! { python3 -m venv .venv-integ \
+               && .venv-integ/bin/pip install --quiet --upgrade pip \
+               && .venv-integ/bin/pip install --quiet -r wqs/integrations/ci-requirements.txt \
+               && .venv-integ/bin/pip install --quiet --no-deps lmcache==0.5.6 vllm==0.33.0 \
+                      xgrammar==0.2.8; }; then
+            echo "test.sh: WARNING: the integration environment could not be installed;" \
+                 "the LMCache and vLLM tests will be reported as skipped" >&2
+        fi
+    fi
+    if .venv-integ/bin/python -c "import lmcache, vllm, torch" >/dev/null 2>&1; then
+        integration=(tests/test_integration_lmcache.py tests/test_integration_vllm.py)
+    fi
+fi
+
+status=0
+.venv/bin/python -m pytest -q "$@" || status=$?
+if [ ${#integration[@]} -gt 0 ]; then
+    echo "test.sh: LMCache and vLLM integration tests (.venv-integ)"
+    .venv-integ/bin/python -m pytest -q -p no:cacheprovider "${integration[@]}" || status=$?
+fi
+exit $status

@@ -38,7 +38,10 @@ def _buffer(data: Any) -> Any:
     if hasattr(data, "detach") and hasattr(data, "numpy"):  # a torch tensor, on the CPU
         if getattr(data, "device", None) is not None and str(data.device) != "cpu":
             raise TypeError(f"tensor on {data.device}: copy it to the CPU first")
-        data = data.detach().contiguous().numpy()
+        # As raw bytes: numpy has no bfloat16 or float8, the dtypes KV caches use.
+        import torch
+
+        data = data.detach().contiguous().view(-1).view(torch.uint8).numpy()
     view = memoryview(data)
     if not view.c_contiguous:
         raise TypeError("block buffers must be C-contiguous")

@@ -204,8 +204,15 @@ class WQSRemoteConnector(RemoteConnector):
                         md.length, md.fmt, md.dtypes)
             return None
         if n == self.full_chunk_size_bytes:
-            return memory_obj
-        return self.reshape_partial_chunk(memory_obj, n)
+            expect = [tuple(x) for x in self.meta_shapes]
+        else:
+            memory_obj = self.reshape_partial_chunk(memory_obj, n)
+            expect = [tuple(memory_obj.meta.shape)] if len(md.shapes) == 1 else None
+        if expect is not None and [tuple(x) for x in md.shapes] != expect:
+            log.warning("WQS chunk of shape %s where this engine expects %s; a miss",
+                        md.shapes, expect)
+            return None
+        return memory_obj
 
     def _get_batch(self, keys: Sequence[CacheEngineKey]) -> list[Optional[MemoryObj]]:
         """Allocate, fetch every key's two blocks in one get_many, check; per key the

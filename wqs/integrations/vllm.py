@@ -33,13 +33,14 @@ default, ``fail``, fails such requests.
 Block IDs. A request's tokens are cut into vLLM blocks (``cache_config.block_size``
 tokens) and chained with `wqs.prefix_block_ids`, salted with the namespace built by
 `wqs.integrations.vllm_ids.chain_namespace` (model id, block size, KV dtype, TP/PP sizes,
-LoRA, ``cache_salt``, multimodal inputs). So the IDs depend on tokens and those settings only, never on the
-host, process or hash seed: a prefill instance writes the blocks a decode instance
-on another host reads (PD disaggregation through WQS). One chain position holds, per
-(PP rank, TP rank), one WQS block per attention layer -- that layer's slice of the vLLM
-block, ``kv_layer[block_id]``, byte for byte -- and one small commit marker written
-after all the layers' blocks were acknowledged. The scheduler counts leading chain
-positions whose markers exist (one `lookup_prefix` round trip with TP = PP = 1).
+LoRA, ``cache_salt``, multimodal inputs). So the IDs depend on tokens and those
+settings only, never on the host, process or hash seed: a prefill instance writes the
+blocks a decode instance on another host reads (PD disaggregation through WQS). One
+chain position holds, per (PP rank, TP rank), one WQS block per attention layer -- that
+layer's slice of the vLLM block, ``kv_layer[block_id]`` in its logical [H, N, C] order
+-- and one small commit marker written after all the layers' blocks were acknowledged.
+The scheduler counts leading chain positions whose markers exist (one `lookup_prefix`
+round trip with TP = PP = 1).
 
 What runs where. Scheduler side: `get_num_new_matched_tokens` (the lookup),
 `update_state_after_alloc` (the load plan), `build_connector_meta` (loads and saves of
@@ -176,6 +177,7 @@ class WQSConnector(KVConnectorBase_V1):
         self._stats_lock = threading.Lock()
 
         # scheduler side
+        self._namespaces: dict[str, str] = {}  # from the Request: NewRequestData has no salt
         self._lookups: dict[str, tuple[int, list[bytes]]] = {}
         self._pending_loads: dict[str, BlockSpec] = {}
         self._trackers: dict[str, _Tracker] = {}
@@ -224,6 +226,15 @@ class WQSConnector(KVConnectorBase_V1):
     # scheduler side
     # ==================================================================================
 
+    def on_new_request(self, request: "Request") -> None:
+        self._namespaces[request.request_id] = self._request_namespace(request)
+
+    def _namespace_of(self, request: "Request") -> str:
+        ns = self._namespaces.get(request.request_id)
+        if ns is None:
+            ns = self._namespaces[request.request_id] = self._request_namespace(request)
+        return ns
+
     def get_num_new_matched_tokens(self, request: "Request",
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
         """Tokens beyond `num_computed_tokens` whose KV WQS holds: one lookup of the
@@ -238,7 +249,7 @@ class WQSConnector(KVConnectorBase_V1):
         if start >= n_full:
             return 0, False
         try:
-            chain = prefix_block_ids(tokens[: n_full * b], b, self._request_namespace(request))
+            chain = prefix_block_ids(tokens[: n_full * b], b, self._namespace_of(request))
             ranks = self._all_ranks()
             if len(ranks) == 1:
                 hits = self.client.lookup_prefix(
@@ -265,6 +276,7 @@ class WQSConnector(KVConnectorBase_V1):
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int) -> None:
+        self._namespace_of(request)  # saves need it; build_connector_meta sees no Request
         if num_external_tokens <= 0:
             return
         found = self._lookups.pop(request.request_id, None)
@@ -294,8 +306,11 @@ class WQSConnector(KVConnectorBase_V1):
         for new in scheduler_output.scheduled_new_reqs:
             tokens = list(new.prompt_token_ids or [])
             skip = max(new.num_computed_tokens // b, self._skip_saves.pop(new.req_id, 0))
-            tracker = _Tracker(tokens, self._request_namespace(new), list(new.block_ids[0]),
-                               saved=skip)
+            namespace = self._namespaces.get(new.req_id)
+            if namespace is None:  # never saw its Request, so not its cache_salt: skip it
+                log.warning("WQS: no namespace for request %s; its KV is not saved", new.req_id)
+                continue
+            tracker = _Tracker(tokens, namespace, list(new.block_ids[0]), saved=skip)
             self._trackers[new.req_id] = tracker
             self._plan_saves(meta, new.req_id, tracker, new.num_computed_tokens + sched.get(
                 new.req_id, 0))
@@ -316,6 +331,7 @@ class WQSConnector(KVConnectorBase_V1):
                              cached.num_computed_tokens[i] + sched.get(req_id, 0))
         for req_id in scheduler_output.finished_req_ids:
             self._trackers.pop(req_id, None)
+            self._namespaces.pop(req_id, None)
         self._skip_saves.clear()
         return meta
 
@@ -334,9 +350,8 @@ class WQSConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: "Request",
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        self._trackers.pop(request.request_id, None)
-        self._lookups.pop(request.request_id, None)
-        self._pending_loads.pop(request.request_id, None)
+        for table in (self._trackers, self._lookups, self._pending_loads, self._namespaces):
+            table.pop(request.request_id, None)
         return False, None  # saves copy their blocks out: vLLM may free them now
 
     # ==================================================================================
