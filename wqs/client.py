@@ -375,7 +375,9 @@ class Client:
             return result
         except (NodeUnavailable, RemoteError, ConnectionError, OSError) as e:
             self.failed_requests = next(self._failures) + 1
-            if isinstance(e, NodeUnavailable) and not isinstance(e, NodeDown):
+            if isinstance(e, NodeDown):
+                log.debug("skipping %s: %s", address, e)  # mark_down already warned once
+            elif isinstance(e, NodeUnavailable):
                 node.mark_down(str(e))
             else:
                 log.warning("request to %s failed: %s", address, e)
