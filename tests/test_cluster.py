@@ -27,7 +27,7 @@ from tests.netns import NetnsHosts, netns_unavailable
 from wqs.rpc.control import ControlClient
 
 TIMEOUT_S = 1.5  # the client's bound on every call in these tests
-DEVICE_SIZE = "256M"
+DEVICE_SIZE = "64M"  # per daemon; the spread test needs more (100k blocks of one unit)
 NODES = 3
 
 
@@ -46,19 +46,21 @@ def hosts():
 
 
 class Cluster:
-    def __init__(self, factory, hosts: NetnsHosts | None, config: dict | None = None) -> None:
+    def __init__(self, factory, hosts: NetnsHosts | None, config: dict | None = None,
+                 device_size: str = DEVICE_SIZE) -> None:
         self.factory = factory
         self.hosts = hosts
         self.config = config
+        self.device_size = device_size
         self.nodes: list[DaemonProcess] = []
 
     def start_node(self, i: int, config: dict | None = None) -> DaemonProcess:
         cfg = config if config is not None else self.config
         if self.hosts is not None:
             d = self.factory(port=7070, host=self.hosts.host_ip(i), netns=self.hosts.ns(i),
-                             name=f"node{i}", config=cfg, device_size=DEVICE_SIZE)
+                             name=f"node{i}", config=cfg, device_size=self.device_size)
         else:
-            d = self.factory(name=f"node{i}", config=cfg, device_size=DEVICE_SIZE)
+            d = self.factory(name=f"node{i}", config=cfg, device_size=self.device_size)
         self.nodes.append(d)
         return d
 
@@ -99,7 +101,7 @@ def ids_of(n: int, seed: int = 0) -> list[bytes]:
 
 
 def test_even_spread_and_balanced_fan_out(daemon_factory, hosts):
-    cluster = Cluster(daemon_factory, hosts).start()
+    cluster = Cluster(daemon_factory, hosts, device_size="256M").start()
     client = cluster.client()
     ids = ids_of(100_000)
     for k in range(0, len(ids), 4096):
@@ -128,7 +130,7 @@ def test_weighted_ring_follows_weights(daemon_factory, hosts):
     cluster = Cluster(daemon_factory, hosts).start()
     weights = {cluster.addresses[0]: 2.0}
     client = cluster.client(weights=weights)
-    ids = ids_of(30_000, seed=3)
+    ids = ids_of(6_000, seed=3)
     for k in range(0, len(ids), 4096):
         assert all(client.put_many([(b, b"x") for b in ids[k : k + 4096]]))
     counts = [cluster.engine_stats(i)["index_entries"] for i in range(NODES)]
