@@ -1,13 +1,17 @@
-"""RDMA probing: a machine without RDMA says why, and the daemon serves TCP."""
+"""RDMA probing: the daemon says which transport it serves and why, never silently."""
 
+from tests.daemons import daemon_factory  # noqa: F401 (fixture)
 from wqs.rdma import probe
 
 
 def test_probe_explains_itself():
     result = probe()
-    assert isinstance(result.available, bool)
     assert result.reason
-    if not result.available:
-        assert result.devices == []
-    else:
-        assert result.devices
+    assert bool(result.devices) == result.available
+
+
+def test_daemon_states_its_transport_and_why(daemon_factory):  # noqa: F811
+    d = daemon_factory()
+    reason = probe().reason
+    assert f"data-plane transport: tcp (RDMA transport not built yet; {reason})" in \
+        d.stderr_text()
