@@ -13,13 +13,9 @@ stopped and removed at the end.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import random
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,50 +26,9 @@ from rich.console import Console
 from rich.table import Table
 
 import wqs
+from bench.procs import Daemon
 from wqs.config import parse_size
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_base_port() -> int:
-    for _ in range(200):
-        base = random.randrange(20000, 30000)
-        ok = True
-        for p in range(base, base + 3):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-        if ok:
-            return base
-    raise RuntimeError("no free ports")
-
-
-def _start(tmp: Path, i: int) -> tuple[subprocess.Popen, str]:
-    port = _free_base_port()
-    data = tmp / f"node{i}"
-    data.mkdir()
-    (data / "wqsd.yaml").write_text("engine:\n  dram_cache_bytes: 0\nmetrics_listen: off\n")
-    cmd = [sys.executable, "-m", "wqs.daemon", "--listen", f"127.0.0.1:{port}",
-           "--data-dir", str(data), "--device-size", "1G", "--config", str(data / "wqsd.yaml"),
-           "--log-level", "warning"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with wqs.Client([address], timeout_s=1.0) as c:
-                if c.ping()[address] is not None:
-                    return proc, address
-        except wqs.WQSError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"wqsd exited: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("wqsd did not start")
 
 
 def measure(addresses: list[str], bs: int, blocks: int, threads: int, batch: int,
@@ -116,30 +71,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--runtime", type=float, default=5.0)
     args = ap.parse_args(argv)
-    logging.getLogger("wqs.client").setLevel(logging.ERROR)  # start-up probes are noisy
     counts = [int(n) for n in args.nodes.split(",")]
     bs = parse_size(args.bs)
     tmp = Path(tempfile.mkdtemp(prefix="wqs-scaling-", dir="/var/tmp"))
-    procs: list[subprocess.Popen] = []
+    daemons: list[Daemon] = []
     results: list[tuple[int, float]] = []
     try:
-        addresses: list[str] = []
         for n in counts:
-            while len(addresses) < n:
-                proc, address = _start(tmp, len(addresses))
-                procs.append(proc)
-                addresses.append(address)
-            results.append((n, measure(addresses[:n], bs, args.blocks, args.threads,
+            while len(daemons) < n:  # DRAM tier off: every get reads the device
+                daemons.append(Daemon(str(tmp / f"node{len(daemons)}"), device_size="1G"))
+            addresses = [d.address for d in daemons[:n]]
+            results.append((n, measure(addresses, bs, args.blocks, args.threads,
                                        args.batch, args.runtime)))
             print(f"{n} node(s): {results[-1][1]:.0f} MiB/s", file=sys.stderr)
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        for d in daemons:
+            d.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     table = Table(title=f"aggregate get throughput, {args.bs} blocks, {args.threads} client "
                         f"threads x get_many({args.batch}), {os.cpu_count()} CPUs")

@@ -17,6 +17,7 @@ from typing import Iterator
 import pytest
 
 from wqs import cli
+from tests.daemons import DaemonProcess, start_daemon
 from wqs.cli import main, parse_block_id
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,26 +25,6 @@ MiB = 1024 * 1024
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_base_port() -> int:
-    """A port P with P, P+1 (control) and P+2 (metrics) all free on 127.0.0.1."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 2 <= 65535 and all(_port_free(port + i) for i in range(3)):
-            return port
-    raise RuntimeError("no three consecutive free ports")
 
 
 def closed_port() -> int:
@@ -60,63 +41,20 @@ def _env() -> dict[str, str]:
     return env
 
 
-class Wqsd:
-    """One wqsd subprocess on a free port."""
-
-    def __init__(self, data_dir: Path, auth_token: str | None = None) -> None:
-        self.port = free_base_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.log_path = data_dir / "wqsd.log"
-        extra = []
-        if auth_token is not None:  # wqsd takes a token from its config file only
-            config = data_dir / "wqsd.yaml"
-            config.write_text(f"auth_token: {auth_token}\n")
-            extra = ["--config", str(config)]
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "wqs.daemon", "--listen", self.address,
-             "--data-dir", str(data_dir), "--device-size", "64M", *extra],
-            stdout=self._log, stderr=subprocess.STDOUT, env=_env(), cwd=str(ROOT))
-        try:
-            self._wait_ready(20.0)
-        except Exception:
-            self.stop()
-            raise
-
-    def _wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        # The data plane starts last (after control and metrics), so once it accepts
-        # connections the whole daemon is up.
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"wqsd exited with {self.proc.returncode}:\n"
-                                   f"{self.log_path.read_text(errors='replace')}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"wqsd did not listen on {self.address} within {timeout_s:.0f} s:\n"
-                           f"{self.log_path.read_text(errors='replace')}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
+def start_wqsd(data_dir: Path, auth_token: str | None = None) -> DaemonProcess:
+    """wqsd on free ports (tests.daemons), blind to a token in the test's environment."""
+    env = {k: v for k, v in os.environ.items() if k != "WQS_AUTH_TOKEN"}
+    config = {"auth_token": auth_token} if auth_token is not None else None
+    return start_daemon(data_dir, config=config, env=env)
 
 
 @pytest.fixture(scope="module")
-def wqsd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Wqsd]:
-    daemon = Wqsd(tmp_path_factory.mktemp("wqsd"))
+def wqsd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    daemon = start_wqsd(tmp_path_factory.mktemp("wqsd"))
     try:
         yield daemon
     finally:
-        daemon.stop()
+        daemon.cleanup()
 
 
 @pytest.fixture(autouse=True)
@@ -302,7 +240,7 @@ def test_format_size_mismatch_on_existing_file(tmp_path: Path,
 # --------------------------------------------------------------------------- data plane
 
 
-def test_put_get_exists_delete_round_trip(wqsd: Wqsd, tmp_path: Path,
+def test_put_get_exists_delete_round_trip(wqsd: DaemonProcess, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     srv = ["--servers", wqsd.address]
     src = tmp_path / "block.bin"
@@ -338,7 +276,7 @@ def test_put_get_exists_delete_round_trip(wqsd: Wqsd, tmp_path: Path,
     assert "not found" in capsys.readouterr().err
 
 
-def test_get_miss_exit_code(wqsd: Wqsd, tmp_path: Path,
+def test_get_miss_exit_code(wqsd: DaemonProcess, tmp_path: Path,
                             capsys: pytest.CaptureFixture[str]) -> None:
     target = tmp_path / "miss.bin"
     assert main(["--servers", wqsd.address, "get", "987654321", "-o", str(target)]) == 1
@@ -348,7 +286,7 @@ def test_get_miss_exit_code(wqsd: Wqsd, tmp_path: Path,
     assert not target.exists()
 
 
-def test_get_to_stdout_is_binary(wqsd: Wqsd, tmp_path: Path,
+def test_get_to_stdout_is_binary(wqsd: DaemonProcess, tmp_path: Path,
                                  capsysbinary: pytest.CaptureFixture[bytes]) -> None:
     payload = bytes(range(256)) * 17
     (tmp_path / "b").write_bytes(payload)
@@ -358,7 +296,7 @@ def test_get_to_stdout_is_binary(wqsd: Wqsd, tmp_path: Path,
     assert capsysbinary.readouterr().out == payload
 
 
-def test_subprocess_put_stdin_and_get_stdout(wqsd: Wqsd) -> None:
+def test_subprocess_put_stdin_and_get_stdout(wqsd: DaemonProcess) -> None:
     payload = os.urandom(70_000)
     block = "2ee69744743d87e98383d8fc652dba7f"
     put = run_cli("--servers", wqsd.address, "put", block, "-", stdin=payload)
@@ -371,7 +309,7 @@ def test_subprocess_put_stdin_and_get_stdout(wqsd: Wqsd) -> None:
     assert miss.returncode == 1 and b"not found" in miss.stderr and miss.stdout == b""
 
 
-def test_config_file_and_token(wqsd: Wqsd, tmp_path: Path,
+def test_config_file_and_token(wqsd: DaemonProcess, tmp_path: Path,
                                capsys: pytest.CaptureFixture[str],
                                monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tmp_path / "client.yaml"
@@ -394,7 +332,7 @@ def test_config_file_and_token(wqsd: Wqsd, tmp_path: Path,
 
 def test_auth_token_reaches_both_planes(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    daemon = Wqsd(tmp_path, auth_token="hunter2")
+    daemon = start_wqsd(tmp_path, auth_token="hunter2")
     try:
         srv = ["--servers", daemon.address]
         (tmp_path / "b").write_bytes(b"secret block")
@@ -414,13 +352,13 @@ def test_auth_token_reaches_both_planes(tmp_path: Path, capsys: pytest.CaptureFi
         assert "auth failed" in captured.out
         assert "token" in captured.err and captured.err.count("\n") == 1
     finally:
-        daemon.stop()
+        daemon.cleanup()
 
 
 # --------------------------------------------------------------------------- stat, ping
 
 
-def test_stat_table_and_json(wqsd: Wqsd, tmp_path: Path,
+def test_stat_table_and_json(wqsd: DaemonProcess, tmp_path: Path,
                              capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "b").write_bytes(b"x" * 5000)
     assert main(["--servers", wqsd.address, "put", "0xabc", str(tmp_path / "b")]) == 0
@@ -445,7 +383,7 @@ def test_stat_table_and_json(wqsd: Wqsd, tmp_path: Path,
     assert engine["checksum_failures"] == 0
 
 
-def test_stat_with_one_node_down(wqsd: Wqsd, capsys: pytest.CaptureFixture[str]) -> None:
+def test_stat_with_one_node_down(wqsd: DaemonProcess, capsys: pytest.CaptureFixture[str]) -> None:
     down = f"127.0.0.1:{closed_port()}"
     assert main(["stat", "--servers", f"{wqsd.address},{down}"]) == 1
     captured = capsys.readouterr()
@@ -454,7 +392,7 @@ def test_stat_with_one_node_down(wqsd: Wqsd, capsys: pytest.CaptureFixture[str])
     assert captured.err.count("\n") == 1
 
 
-def test_ping(wqsd: Wqsd, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ping(wqsd: DaemonProcess, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ping", "--servers", wqsd.address, "-c", "2", "-i", "0"]) == 0
     out = capsys.readouterr().out
     assert wqsd.address in out and "serving" in out and "2/2" in out
@@ -464,7 +402,7 @@ def test_ping(wqsd: Wqsd, capsys: pytest.CaptureFixture[str]) -> None:
     assert 0 < row["rtt_min_s"] < 1
 
 
-def test_control_servers_override(wqsd: Wqsd, capsys: pytest.CaptureFixture[str]) -> None:
+def test_control_servers_override(wqsd: DaemonProcess, capsys: pytest.CaptureFixture[str]) -> None:
     wrong = f"127.0.0.1:{closed_port()}"
     assert main(["ping", "--servers", wqsd.address, "--control-servers", wrong]) == 1
     assert "control plane" in capsys.readouterr().err

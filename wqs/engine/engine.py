@@ -22,6 +22,7 @@ import threading
 import time
 import uuid as uuidlib
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -34,7 +35,7 @@ from wqs.engine.index import META_HEAD, META_HIT, META_LEN_MASK, Index, block_ta
 from wqs.engine.stats import EngineStats
 from wqs.errors import BlockTooLarge, DeviceError, FormatError
 from wqs.nvme.buffers import BufferPool
-from wqs.nvme.device import BlockDevice
+from wqs.nvme.device import BlockDevice, aligned_buffer
 
 log = logging.getLogger("wqs.engine")
 
@@ -80,14 +81,13 @@ def check_formattable(device: BlockDevice, force: bool) -> None:
     """Refuse a device that carries a filesystem, a partition table or a WQS format."""
     if force:
         return
-    with BufferPool(0).borrow(fmt.SUPERBLOCK_SIZE) as view:
-        device.read_into(0, view)
-        sb = fmt.unpack_superblock(view)
-        if sb is not None or fmt.has_superblock_magic(view):
-            ident = sb.uuid_str() if sb else "damaged superblock"
-            raise FormatError(
-                f"{device.path} already holds a WQS device ({ident}); pass force to reformat"
-            )
+    view = _read_unit(device, 0)
+    sb = fmt.unpack_superblock(view)
+    if sb is not None or fmt.has_superblock_magic(view):
+        ident = sb.uuid_str() if sb else "damaged superblock"
+        raise FormatError(
+            f"{device.path} already holds a WQS device ({ident}); pass force to reformat"
+        )
     # libblkid knows every filesystem and partition-table signature; ask it rather than
     # keep our own list. blkid -p exits 2 when it finds nothing.
     try:
@@ -154,9 +154,7 @@ class Engine:
     @classmethod
     def open(cls, device: BlockDevice, config: EngineConfig) -> "Engine":
         """Open a formatted device, recovering its index from the checkpoint or a scan."""
-        with BufferPool(0).borrow(fmt.SUPERBLOCK_SIZE) as view:
-            device.read_into(0, view)
-            sb = fmt.unpack_superblock(view)
+        sb = fmt.unpack_superblock(_read_unit(device, 0))
         if sb is None:
             raise FormatError(f"{device.path} is not a WQS device (no valid superblock); "
                               "run `wqs format` first")
@@ -288,16 +286,15 @@ class Engine:
             return block_tag(block_id) in self.index
 
     def exists_many(self, block_ids: Iterable[bytes]) -> list[bool]:
-        return [self.exists(b) for b in block_ids]
+        ids = list(block_ids)
+        hot = [self.dram is not None and b in self.dram for b in ids]
+        with self._lock:  # once for the batch, not once per ID
+            return [h or block_tag(b) in self.index for b, h in zip(ids, hot)]
 
     def lookup_prefix(self, block_ids: Iterable[bytes]) -> int:
         """How many leading block IDs are present (prefix-cache hit length, in blocks)."""
-        n = 0
-        for b in block_ids:
-            if not self.exists(b):
-                break
-            n += 1
-        return n
+        found = self.exists_many(block_ids)
+        return next((i for i, hit in enumerate(found) if not hit), len(found))
 
     def delete(self, block_id: bytes) -> bool:
         """Remove a block; True if it was present. Durable: it stays deleted after a crash."""
@@ -720,7 +717,7 @@ class Engine:
             self._scan()
         self.stats_counters.recovered_blocks = self.index.count
         # From here on the checkpoint is stale: a crash must lead to a scan.
-        self.sb = _replace_sb(self.sb, flags=self.sb.flags & ~fmt.SB_CLEAN, checkpoint_seq=0)
+        self.sb = dataclasses.replace(self.sb, flags=self.sb.flags & ~fmt.SB_CLEAN, checkpoint_seq=0)
         _write_padded(self.device, 0, fmt.pack_superblock(self.sb))
         self.device.flush()
         log.info("recovered %d blocks from %s in %.2fs (uuid %s)", self.index.count, how,
@@ -737,7 +734,7 @@ class Engine:
         )
         _write_padded(self.device, self.sb.meta_offset, fmt.pack_checkpoint_header(header) + body)
         self.device.flush()
-        self.sb = _replace_sb(self.sb, flags=self.sb.flags | fmt.SB_CLEAN,
+        self.sb = dataclasses.replace(self.sb, flags=self.sb.flags | fmt.SB_CLEAN,
                               checkpoint_seq=self._seq)
         _write_padded(self.device, 0, fmt.pack_superblock(self.sb))
         self.device.flush()
@@ -907,18 +904,17 @@ def _contiguous_runs(pieces: list[_Piece],
     return runs
 
 
+def _read_unit(device: BlockDevice, offset: int) -> memoryview:
+    """One UNIT of the device (superblock, headers), outside the hot path."""
+    buf = memoryview(aligned_buffer(UNIT))
+    device.read_into(offset, buf)
+    return buf
+
+
 def _write_padded(device: BlockDevice, offset: int, data: bytes) -> None:
-    pool = BufferPool(0)
-    with pool.borrow(fmt.round_up(len(data), UNIT)) as view:
-        view[: len(data)] = data
-        view[len(data) :] = bytes(len(view) - len(data))
-        device.write(offset, view)
-
-
-def _replace_sb(sb: fmt.Superblock, **changes: int) -> fmt.Superblock:
-    from dataclasses import replace
-
-    return replace(sb, **changes)
+    buf = memoryview(aligned_buffer(fmt.round_up(len(data), UNIT)))
+    buf[: len(data)] = data  # the rest is already zero
+    device.write(offset, buf)
 
 
 def open_or_create(path: str, size: int, config: EngineConfig) -> Engine:

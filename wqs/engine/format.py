@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import xxhash
 
+from wqs.nvme.device import round_up  # noqa: F401 - also part of this module's vocabulary
+
 FORMAT_VERSION = 1
 
 # The engine's allocation unit: every entry starts on, and is padded to, this boundary.
@@ -47,10 +49,6 @@ assert ENTRY_HEADER_SIZE == 64
 def checksum(data: bytes | memoryview) -> int:
     """The checksum used everywhere on the device: xxh3-64, seed 0."""
     return xxhash.xxh3_64_intdigest(data)
-
-
-def round_up(n: int, align: int) -> int:
-    return (n + align - 1) // align * align
 
 
 @dataclass(frozen=True)

@@ -158,15 +158,6 @@ class DataServer:
         self._accept_thread.start()
         log.info("data plane listening on %s", self.address)
 
-    @property
-    def inflight(self) -> int:
-        return self._inflight
-
-    @property
-    def connection_count(self) -> int:
-        with self._lock:
-            return len(self._connections)
-
     def drain(self, timeout_s: float) -> tuple[bool, int]:
         """Refuse new requests (BUSY) and wait for those in flight; (drained, remaining)."""
         deadline = time.monotonic() + timeout_s
@@ -178,10 +169,6 @@ class DataServer:
                     break
                 self._idle.wait(left)
             return self._inflight == 0, self._inflight
-
-    def resume(self) -> None:
-        with self._lock:
-            self._draining = False
 
     def stop(self) -> None:
         """Stop accepting, close every connection, finish queued requests."""
