@@ -128,14 +128,15 @@ def test_even_spread_and_balanced_fan_out(daemon_factory, hosts):
 
 def test_weighted_ring_follows_weights(daemon_factory, hosts):
     cluster = Cluster(daemon_factory, hosts).start()
-    weights = {cluster.addresses[0]: 2.0}
+    # In any unit, e.g. capacity in bytes: an 8 TB node beside two 4 TB ones.
+    weights = dict(zip(cluster.addresses, (8e12, 4e12, 4e12)))
     client = cluster.client(weights=weights)
     ids = ids_of(6_000, seed=3)
     for k in range(0, len(ids), 4096):
         assert all(client.put_many([(b, b"x") for b in ids[k : k + 4096]]))
     counts = [cluster.engine_stats(i)["index_entries"] for i in range(NODES)]
     share = counts[0] / sum(counts)
-    assert abs(share - 0.5) < 0.05, counts  # weight 2 of 4
+    assert abs(share - 0.5) < 0.05, counts  # 8 of 16
     client.close()
 
 
@@ -331,7 +332,10 @@ def test_etcd_join_and_leave(daemon_factory, hosts, etcd, tmp_path, capsys):
         _wait_for(lambda: len(client.nodes) == 3, 10, "the third node to join")
         ids = ids_of(3000, seed=11)
         assert all(client.put_many([(b, b"v") for b in ids]))
-        assert all(cluster.engine_stats(i)["index_entries"] > 600 for i in range(3))
+        counts = [cluster.engine_stats(i)["index_entries"] for i in range(3)]
+        assert all(c > 600 for c in counts), (
+            f"blocks per node {counts}; ring {client.ring!r} with vnodes "
+            f"{[client.ring.vnodes(a) for a in client.nodes]}")
         # The cluster map (and `wqs stat --cluster`) lists every registered node.
         with ControlClient(cluster.nodes[0].control_address) as cc:
             mapped = {row["address"] for row in cc.cluster_map()}

@@ -3,7 +3,7 @@ import pytest
 import xxhash
 
 from wqs.errors import NodeUnavailable, WQSError
-from wqs.ring import HashRing, key_of
+from wqs.ring import MAX_VNODES_PER_NODE, HashRing, key_of, weight_unit_for
 
 N_IDS = 100_000
 
@@ -51,6 +51,43 @@ def test_weight_unit_scales_capacities(ids):
     assert by_bytes.assign(ids[:2000]) == HashRing(nodes(3)).assign(ids[:2000])
     with pytest.raises(ValueError, match="weight_unit"):
         HashRing({"a:1": 4 * tib})  # bytes without a unit: millions of vnodes
+
+
+def test_weight_unit_for_capacities_in_any_unit(ids):
+    mib, tib = 2**20, 2**40
+    # Small test nodes and large NVMe nodes both get a well-spread ring, never an error.
+    for capacity in (64 * mib, 3 * tib, 0.25):
+        weights = {n: capacity for n in nodes(3)}
+        ring = HashRing(weights, weight_unit=weight_unit_for(weights.values()))
+        assert all(512 <= ring.vnodes(n) < 1024 for n in ring.nodes)
+        for share in shares(ring, ids).values():
+            assert abs(share - 1 / 3) < 0.1 / 3
+    # Proportional across sizes, whatever the unit.
+    mixed = dict(zip(nodes(3), (1 * tib, 1 * tib, 4 * tib)))
+    ring = HashRing(mixed, weight_unit=weight_unit_for(mixed.values()))
+    a, _, c = nodes(3)
+    assert ring.vnodes(c) == 4 * ring.vnodes(a)
+    assert 0.6 < shares(ring, ids)[c] < 0.73  # 4/6 of the blocks
+    # A pure function of the set: the order a client learnt the nodes in does not matter.
+    assert weight_unit_for([3.0, 1.5, 70.0]) == weight_unit_for([70.0, 3.0, 1.5]) == 1.0
+
+
+def test_weight_unit_for_extreme_spread_stays_within_vnode_limit():
+    weights = {"small:1": 1.0, "huge:1": 1e6}
+    ring = HashRing(weights, weight_unit=weight_unit_for(weights.values()))
+    assert ring.vnodes("huge:1") <= MAX_VNODES_PER_NODE and ring.vnodes("small:1") == 1
+    with pytest.raises(ValueError, match="positive"):
+        weight_unit_for([1.0, 0.0])
+
+
+def test_adding_a_node_keeps_the_unit_and_moves_keys_only_to_it(ids):
+    tib = 2**40
+    before = {n: 2 * tib for n in nodes(3)}
+    after = dict(before, **{nodes(1, start=3)[0]: 3 * tib})
+    assert weight_unit_for(before.values()) == weight_unit_for(after.values())
+    old = HashRing(before, weight_unit=weight_unit_for(before.values())).assign(ids[:20000])
+    new = HashRing(after, weight_unit=weight_unit_for(after.values())).assign(ids[:20000])
+    assert all(o == n or n == nodes(1, start=3)[0] for o, n in zip(old, new))
 
 
 def test_lookup_paths_agree(ids):

@@ -23,14 +23,13 @@ from typing import Any, Iterable, Sequence
 from wqs.config import ClientConfig, load_client_config
 from wqs.errors import AuthError, BlockTooLarge, NodeUnavailable, ProtocolError, RemoteError
 from wqs.ids import BlockIdLike, to_block_id
-from wqs.ring import HashRing
+from wqs.ring import HashRing, weight_unit_for
 from wqs.rpc import protocol as p
 from wqs.rpc.tcp import TcpTransport
 
 log = logging.getLogger("wqs.client")
 
 RETRY_INTERVAL_S = 1.0
-GIB = 1 << 30
 
 
 def _buffer(data: Any) -> Any:
@@ -152,7 +151,7 @@ class Client:
             for address in weights:
                 if address not in self._nodes:
                     self._nodes[address] = _Node(address, self.config)
-            self.ring = HashRing(weights)
+            self.ring = HashRing(weights, weight_unit=weight_unit_for(weights.values()))
             gone = [a for a in self._nodes if a not in weights]
             for address in gone:  # left the cluster: drop its connections
                 self._nodes.pop(address).close()
@@ -162,8 +161,8 @@ class Client:
         from wqs.membership import EtcdClient, MembershipWatcher
 
         def on_change(nodes: dict) -> None:
-            # Weight = capacity in GiB: every client derives the same ring from etcd.
-            self._set_members({a: max(r.capacity_bytes / GIB, 1e-3) for a, r in nodes.items()})
+            # Weight = capacity: every client derives the same ring from etcd.
+            self._set_members({a: max(r.capacity_bytes, 1) for a, r in nodes.items()})
 
         self._watcher = MembershipWatcher(EtcdClient(config.etcd), on_change)
         self._watcher.start()

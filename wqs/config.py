@@ -341,7 +341,8 @@ class ClientConfig:
     """The client library: which nodes, how to talk to them."""
 
     servers: list[str] = field(default_factory=list)  # host:port of each data plane
-    # Relative share of the blocks per server (e.g. its capacity in GiB); default 1 each.
+    # Relative share of the blocks per server, in any unit (e.g. capacity in bytes); an
+    # unlisted server weighs 1, so list every server when the unit is not 1.
     # Every client of a cluster must use the same weights, or they disagree on placement.
     weights: dict[str, float] | None = None
     auth_token: str | None = field(default=None, repr=False)

@@ -13,7 +13,9 @@ asking anyone. Layout (part of the contract between clients):
 Vnode counts are an absolute function of the weight (not normalised by the current
 total): adding a node therefore moves keys only to it, and removing one moves only its
 keys. Express weights so a typical node is ~1.0 (e.g. capacity in TiB with
-``weight_unit=1``, or pass capacity in bytes with ``weight_unit=<typical capacity>``).
+``weight_unit=1``, or pass capacity in bytes with ``weight_unit=<typical capacity>``);
+`weight_unit_for` picks such a unit from the weights themselves, the same on every
+client.
 """
 
 from __future__ import annotations
@@ -30,6 +32,30 @@ from wqs.errors import NodeUnavailable
 # its fair share; at 512 about 1 in 100. The cost is 8 KiB of points per node.
 DEFAULT_VNODES = 512
 MAX_VNODES_PER_NODE = 1 << 16  # bounds memory when a weight is given in the wrong unit
+
+
+def weight_unit_for(weights: Iterable[float],
+                    vnodes_per_unit_weight: int = DEFAULT_VNODES) -> float:
+    """A weight unit that suits these node weights, in whatever unit they come.
+
+    The power of two at or below the smallest weight, so the smallest node gets
+    between one and two units' worth of vnodes (512-1023 by default) whether weights are
+    bytes, GiB or shares; doubled where needed so the largest node stays within
+    MAX_VNODES_PER_NODE (nodes over ~128x the smallest then cost the small ones spread,
+    never an error). A pure function of the set of weights: every client derives the
+    same ring. It changes, and with it most vnode counts, only when a node joins below
+    the smallest node's power-of-two bracket (or the last node of that bracket leaves).
+    """
+    values = [float(w) for w in weights]
+    if not values:
+        return 1.0
+    smallest, largest = min(values), max(values)
+    if not (smallest > 0 and math.isfinite(largest)):
+        raise ValueError(f"weights must be positive numbers, got {values}")
+    unit = 2.0 ** math.floor(math.log2(smallest))
+    while vnodes_per_unit_weight * largest / unit > MAX_VNODES_PER_NODE:
+        unit *= 2
+    return unit
 
 
 def key_of(block_id: bytes) -> int:
