@@ -1,8 +1,10 @@
 """The storage engine: KV blocks appended into fixed-size regions of a raw device.
 
 Write path: a put reserves space at the head of the open region under the lock, then
-writes header and payload with one O_DIRECT write outside the lock, then publishes the
-new location in the index. When no region is free, the oldest sealed region (FIFO) or
+writes header and payload with O_DIRECT writes outside the lock, then publishes the
+new location in the index. Concurrent puts are group-committed, as LevelDB's writer
+queue does: they queue, and the thread at the front writes the whole queue as one
+reservation and a few large writes while the others sleep until theirs is done. When no region is free, the oldest sealed region (FIFO) or
 the least recently read one (LRU) is reclaimed whole, after its recently read blocks
 have been copied forward (reinsertion).
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 import subprocess
 import threading
 import time
@@ -44,6 +47,14 @@ FREE, OPEN, SEALED = 0, 1, 2
 MIN_REGIONS = 3  # one open, one being reclaimed, one sealed
 MIN_REGION_SIZE = 1024 * 1024
 REINSERT_FRACTION = 0.5  # at most this share of a new region is filled by reinsertion
+# Group commit: how many groups may be written at once (so one group's copies overlap
+# another's IO), and the most bytes one group takes from the queue.
+MAX_COMMITTERS = 2
+COMMIT_GROUP_BYTES = 4 * 1024 * 1024
+# A run of entries is written in chunks of at most this many bytes, WRITE_PARALLELISM
+# at a time: one large write at a time leaves a device's queue mostly idle.
+WRITE_CHUNK = 512 * 1024
+WRITE_PARALLELISM = 4
 
 Buffer = bytes | bytearray | memoryview
 _ZEROS = memoryview(bytes(UNIT))  # padding source: an entry pads less than one unit
@@ -68,6 +79,19 @@ class _Slot:
     offset: int  # within the region
     gen: int
     seq: int
+
+
+@dataclass(eq=False)
+class _PendingWrite:
+    """Pieces of one put_many group waiting in the commit queue, and how it ended."""
+
+    pieces: list[_Piece]
+    nbytes: int  # on the device
+    puts: int
+    put_bytes: int
+    hot: dict[bytes, bytes]
+    done: bool = False
+    error: BaseException | None = None
 
 
 def _as_view(data: Buffer) -> memoryview:
@@ -182,6 +206,11 @@ class Engine:
         self.dram: DramTier | None = make_dram_tier(config.dram_cache_bytes, config.dram_policy)
         self.buffers = BufferPool()
         self.io_pool = ThreadPoolExecutor(max(1, config.io_threads), thread_name_prefix="wqs-io")
+        # Separate from io_pool: a write never waits behind reads it could be starving.
+        self._write_pool = ThreadPoolExecutor(WRITE_PARALLELISM, thread_name_prefix="wqs-write")
+        self._commit = threading.Condition(threading.Lock())
+        self._commit_queue: deque[_PendingWrite] = deque()
+        self._committers = 0
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # signalled when in-flight writes end
         self._seq = 1
@@ -220,7 +249,8 @@ class Engine:
             pieces = self._split(block_id, view)
             size = sum(fmt.entry_len(p.payload.nbytes) for p in pieces)
             if group and group_bytes + size > group_limit:
-                self._append(group, puts=group_puts, put_bytes=group_payload, hot=hot)
+                self._group_commit(_PendingWrite(group, group_bytes, group_puts, group_payload,
+                                                 hot))
                 group, hot, group_bytes, group_puts, group_payload = [], {}, 0, 0, 0
             group.extend(pieces)
             if self.dram is not None:
@@ -229,7 +259,7 @@ class Engine:
             group_puts += 1
             group_payload += view.nbytes
         if group:
-            self._append(group, puts=group_puts, put_bytes=group_payload, hot=hot)
+            self._group_commit(_PendingWrite(group, group_bytes, group_puts, group_payload, hot))
 
     def get(self, block_id: bytes) -> bytes | None:
         """The block's bytes, or None on a miss (absent, evicted or failing its checksum)."""
@@ -372,6 +402,7 @@ class Engine:
                 self._active = -1
             self._write_checkpoint()
         self.io_pool.shutdown(wait=True)
+        self._write_pool.shutdown(wait=True)
         self.device.close()
 
     def __enter__(self) -> "Engine":
@@ -393,6 +424,47 @@ class Engine:
             pieces.append(_Piece(block_id, view[k * m : (k + 1) * m], fmt.ENTRY_SEGMENT,
                                  segment_index=k))
         return pieces
+
+    def _group_commit(self, write: _PendingWrite) -> None:
+        """Queue a write and return once it is on the device (or raise why not).
+
+        Up to MAX_COMMITTERS waiting threads at a time take the queue's front, up to
+        COMMIT_GROUP_BYTES (at least one write), and append it as one batch; the group's
+        other threads sleep meanwhile. A failure fails every write of its group, none of
+        which was published.
+        """
+        with self._commit:
+            self._commit_queue.append(write)
+            while True:
+                while not write.done and not (self._commit_queue
+                                              and self._committers < MAX_COMMITTERS):
+                    self._commit.wait()
+                if write.done:
+                    break
+                group = [self._commit_queue.popleft()]
+                nbytes = group[0].nbytes
+                while (self._commit_queue
+                       and nbytes + self._commit_queue[0].nbytes <= COMMIT_GROUP_BYTES):
+                    nbytes += self._commit_queue[0].nbytes
+                    group.append(self._commit_queue.popleft())
+                self._committers += 1
+                self._commit.release()
+                error: BaseException | None = None
+                try:
+                    self._append([p for w in group for p in w.pieces],
+                                 puts=sum(w.puts for w in group),
+                                 put_bytes=sum(w.put_bytes for w in group),
+                                 hot={k: v for w in group for k, v in w.hot.items()})
+                except BaseException as e:  # handed to every writer of the group
+                    error = e
+                finally:
+                    self._commit.acquire()
+                self._committers -= 1
+                for w in group:
+                    w.done, w.error = True, error
+                self._commit.notify_all()
+        if write.error is not None:
+            raise write.error
 
     def _append(self, pieces: list[_Piece], puts: int = 0, put_bytes: int = 0,
                 hot: dict[bytes, bytes] | None = None) -> None:
@@ -418,8 +490,7 @@ class Engine:
         written = False
         try:
             ids = self._entry_ids(pieces, slots)
-            for run in _contiguous_runs(pieces, slots):
-                self._write_run(run, ids)
+            self._write_runs(_contiguous_runs(pieces, slots), ids)
             if self.config.sync:
                 self.device.flush()
             written = True
@@ -454,6 +525,23 @@ class Engine:
             else:
                 ids.append(p.block_id)
         return ids
+
+    def _write_runs(self, runs: list[list[tuple[int, _Piece, _Slot]]], ids: list[bytes]) -> None:
+        """Write runs in chunks, several at once; returns when every write has ended."""
+        chunks = [chunk for run in runs for chunk in _split_run(run, WRITE_CHUNK)]
+        futures = [self._write_pool.submit(self._write_run, c, ids) for c in chunks[1:]]
+        error: BaseException | None = None
+        try:
+            self._write_run(chunks[0], ids)
+        except BaseException as e:
+            error = e
+        for f in futures:  # all of them, even after a failure: the buffers are in use
+            try:
+                f.result()
+            except BaseException as e:
+                error = error or e
+        if error is not None:
+            raise error
 
     def _write_run(self, run: list[tuple[int, _Piece, _Slot]], ids: list[bytes]) -> None:
         """One O_DIRECT write covering entries that sit back to back in one region."""
@@ -902,6 +990,21 @@ def _contiguous_runs(pieces: list[_Piece],
                 continue
         runs.append([(i, p, s)])
     return runs
+
+
+def _split_run(run: list[tuple[int, _Piece, _Slot]],
+               limit: int) -> list[list[tuple[int, _Piece, _Slot]]]:
+    """A contiguous run as back-to-back chunks of at most `limit` bytes (or one entry)."""
+    chunks: list[list[tuple[int, _Piece, _Slot]]] = [[]]
+    size = 0
+    for item in run:
+        elen = fmt.entry_len(item[1].payload.nbytes)
+        if chunks[-1] and size + elen > limit:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(item)
+        size += elen
+    return chunks
 
 
 def _read_unit(device: BlockDevice, offset: int) -> memoryview:
