@@ -13,7 +13,10 @@ One invocation:
    direct=1, ioengine=io_uring (libaio where this fio lacks io_uring), time based;
 3. formats the same file as a WQS device (dram_cache_bytes=0, so every get is an SSD
    read) and runs random puts of --bs random payloads, then random gets of IDs that are
-   still resident. QD N means N Python threads, each doing synchronous put/get calls;
+   still resident, in each --mode: ``threads`` (QD N = N Python threads, each doing
+   synchronous put/get calls) and ``batch`` (QD N = one thread calling put_many/get_many
+   with N blocks, as the daemon and the KV-cache connectors call the engine; each op's
+   latency is its batch's);
 4. repeats every (tool, op, QD) point --repeat times and reports medians, then prints
    a table with WQS/fio ratios and removes the file.
 
@@ -52,7 +55,7 @@ PAYLOAD_POOL = 64  # distinct random payloads cycled through by the put workers
 class Point:
     """One measurement: a tool doing one op at one queue depth for one run."""
 
-    tool: str  # "fio" or "wqs"
+    tool: str  # "fio", "wqs" (threads mode) or "wqs-batch"
     op: str  # "put" or "get"
     qd: int
     iops: float
@@ -296,10 +299,57 @@ class WqsBench:
         elapsed, lats, bad = run_threads(qd, self.runtime, work, self.profile_dir, f"get_qd{qd}{tag}")
         return self._point("get", qd, elapsed, lats, bad)
 
-    def _point(self, op: str, qd: int, elapsed: float, lats: list[int], errors: int) -> Point:
+    def put_batch(self, qd: int, tag: str = "") -> Point:
+        """One thread, put_many of qd blocks at a time."""
+        engine, payloads, n_pay = self.engine, self.payloads, len(self.payloads)
+
+        def work(k: int, deadline: float, lats: list[int]) -> int:
+            rng = random.Random()
+            clock, now = time.perf_counter_ns, time.perf_counter
+            mine: list[bytes] = []
+            i = 0
+            while now() < deadline:
+                batch = [(rng.randbytes(16), payloads[(i + j) % n_pay]) for j in range(qd)]
+                t0 = clock()
+                engine.put_many(batch)
+                lats.extend([clock() - t0] * qd)
+                mine.extend(b for b, _ in batch)
+                i += qd
+            with self._written_lock:
+                self.written.extend(mine)
+            return 0
+
+        elapsed, lats, _ = run_threads(1, self.runtime, work, self.profile_dir,
+                                       f"put_many_qd{qd}{tag}")
+        return self._point("put", qd, elapsed, lats, 0, tool="wqs-batch")
+
+    def get_batch(self, qd: int, tag: str = "") -> Point:
+        """One thread, get_many of qd random resident blocks at a time."""
+        engine, ids, bs = self.engine, self.resident, self.bs
+        if not ids:
+            raise RuntimeError("no resident blocks to read")
+
+        def work(k: int, deadline: float, lats: list[int]) -> int:
+            rng = random.Random()
+            clock, now = time.perf_counter_ns, time.perf_counter
+            bad = 0
+            while now() < deadline:
+                batch = rng.choices(ids, k=qd)
+                t0 = clock()
+                values = engine.get_many(batch)
+                lats.extend([clock() - t0] * qd)
+                bad += sum(1 for v in values if v is None or len(v) != bs)
+            return bad
+
+        elapsed, lats, bad = run_threads(1, self.runtime, work, self.profile_dir,
+                                         f"get_many_qd{qd}{tag}")
+        return self._point("get", qd, elapsed, lats, bad, tool="wqs-batch")
+
+    def _point(self, op: str, qd: int, elapsed: float, lats: list[int], errors: int,
+               tool: str = "wqs") -> Point:
         n = len(lats)
         return Point(
-            tool="wqs", op=op, qd=qd, iops=n / elapsed, mib_s=n * self.bs / elapsed / MiB,
+            tool=tool, op=op, qd=qd, iops=n / elapsed, mib_s=n * self.bs / elapsed / MiB,
             p50_us=percentile(lats, 50) / 1e3, p99_us=percentile(lats, 99) / 1e3,
             ops=n, errors=errors,
         )
@@ -329,6 +379,15 @@ def ratio(ours: float, theirs: float) -> float:
     return ours / theirs if theirs else float("nan")
 
 
+WQS_TOOLS = ("wqs", "wqs-batch")
+MODES = {"threads": "wqs", "batch": "wqs-batch"}
+
+
+def row_name(tool: str, op: str) -> str:
+    """put/get for threads mode, put_many/get_many for batch mode."""
+    return f"{op}_many" if tool == "wqs-batch" else op
+
+
 def render(summary: dict[tuple[str, str, int], Summary], qds: list[int], header: str,
            console: Console) -> None:
     table = Table(title=header, title_justify="left")
@@ -339,19 +398,20 @@ def render(summary: dict[tuple[str, str, int], Summary], qds: list[int], header:
                           ("fio p99 µs", "right"), ("WQS p99 µs", "right"), ("×", "right")]:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for op in OPS:
-        for qd in qds:
-            f, w = summary.get(("fio", op, qd)), summary.get(("wqs", op, qd))
-            if f is None or w is None:
-                continue
-            cells = [op, str(qd)]
-            for attr, fmt in (("iops", "{:,.0f}"), ("mib_s", "{:,.0f}"), ("p50_us", "{:,.0f}"),
-                              ("p99_us", "{:,.0f}")):
-                a, b = getattr(f, attr), getattr(w, attr)
-                r = ratio(b, a)
-                good = r >= 0.9 if attr in ("iops", "mib_s") else r <= 1 / 0.9
-                cells += [fmt.format(a), fmt.format(b),
-                          f"[{'green' if good else 'red'}]{r:.2f}[/]"]
-            table.add_row(*cells)
+        for tool in WQS_TOOLS:
+            for qd in qds:
+                f, w = summary.get(("fio", op, qd)), summary.get((tool, op, qd))
+                if f is None or w is None:
+                    continue
+                cells = [row_name(tool, op), str(qd)]
+                for attr, fmt in (("iops", "{:,.0f}"), ("mib_s", "{:,.0f}"),
+                                  ("p50_us", "{:,.0f}"), ("p99_us", "{:,.0f}")):
+                    a, b = getattr(f, attr), getattr(w, attr)
+                    r = ratio(b, a)
+                    good = r >= 0.9 if attr in ("iops", "mib_s") else r <= 1 / 0.9
+                    cells += [fmt.format(a), fmt.format(b),
+                              f"[{'green' if good else 'red'}]{r:.2f}[/]"]
+                table.add_row(*cells)
     console.print(table)
     console.print("× = WQS / fio (IOPS, MiB/s: higher is better; latency: lower is better). "
                   "Medians of the repeats.")
@@ -369,7 +429,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", metavar="DIR", default=None,
                     help="cProfile every WQS worker thread; merged .pstats per point go to DIR")
     ap.add_argument("--skip-fio", action="store_true", help="measure WQS only (no ratios)")
+    ap.add_argument("--mode", default="threads,batch",
+                    help="how WQS is driven at QD N: threads (N threads of single calls), "
+                         "batch (put_many/get_many of N); comma separated (default both)")
     args = ap.parse_args(argv)
+    modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes):
+        ap.error(f"--mode takes {', '.join(MODES)} (comma separated), got {args.mode!r}")
+    tools = [MODES[m] for m in modes]
 
     size, bs = parse_size(args.size), parse_size(args.bs)
     qds = [int(q) for q in args.qd.split(",") if q.strip()]
@@ -399,23 +466,23 @@ def main(argv: list[str] | None = None) -> int:
                             f"p50 {p.p50_us:.0f} µs, p99 {p.p99_us:.0f} µs")
                         points.append(p)
         bench = WqsBench(path, bs, args.runtime, args.profile)
+        runners = {("put", "wqs"): bench.put, ("put", "wqs-batch"): bench.put_batch,
+                   ("get", "wqs"): bench.get, ("get", "wqs-batch"): bench.get_batch}
         try:
-            for rep in range(args.repeat):
-                for qd in qds:
-                    p = bench.put(qd, f"_run{rep + 1}")
-                    log(f"wqs put qd{qd} run {rep + 1}: {p.iops:,.0f} IOPS, "
-                        f"p50 {p.p50_us:.0f} µs, p99 {p.p99_us:.0f} µs")
-                    points.append(p)
-            added = bench.prepare_gets()
-            log(f"reading from {len(bench.resident):,} resident blocks"
-                + (f" ({added:,} added so reads span the device)" if added else ""))
-            for rep in range(args.repeat):
-                for qd in qds:
-                    p = bench.get(qd, f"_run{rep + 1}")
-                    log(f"wqs get qd{qd} run {rep + 1}: {p.iops:,.0f} IOPS, "
-                        f"p50 {p.p50_us:.0f} µs, p99 {p.p99_us:.0f} µs"
-                        + (f", {p.errors} bad gets" if p.errors else ""))
-                    points.append(p)
+            for op in OPS:
+                if op == "get":
+                    added = bench.prepare_gets()
+                    log(f"reading from {len(bench.resident):,} resident blocks"
+                        + (f" ({added:,} added so reads span the device)" if added else ""))
+                for rep in range(args.repeat):
+                    for tool in tools:
+                        for qd in qds:
+                            p = runners[(op, tool)](qd, f"_run{rep + 1}")
+                            log(f"{tool} {row_name(tool, op)} qd{qd} run {rep + 1}: "
+                                f"{p.iops:,.0f} IOPS, p50 {p.p50_us:.0f} µs, "
+                                f"p99 {p.p99_us:.0f} µs"
+                                + (f", {p.errors} bad gets" if p.errors else ""))
+                            points.append(p)
             engine_stats = bench.engine.stats().as_dict()
         finally:
             bench.close()
@@ -424,10 +491,11 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = summarise(points)
     total = time.monotonic() - started
-    errors = sum(p.errors for p in points if p.tool == "wqs")
+    errors = sum(p.errors for p in points if p.tool != "fio")
     if args.json:
         json.dump({
             "size": size, "bs": bs, "runtime": args.runtime, "qd": qds, "repeat": args.repeat,
+            "modes": modes,
             "fio_ioengine": engine, "filesystem": fstype, "cpus": os.cpu_count(),
             "wall_s": round(total, 1), "wqs_bad_gets": errors, "engine_stats": engine_stats,
             "summary": [
@@ -447,18 +515,21 @@ def main(argv: list[str] | None = None) -> int:
         for c in ("op", "QD", "IOPS", "MiB/s", "p50 µs", "p99 µs"):
             table.add_column(c, justify="right")
         for op in OPS:
-            for qd in qds:
-                w = summary[("wqs", op, qd)]
-                table.add_row(op, str(qd), f"{w.iops:,.0f}", f"{w.mib_s:,.0f}",
-                              f"{w.p50_us:,.0f}", f"{w.p99_us:,.0f}")
+            for tool in tools:
+                for qd in qds:
+                    w = summary[(tool, op, qd)]
+                    table.add_row(row_name(tool, op), str(qd), f"{w.iops:,.0f}",
+                                  f"{w.mib_s:,.0f}", f"{w.p50_us:,.0f}", f"{w.p99_us:,.0f}")
         console.print(table)
     else:
         render(summary, qds, header, console)
+        q = max(qds)
         for op in OPS:
-            q = max(qds)
-            r = ratio(summary[("wqs", op, q)].iops, summary[("fio", op, q)].iops)
-            verdict = "[green]meets[/]" if r >= 0.9 else "[red]misses[/]"
-            console.print(f"goal WQS >= 0.9x fio IOPS at QD{q}, {op}: {r:.2f}x {verdict}")
+            for tool in tools:
+                r = ratio(summary[(tool, op, q)].iops, summary[("fio", op, q)].iops)
+                verdict = "[green]meets[/]" if r >= 0.9 else "[red]misses[/]"
+                console.print(f"goal WQS >= 0.9x fio IOPS at QD{q}, {row_name(tool, op)}: "
+                              f"{r:.2f}x {verdict}")
     if errors:
         console.print(f"[red]{errors} WQS gets missed or returned the wrong length[/]")
     console.print(f"total wall time {total:.0f} s")
