@@ -4,9 +4,10 @@ Write path: a put reserves space at the head of the open region under the lock, 
 writes header and payload with O_DIRECT writes outside the lock, then publishes the
 new location in the index. Concurrent puts are group-committed, as LevelDB's writer
 queue does: they queue, and the thread at the front writes the whole queue as one
-reservation and a few large writes while the others sleep until theirs is done. When no region is free, the oldest sealed region (FIFO) or
-the least recently read one (LRU) is reclaimed whole, after its recently read blocks
-have been copied forward (reinsertion).
+reservation and a few large writes while the others sleep until theirs is done. When
+no region is free, the oldest sealed region (FIFO) or the least recently read one (LRU)
+is reclaimed whole, after its recently read blocks have been copied forward
+(reinsertion).
 
 Read path: look up the location, read the entry outside the lock, and return the
 payload only if the header checksum, the block ID, the region generation and the
@@ -19,11 +20,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import deque
 import subprocess
 import threading
 import time
 import uuid as uuidlib
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 import dataclasses
 from dataclasses import dataclass
