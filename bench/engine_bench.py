@@ -48,6 +48,8 @@ from wqs.config import EngineConfig, parse_size
 MiB = 1024 * 1024
 OPS = ("put", "get")
 FIO_RW = {"put": "randwrite", "get": "randread"}
+MODES = {"threads": "wqs", "batch": "wqs-batch"}  # --mode -> the tool name of its rows
+WQS_TOOLS = tuple(MODES.values())
 PAYLOAD_POOL = 64  # distinct random payloads cycled through by the put workers
 
 
@@ -237,29 +239,33 @@ class WqsBench:
         finally:
             self.device.close()
 
-    def put(self, qd: int, tag: str = "") -> Point:
+    def put(self, qd: int, tag: str = "", batch: bool = False) -> Point:
+        """QD threads of single puts, or (batch) one thread of put_many of QD blocks."""
         engine, payloads, n_pay = self.engine, self.payloads, len(self.payloads)
-        written = self.written
+        threads, per_call = (1, qd) if batch else (qd, 1)
 
         def work(k: int, deadline: float, lats: list[int]) -> int:
             rng = random.Random()
-            put, clock, now = engine.put, time.perf_counter_ns, time.perf_counter
-            mine = []
+            clock, now = time.perf_counter_ns, time.perf_counter
+            mine: list[bytes] = []
             i = k
             while now() < deadline:
-                block_id = rng.randbytes(16)
-                data = payloads[i % n_pay]
+                ids = [rng.randbytes(16) for _ in range(per_call)]
                 t0 = clock()
-                put(block_id, data)
-                lats.append(clock() - t0)
-                mine.append(block_id)
-                i += 1
+                if batch:
+                    engine.put_many([(b, payloads[(i + j) % n_pay]) for j, b in enumerate(ids)])
+                else:
+                    engine.put(ids[0], payloads[i % n_pay])
+                lats.extend([clock() - t0] * per_call)
+                mine.extend(ids)
+                i += per_call
             with self._written_lock:
-                written.extend(mine)
+                self.written.extend(mine)
             return 0
 
-        elapsed, lats, _ = run_threads(qd, self.runtime, work, self.profile_dir, f"put_qd{qd}{tag}")
-        return self._point("put", qd, elapsed, lats, 0)
+        name = f"put{'_many' if batch else ''}_qd{qd}{tag}"
+        elapsed, lats, _ = run_threads(threads, self.runtime, work, self.profile_dir, name)
+        return self._point("put", qd, elapsed, lats, 0, batch)
 
     def prepare_gets(self) -> int:
         """Collect the written IDs that are still resident; top up so reads span the device."""
@@ -278,78 +284,35 @@ class WqsBench:
             self.resident = [b for b in self.resident if engine.exists(b)]
         return added
 
-    def get(self, qd: int, tag: str = "") -> Point:
+    def get(self, qd: int, tag: str = "", batch: bool = False) -> Point:
+        """QD threads of single gets, or (batch) one thread of get_many of QD blocks."""
         engine, ids, bs = self.engine, self.resident, self.bs
         if not ids:
             raise RuntimeError("no resident blocks to read")
-
-        def work(k: int, deadline: float, lats: list[int]) -> int:
-            rng = random.Random()
-            get, clock, now, choice = engine.get, time.perf_counter_ns, time.perf_counter, rng.choice
-            bad = 0
-            while now() < deadline:
-                block_id = choice(ids)
-                t0 = clock()
-                value = get(block_id)
-                lats.append(clock() - t0)
-                if value is None or len(value) != bs:
-                    bad += 1
-            return bad
-
-        elapsed, lats, bad = run_threads(qd, self.runtime, work, self.profile_dir, f"get_qd{qd}{tag}")
-        return self._point("get", qd, elapsed, lats, bad)
-
-    def put_batch(self, qd: int, tag: str = "") -> Point:
-        """One thread, put_many of qd blocks at a time."""
-        engine, payloads, n_pay = self.engine, self.payloads, len(self.payloads)
-
-        def work(k: int, deadline: float, lats: list[int]) -> int:
-            rng = random.Random()
-            clock, now = time.perf_counter_ns, time.perf_counter
-            mine: list[bytes] = []
-            i = 0
-            while now() < deadline:
-                batch = [(rng.randbytes(16), payloads[(i + j) % n_pay]) for j in range(qd)]
-                t0 = clock()
-                engine.put_many(batch)
-                lats.extend([clock() - t0] * qd)
-                mine.extend(b for b, _ in batch)
-                i += qd
-            with self._written_lock:
-                self.written.extend(mine)
-            return 0
-
-        elapsed, lats, _ = run_threads(1, self.runtime, work, self.profile_dir,
-                                       f"put_many_qd{qd}{tag}")
-        return self._point("put", qd, elapsed, lats, 0, tool="wqs-batch")
-
-    def get_batch(self, qd: int, tag: str = "") -> Point:
-        """One thread, get_many of qd random resident blocks at a time."""
-        engine, ids, bs = self.engine, self.resident, self.bs
-        if not ids:
-            raise RuntimeError("no resident blocks to read")
+        threads, per_call = (1, qd) if batch else (qd, 1)
 
         def work(k: int, deadline: float, lats: list[int]) -> int:
             rng = random.Random()
             clock, now = time.perf_counter_ns, time.perf_counter
             bad = 0
             while now() < deadline:
-                batch = rng.choices(ids, k=qd)
+                wanted = rng.choices(ids, k=per_call)
                 t0 = clock()
-                values = engine.get_many(batch)
-                lats.extend([clock() - t0] * qd)
+                values = engine.get_many(wanted) if batch else [engine.get(wanted[0])]
+                lats.extend([clock() - t0] * per_call)
                 bad += sum(1 for v in values if v is None or len(v) != bs)
             return bad
 
-        elapsed, lats, bad = run_threads(1, self.runtime, work, self.profile_dir,
-                                         f"get_many_qd{qd}{tag}")
-        return self._point("get", qd, elapsed, lats, bad, tool="wqs-batch")
+        name = f"get{'_many' if batch else ''}_qd{qd}{tag}"
+        elapsed, lats, bad = run_threads(threads, self.runtime, work, self.profile_dir, name)
+        return self._point("get", qd, elapsed, lats, bad, batch)
 
     def _point(self, op: str, qd: int, elapsed: float, lats: list[int], errors: int,
-               tool: str = "wqs") -> Point:
+               batch: bool) -> Point:
         n = len(lats)
         return Point(
-            tool=tool, op=op, qd=qd, iops=n / elapsed, mib_s=n * self.bs / elapsed / MiB,
+            tool=MODES["batch" if batch else "threads"], op=op, qd=qd, iops=n / elapsed,
+            mib_s=n * self.bs / elapsed / MiB,
             p50_us=percentile(lats, 50) / 1e3, p99_us=percentile(lats, 99) / 1e3,
             ops=n, errors=errors,
         )
@@ -377,10 +340,6 @@ def summarise(points: list[Point]) -> dict[tuple[str, str, int], Summary]:
 
 def ratio(ours: float, theirs: float) -> float:
     return ours / theirs if theirs else float("nan")
-
-
-WQS_TOOLS = ("wqs", "wqs-batch")
-MODES = {"threads": "wqs", "batch": "wqs-batch"}
 
 
 def row_name(tool: str, op: str) -> str:
@@ -466,8 +425,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"p50 {p.p50_us:.0f} µs, p99 {p.p99_us:.0f} µs")
                         points.append(p)
         bench = WqsBench(path, bs, args.runtime, args.profile)
-        runners = {("put", "wqs"): bench.put, ("put", "wqs-batch"): bench.put_batch,
-                   ("get", "wqs"): bench.get, ("get", "wqs-batch"): bench.get_batch}
+        runners = {"put": bench.put, "get": bench.get}
         try:
             for op in OPS:
                 if op == "get":
@@ -477,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
                 for rep in range(args.repeat):
                     for tool in tools:
                         for qd in qds:
-                            p = runners[(op, tool)](qd, f"_run{rep + 1}")
+                            p = runners[op](qd, f"_run{rep + 1}", batch=tool == "wqs-batch")
                             log(f"{tool} {row_name(tool, op)} qd{qd} run {rep + 1}: "
                                 f"{p.iops:,.0f} IOPS, p50 {p.p50_us:.0f} µs, "
                                 f"p99 {p.p99_us:.0f} µs"
