@@ -15,15 +15,19 @@ if str(ROOT) not in sys.path:
 
 from wqs.config import EngineConfig  # noqa: E402
 from wqs.engine import Engine, open_or_create  # noqa: E402
+from wqs.nvme import aio  # noqa: E402
 
 MiB = 1024 * 1024
 
 
-@pytest.fixture
-def small_config() -> EngineConfig:
-    """1 MiB regions, no DRAM tier: every get goes to the device."""
+@pytest.fixture(params=["aio", "threads"])
+def small_config(request: pytest.FixtureRequest) -> EngineConfig:
+    """1 MiB regions, no DRAM tier: every get goes to the device. Once for each way the
+    device runs batches of IO."""
+    if request.param == "aio" and (reason := aio.unavailable_reason()) is not None:
+        pytest.skip(f"native AIO is not available here: {reason}")
     return EngineConfig(region_size=1 * MiB, max_block_size=8 * MiB, dram_cache_bytes=0,
-                        io_threads=4)
+                        io_engine=request.param, io_threads=4)
 
 
 @pytest.fixture
@@ -53,7 +57,6 @@ def block_id(i: int) -> bytes:
 def crash(engine: Engine) -> None:
     """Drop the engine as a killed process would: no checkpoint, device just closed."""
     engine._closed = True
-    engine.io_pool.shutdown(wait=True)
     engine.device.close()
 
 

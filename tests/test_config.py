@@ -148,12 +148,13 @@ engine:
   eviction: lru
   reinsert_hits: false
   sync: true
+  io_engine: threads
   io_threads: 4
 """
     cfg = load_daemon_config(write(tmp_path, text))
     assert cfg.log_level == "debug" and cfg.device_size == 4 * GiB
     assert cfg.etcd == EtcdConfig(["http://10.0.0.1:2379", "10.0.0.2:2379"], "/kv/nodes/", 5)
-    assert cfg.engine == EngineConfig(8 * MiB, MiB, 0, "lru", "lru", False, True, 4)
+    assert cfg.engine == EngineConfig(8 * MiB, MiB, 0, "lru", "lru", False, True, "threads", 4)
     dumped = write(tmp_path, yaml.safe_dump(dataclasses.asdict(cfg)))
     assert load_daemon_config(dumped) == cfg
     assert "s3cret" not in repr(cfg)  # configs get logged; the token must not be
@@ -198,6 +199,7 @@ def test_overrides_win_and_accept_strings(tmp_path):
         ({"engine.reinsert_hits": "maybe"}, "engine.reinsert_hits: must be true or false"),
         ({"engine.sync": 1}, "engine.sync: must be true or false"),
         ({"engine.io_threads": 0}, "engine.io_threads: must be in 1..1024"),
+        ({"engine.io_engine": "uring"}, "engine.io_engine: must be one of auto, aio, threads"),
         ({"listen": "localhost"}, "listen: expected host:port"),
         ({"listen": "0.0.0.0:70000"}, "listen: port must be 1..65535"),
         ({"listen": "127.0.0.1:65535"}, "control_listen: the default, data port + 1"),

@@ -141,14 +141,14 @@ def test_a_failed_group_write_fails_every_put_in_it_and_publishes_none(open_engi
     from wqs.errors import DeviceError
 
     engine = open_engine(dataclasses.replace(small_config, region_size=4 * MiB), size=64 * MiB)
-    real_write = engine.device.write
+    real_write_many = engine.device.write_many
     gate = threading.Event()
 
-    def failing_write(offset, buf):
+    def failing_write_many(requests):
         gate.wait(5)  # hold the first group until every writer has queued behind it
         raise DeviceError("injected: device refused the write")
 
-    engine.device.write = failing_write
+    engine.device.write_many = failing_write_many
     results: dict[int, object] = {}
 
     def writer(t: int) -> None:
@@ -170,7 +170,7 @@ def test_a_failed_group_write_fails_every_put_in_it_and_publishes_none(open_engi
         t.join()
     assert all(isinstance(r, DeviceError) for r in results.values()), results
     assert all(engine.get(block_id(500 + t)) is None for t in range(8))
-    engine.device.write = real_write
+    engine.device.write_many = real_write_many
     engine.put(block_id(500), b"after")
     assert engine.get(block_id(500)) == b"after"
 
@@ -179,12 +179,20 @@ def test_large_batches_are_written_in_parallel_chunks(open_engine, small_config)
     from wqs.engine import engine as engine_mod
 
     engine = open_engine(dataclasses.replace(small_config, region_size=8 * MiB), size=64 * MiB)
-    sizes = []
-    real_write = engine.device.write
-    engine.device.write = lambda offset, buf: (sizes.append(len(buf)), real_write(offset, buf))
+    batches = []
+    real_write_many = engine.device.write_many
+
+    def recording_write_many(requests):
+        sizes = []
+        batches.append(sizes)
+        real_write_many((sizes.append(len(buf)) or (offset, buf) for offset, buf in requests))
+
+    engine.device.write_many = recording_write_many
     blocks = [(block_id(900 + i), os.urandom(64 * 1024)) for i in range(64)]  # ~4.3 MiB
     engine.put_many(blocks)
+    sizes = [n for batch in batches for n in batch]
     assert max(sizes) <= engine_mod.WRITE_CHUNK and len(sizes) > 4
+    assert max(len(batch) for batch in batches) > 4  # several chunks in flight at once
     crash(engine)  # chunks land back to back: the scan finds every entry
     engine = open_engine(dataclasses.replace(small_config, region_size=8 * MiB), size=64 * MiB)
     assert all(engine.get(b) == data for b, data in blocks)
@@ -348,7 +356,7 @@ def _file(tmp_path, name: str, size: int) -> str:
 def test_format_refuses_a_filesystem_unless_forced(tmp_path, small_config):
     path = _file(tmp_path, "ext4.img", 16 * MiB)
     subprocess.run(["mkfs.ext4", "-q", "-F", path], check=True)
-    device = DirectDevice(path)
+    device = DirectDevice(path, io_engine=small_config.io_engine)
     try:
         with pytest.raises(FormatError, match="TYPE=ext4"):
             Engine.format(device, small_config)
@@ -362,7 +370,7 @@ def test_format_refuses_a_wqs_device_unless_forced(open_engine, small_config, tm
     engine = open_engine(small_config)
     engine.put(block_id(1), b"precious")
     engine.close()
-    device = DirectDevice(str(tmp_path / "dev"))
+    device = DirectDevice(str(tmp_path / "dev"), io_engine=small_config.io_engine)
     try:
         with pytest.raises(FormatError, match="already holds a WQS device"):
             Engine.format(device, small_config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -77,3 +78,60 @@ def test_footprint_is_at_most_32_bytes_per_block_once_grown():
         index.put(rng.getrandbits(64) | 1, 1, 1)
     assert index.capacity > MIN_CAPACITY
     assert index.nbytes / index.count <= 32.5
+
+
+batches = st.lists(
+    st.tuples(st.sampled_from(["put_many", "remove_region", "put"]),
+              st.lists(st.tuples(st.integers(1, 300), st.integers(0, 999)), max_size=40)),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(batches)
+def test_batch_operations_match_a_dict(operations):
+    # Tags that share home slots, and batches that repeat a tag, in a table small
+    # enough to grow and wrap: the cases where vectorised probing could go wrong.
+    index = Index(capacity=16)
+    model: dict[int, tuple[int, int]] = {}
+    for op, items in operations:
+        tags = [t * 1024 + 7 for t, _ in items]
+        if op == "put_many" and items:
+            locs = [loc for _, loc in items]
+            index.put_many(np.array(tags, dtype=np.uint64), np.array(locs, dtype=np.uint32),
+                           np.array([loc % 500 for loc in locs], dtype=np.uint32))
+            for tag, loc in zip(tags, locs):
+                model[tag] = (loc, loc % 500)  # the last occurrence wins
+        elif op == "put":
+            for tag, (_, loc) in zip(tags, items):
+                index.put(tag, loc, loc % 500)
+                model[tag] = (loc, loc % 500)
+        else:  # drop every entry whose loc is in a "region" of 100 units
+            lo = items[0][1] // 100 * 100 if items else 0
+            index.remove_slots(index.slots_in_range(lo, lo + 100))
+            model = {t: v for t, v in model.items() if not lo <= v[0] < lo + 100}
+        assert index.count == len(model)
+    every = np.array([t * 1024 + 7 for t in range(1, 301)], dtype=np.uint64)
+    slots, found = index.get_many(every)
+    for tag, slot, hit in zip(every.tolist(), slots.tolist(), found.tolist()):
+        assert hit == (tag in model)
+        if hit:
+            assert (int(index.locs[slot]), int(index.metas[slot])) == model[tag]
+            assert index.get(tag).loc == model[tag][0]
+        else:
+            assert index.get(tag) is None
+
+
+def test_removing_a_large_region_keeps_every_other_entry_reachable():
+    rng = np.random.default_rng(3)
+    index = Index()
+    tags = rng.integers(1, 2**63, size=50_000, dtype=np.uint64)
+    tags = np.unique(tags)
+    locs = rng.integers(0, 10_000, size=len(tags), dtype=np.uint32)
+    index.put_many(tags, locs, np.ones(len(tags), dtype=np.uint32))
+    assert index.count == len(tags)
+    index.remove_slots(index.slots_in_range(2_000, 4_000))
+    gone = (locs >= 2_000) & (locs < 4_000)
+    _, found = index.get_many(tags)
+    assert np.array_equal(found, ~gone)
+    assert index.count == int(np.count_nonzero(~gone))

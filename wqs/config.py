@@ -249,6 +249,9 @@ class EngineConfig:
     eviction: Literal["fifo", "lru"] = "fifo"  # whole-region eviction order
     reinsert_hits: bool = True  # rewrite blocks read recently when their region is evicted
     sync: bool = False  # fdatasync after each write
+    # How batches of device IO run: "aio" (Linux native AIO), "threads" (io_threads
+    # threads, one IO each), or "auto" (AIO where the kernel allows it, else threads).
+    io_engine: Literal["auto", "aio", "threads"] = "auto"
     io_threads: int = 16
 
     def __post_init__(self) -> None:
@@ -259,6 +262,7 @@ class EngineConfig:
         self.eviction = _choice("eviction", self.eviction, ("fifo", "lru"))
         self.reinsert_hits = _bool("reinsert_hits", self.reinsert_hits)
         self.sync = _bool("sync", self.sync)
+        self.io_engine = _choice("io_engine", self.io_engine, ("auto", "aio", "threads"))
         self.io_threads = _int("io_threads", self.io_threads, 1, 1024)
 
 

@@ -18,6 +18,7 @@ See FORMAT.md beside this file for the on-device layout and recovery.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -25,10 +26,9 @@ import threading
 import time
 import uuid as uuidlib
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-import dataclasses
+from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -52,16 +52,19 @@ REINSERT_FRACTION = 0.5  # at most this share of a new region is filled by reins
 # another's IO), and the most bytes one group takes from the queue.
 MAX_COMMITTERS = 2
 COMMIT_GROUP_BYTES = 4 * 1024 * 1024
-# A run of entries is written in chunks of at most this many bytes, WRITE_PARALLELISM
-# at a time: one large write at a time leaves a device's queue mostly idle.
+# A run of entries is written in chunks of at most this many bytes, up to WRITE_WINDOW
+# of them in one device batch: one large write at a time leaves a device's queue mostly
+# idle, and the window bounds the buffer memory one group holds.
 WRITE_CHUNK = 512 * 1024
-WRITE_PARALLELISM = 4
+WRITE_WINDOW = 16
+# A segmented block's segments are read this many at a time (bounds buffer memory).
+SEGMENT_WINDOW = 8
 
 Buffer = bytes | bytearray | memoryview
 _ZEROS = memoryview(bytes(UNIT))  # padding source: an entry pads less than one unit
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Piece:
     """One entry to append: a whole block, the head of a segmented one, or a segment."""
 
@@ -70,9 +73,13 @@ class _Piece:
     flags: int = 0
     total_len: int = 0
     segment_index: int = 0  # for ENTRY_SEGMENT: which one (1..n-1)
+    elen: int = 0  # bytes on the device, header and padding included
+
+    def __post_init__(self) -> None:
+        self.elen = fmt.entry_len(self.payload.nbytes)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Slot:
     """Space reserved for a piece: where it goes and the seq/gen it is written with."""
 
@@ -93,6 +100,11 @@ class _PendingWrite:
     hot: dict[bytes, bytes]
     done: bool = False
     error: BaseException | None = None
+    # Handed over with the wake-up when this write's thread is to commit a group.
+    group: "list[_PendingWrite] | None" = None
+    # Held until the write's thread is to wake: its own lock, so that finishing a
+    # group wakes exactly the threads it concerns, not every waiting writer.
+    wake: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
 
 def _as_view(data: Buffer) -> memoryview:
@@ -193,6 +205,9 @@ class Engine:
     def __init__(self, device: BlockDevice, sb: fmt.Superblock, config: EngineConfig) -> None:
         if device.align > UNIT or UNIT % device.align:
             raise DeviceError(f"device alignment {device.align} does not divide {UNIT}")
+        if config.io_engine not in ("auto", device.io_engine):
+            raise DeviceError(f"{device.path} was opened with io_engine {device.io_engine}, "
+                              f"the configuration asks for {config.io_engine}")
         self.device = device
         self.sb = sb
         self.config = config
@@ -206,10 +221,9 @@ class Engine:
         self.index = Index(max_capacity=2 * data_units + 1)
         self.dram: DramTier | None = make_dram_tier(config.dram_cache_bytes, config.dram_policy)
         self.buffers = BufferPool()
-        self.io_pool = ThreadPoolExecutor(max(1, config.io_threads), thread_name_prefix="wqs-io")
-        # Separate from io_pool: a write never waits behind reads it could be starving.
-        self._write_pool = ThreadPoolExecutor(WRITE_PARALLELISM, thread_name_prefix="wqs-write")
-        self._commit = threading.Condition(threading.Lock())
+        # Group commit state. Invariant: the queue is empty unless MAX_COMMITTERS
+        # threads are committing, so a put never waits while a committer slot is free.
+        self._commit_mutex = threading.Lock()
         self._commit_queue: deque[_PendingWrite] = deque()
         self._committers = 0
         self._lock = threading.Lock()
@@ -248,7 +262,7 @@ class Engine:
         group_bytes = group_puts = group_payload = 0
         for block_id, view in views:
             pieces = self._split(block_id, view)
-            size = sum(fmt.entry_len(p.payload.nbytes) for p in pieces)
+            size = sum(p.elen for p in pieces)
             if group and group_bytes + size > group_limit:
                 self._group_commit(_PendingWrite(group, group_bytes, group_puts, group_payload,
                                                  hot))
@@ -304,10 +318,47 @@ class Engine:
         return len(value)
 
     def get_many(self, block_ids: Sequence[bytes]) -> list[bytes | None]:
-        """Gets in parallel on the IO pool, results in the order of block_ids."""
-        if len(block_ids) <= 1:
-            return [self.get(b) for b in block_ids]
-        return list(self.io_pool.map(self.get, block_ids))
+        """get() for a batch, results in the order of block_ids: one index lookup under
+        one lock, then one device batch for every block not in the DRAM tier."""
+        values: list[bytes | None] = [None] * len(block_ids)
+        todo = []
+        dram_hits = dram_bytes = 0
+        for i, block_id in enumerate(block_ids):
+            assert len(block_id) == 16, "block IDs are 16 bytes"
+            value = self.dram.get(block_id) if self.dram is not None else None
+            if value is None:
+                todo.append(i)
+            else:
+                values[i] = value
+                dram_hits += 1
+                dram_bytes += len(value)
+        found = self._lookup_many([block_ids[i] for i in todo])
+        reads = [(i, f) for i, f in zip(todo, found) if f is not None]
+        entries = self._read_entries([(block_ids[i], f[0], f[1], f[2]) for i, f in reads])
+        read_locs = []
+        ssd_bytes = 0
+        for (i, f), entry in zip(reads, entries):
+            if entry is None:
+                continue
+            value = entry[1] if not f[3] else self._read_segments(block_ids[i], *entry)
+            if value is not None:
+                values[i] = value
+                read_locs.append((i, f[0], value))
+                ssd_bytes += len(value)
+        with self._lock:
+            c = self.stats_counters
+            c.gets += len(block_ids)
+            c.hits_dram += dram_hits
+            c.hits_ssd += len(read_locs)
+            c.misses += len(todo) - len(read_locs)
+            c.get_bytes += dram_bytes + ssd_bytes
+            if self.dram is not None:
+                # As in get(): only where no newer write was published meanwhile.
+                for i, loc, value in read_locs:
+                    current = self.index.get(block_tag(block_ids[i]))
+                    if current is not None and current.loc == loc:
+                        self.dram.put(block_ids[i], value)
+        return values
 
     def exists(self, block_id: bytes) -> bool:
         """Whether the index holds the block. No IO: a later get may still miss."""
@@ -389,6 +440,7 @@ class Engine:
             "region_size": self.sb.region_size,
             "num_regions": self.sb.num_regions,
             "max_block_size": self.max_block_size,
+            "io_engine": self.device.io_engine,
         }
 
     def close(self) -> None:
@@ -402,8 +454,6 @@ class Engine:
                 self.regions.state[self._active] = SEALED
                 self._active = -1
             self._write_checkpoint()
-        self.io_pool.shutdown(wait=True)
-        self._write_pool.shutdown(wait=True)
         self.device.close()
 
     def __enter__(self) -> "Engine":
@@ -429,48 +479,61 @@ class Engine:
     def _group_commit(self, write: _PendingWrite) -> None:
         """Queue a write and return once it is on the device (or raise why not).
 
-        Up to MAX_COMMITTERS waiting threads at a time take the queue's front, up to
-        COMMIT_GROUP_BYTES (at least one write), and append it as one batch; the group's
-        other threads sleep meanwhile. A failure fails every write of its group, none of
-        which was published.
+        As in LevelDB's writer queue: a put that finds a committer slot free writes at
+        once. Otherwise it sleeps on its own lock until a committer either finishes it
+        or, finishing its own group, hands it the slot together with the next group
+        (the queue's front, up to COMMIT_GROUP_BYTES). A failure fails every write of
+        its group, none of which was published.
         """
-        with self._commit:
-            self._commit_queue.append(write)
-            while True:
-                while not write.done and not (self._commit_queue
-                                              and self._committers < MAX_COMMITTERS):
-                    self._commit.wait()
-                if write.done:
-                    break
-                group = [self._commit_queue.popleft()]
-                nbytes = group[0].nbytes
-                while (self._commit_queue
-                       and nbytes + self._commit_queue[0].nbytes <= COMMIT_GROUP_BYTES):
-                    nbytes += self._commit_queue[0].nbytes
-                    group.append(self._commit_queue.popleft())
+        write.wake.acquire()
+        with self._commit_mutex:
+            if self._committers < MAX_COMMITTERS:
+                assert not self._commit_queue
                 self._committers += 1
-                self._commit.release()
-                error: BaseException | None = None
-                try:
-                    self._append([p for w in group for p in w.pieces],
-                                 puts=sum(w.puts for w in group),
-                                 put_bytes=sum(w.put_bytes for w in group),
-                                 hot={k: v for w in group for k, v in w.hot.items()})
-                except BaseException as e:  # handed to every writer of the group
-                    error = e
-                finally:
-                    self._commit.acquire()
-                self._committers -= 1
+                group: list[_PendingWrite] | None = [write]
+            else:
+                self._commit_queue.append(write)
+                group = None
+        if group is None:
+            write.wake.acquire()  # released by the committer that finished or chose us
+            group = write.group
+        if group is not None:  # our group always holds our own write
+            error: BaseException | None = None
+            try:
+                self._append([p for w in group for p in w.pieces],
+                             puts=sum(w.puts for w in group),
+                             put_bytes=sum(w.put_bytes for w in group),
+                             hot={k: v for w in group for k, v in w.hot.items()})
+            except BaseException as e:  # handed to every writer of the group
+                error = e
+            with self._commit_mutex:
                 for w in group:
                     w.done, w.error = True, error
-                self._commit.notify_all()
+                    if w is not write:
+                        w.wake.release()
+                if self._commit_queue:  # hand our slot to the next group's first write
+                    leader = self._commit_queue.popleft()
+                    leader.group = self._take_group(leader)
+                    leader.wake.release()
+                else:
+                    self._committers -= 1
+        assert write.done
         if write.error is not None:
             raise write.error
+
+    def _take_group(self, leader: _PendingWrite) -> list[_PendingWrite]:
+        """The leader and the queued writes after it, up to COMMIT_GROUP_BYTES in all."""
+        group, nbytes = [leader], leader.nbytes
+        queue = self._commit_queue
+        while queue and nbytes + queue[0].nbytes <= COMMIT_GROUP_BYTES:
+            nbytes += queue[0].nbytes
+            group.append(queue.popleft())
+        return group
 
     def _append(self, pieces: list[_Piece], puts: int = 0, put_bytes: int = 0,
                 hot: dict[bytes, bytes] | None = None) -> None:
         """Reserve, write, publish: the engine lock is taken twice, never during IO."""
-        need = sum(fmt.entry_len(p.payload.nbytes) for p in pieces)
+        need = sum(p.elen for p in pieces)
         per_region = self.sb.region_size - UNIT
         if -(-need // per_region) > max(1, self.sb.num_regions - 2):
             raise BlockTooLarge(
@@ -487,7 +550,7 @@ class Engine:
                     self._idle.wait(1.0)
                 finally:
                     self._waiting_idle -= 1
-            slots = [self._reserve(fmt.entry_len(p.payload.nbytes)) for p in pieces]
+            slots = [self._reserve(p.elen) for p in pieces]
         written = False
         try:
             ids = self._entry_ids(pieces, slots)
@@ -500,15 +563,13 @@ class Engine:
                 for s in slots:
                     self.regions.inflight[s.region] -= 1
                 if written:
-                    # Segments before the head, so a reader never finds a head whose
-                    # segments are not indexed yet.
-                    for i in sorted(range(len(pieces)),
-                                    key=lambda i: pieces[i].flags != fmt.ENTRY_SEGMENT):
-                        current = self._publish(ids[i], pieces[i], slots[i])
-                        # The DRAM tier follows the index: a block enters it only while
-                        # this write is the newest, under the same lock.
-                        if current and hot and ids[i] in hot:
-                            self.dram.put(ids[i], hot[ids[i]])
+                    current = self._publish(ids, pieces, slots)
+                    # The DRAM tier follows the index: a block enters it only while
+                    # this write is the newest, under the same lock.
+                    if hot:
+                        for i in np.flatnonzero(current).tolist():
+                            if ids[i] in hot:
+                                self.dram.put(ids[i], hot[ids[i]])
                     self.stats_counters.puts += puts
                     self.stats_counters.put_bytes += put_bytes
                 if self._waiting_idle:
@@ -528,57 +589,69 @@ class Engine:
         return ids
 
     def _write_runs(self, runs: list[list[tuple[int, _Piece, _Slot]]], ids: list[bytes]) -> None:
-        """Write runs in chunks, several at once; returns when every write has ended."""
+        """Write runs as chunks of at most WRITE_CHUNK bytes, WRITE_WINDOW chunks per
+        device batch; returns when every write has ended, raises if any failed."""
         chunks = [chunk for run in runs for chunk in _split_run(run, WRITE_CHUNK)]
-        futures = [self._write_pool.submit(self._write_run, c, ids) for c in chunks[1:]]
-        error: BaseException | None = None
-        try:
-            self._write_run(chunks[0], ids)
-        except BaseException as e:
-            error = e
-        for f in futures:  # all of them, even after a failure: the buffers are in use
-            try:
-                f.result()
-            except BaseException as e:
-                error = error or e
-        if error is not None:
-            raise error
+        for start in range(0, len(chunks), WRITE_WINDOW):
+            with ExitStack() as borrowed:
 
-    def _write_run(self, run: list[tuple[int, _Piece, _Slot]], ids: list[bytes]) -> None:
-        """One O_DIRECT write covering entries that sit back to back in one region."""
-        first = run[0][2]
-        total = sum(fmt.entry_len(p.payload.nbytes) for _, p, _ in run)
-        with self.buffers.borrow(total) as buf:
-            pos = 0
-            for i, p, s in run:
-                n = p.payload.nbytes
-                header = fmt.EntryHeader(
-                    block_id=ids[i], gen=s.gen, seq=s.seq, payload_len=n,
-                    payload_checksum=fmt.checksum(p.payload), flags=p.flags,
-                    total_len=p.total_len,
-                )
-                end = pos + fmt.ENTRY_HEADER_SIZE
-                buf[pos:end] = fmt.pack_entry_header(header)
-                buf[end : end + n] = p.payload
-                elen = fmt.entry_len(n)
-                # Zero the padding so stale bytes never look like data.
-                buf[end + n : pos + elen] = _ZEROS[: pos + elen - end - n]
-                pos += elen
-            self.device.write(self.sb.region_offset(first.region) + first.offset, buf)
+                def filled() -> Iterator[tuple[int, memoryview]]:
+                    # Lazily: the device starts each chunk's write while the next one
+                    # is being filled.
+                    for chunk in chunks[start : start + WRITE_WINDOW]:
+                        buf = borrowed.enter_context(
+                            self.buffers.borrow(sum(p.elen for _, p, _ in chunk)))
+                        self._fill_chunk(buf, chunk, ids)
+                        first = chunk[0][2]
+                        yield self.sb.region_offset(first.region) + first.offset, buf
 
-    def _publish(self, entry_id: bytes, piece: _Piece, slot: _Slot) -> bool:
-        """Point the index at a written entry unless a newer one is there; whether it did."""
-        tag = block_tag(entry_id)
-        loc = slot.region * self.units_per_region + slot.offset // UNIT
-        current = self.index.get(tag)
-        if current is not None and self._newer_than(current.loc, slot):
-            return False  # a concurrent put of the same ID reserved later space: it wins
-        if piece.flags & fmt.ENTRY_TOMBSTONE:
+                self.device.write_many(filled())
+
+    @staticmethod
+    def _fill_chunk(buf: memoryview, run: list[tuple[int, _Piece, _Slot]],
+                    ids: list[bytes]) -> None:
+        """Lay out entries that sit back to back in one region, as the device keeps them."""
+        pos = 0
+        for i, p, s in run:
+            n = p.payload.nbytes
+            end = pos + fmt.ENTRY_HEADER_SIZE
+            buf[pos:end] = fmt.encode_entry_header(ids[i], s.gen, s.seq, n,
+                                                   fmt.checksum(p.payload), p.flags, p.total_len)
+            buf[end : end + n] = p.payload
+            # Zero the padding so stale bytes never look like data.
+            buf[end + n : pos + p.elen] = _ZEROS[: pos + p.elen - end - n]
+            pos += p.elen
+        assert pos == len(buf)
+
+    def _publish(self, ids: list[bytes], pieces: list[_Piece], slots: list[_Slot]) -> np.ndarray:
+        """Point the index at written entries, except where a newer version is already
+        there (a concurrent put of the same ID that reserved later space wins). Returns
+        which entries it published. Called with the lock held, so readers see all of
+        a batch or none of it.
+        """
+        if pieces[0].flags & fmt.ENTRY_TOMBSTONE:
+            assert len(pieces) == 1, "a delete appends its tombstone alone"
+            tag = block_tag(ids[0])
+            current = self.index.get(tag)
+            if current is not None and self._newer_than(current.loc, slots[0]):
+                return np.zeros(1, dtype=bool)
             self.index.remove(tag)
-        else:
-            meta = META_HEAD if piece.flags & fmt.ENTRY_HEAD else 0
-            self.index.put(tag, loc, piece.payload.nbytes, meta)
-        return True
+            return np.ones(1, dtype=bool)
+        n, upr = len(pieces), self.units_per_region
+        tags = np.fromiter((block_tag(i) for i in ids), dtype=np.uint64, count=n)
+        locs = np.fromiter((s.region * upr + s.offset // UNIT for s in slots), dtype=np.int64,
+                           count=n)
+        gens = np.fromiter((s.gen for s in slots), dtype=np.uint64, count=n)
+        metas = np.fromiter(
+            (p.payload.nbytes | (META_HEAD if p.flags & fmt.ENTRY_HEAD else 0) for p in pieces),
+            dtype=np.uint32, count=n)
+        held, found = self.index.get_many(tags)
+        cur_locs = self.index.locs[held].astype(np.int64)
+        cur_gens = self.regions.gen[cur_locs // upr]
+        newer = found & ((cur_gens > gens) | ((cur_gens == gens) & (cur_locs > locs)))
+        publish = ~newer
+        self.index.put_many(tags[publish], locs[publish].astype(np.uint32), metas[publish])
+        return publish
 
     def _newer_than(self, loc: int, slot: _Slot) -> bool:
         region = loc // self.units_per_region
@@ -689,17 +762,17 @@ class Engine:
             if block_tag(block_id) in self.index:
                 continue  # rewritten meanwhile
             pieces.append(_Piece(block_id, memoryview(payload)))
-            slots.append(self._reserve(fmt.entry_len(len(payload))))
+            slots.append(self._reserve(pieces[-1].elen))
             assert slots[-1].region == self._active  # the budget keeps them in one region
+        if not pieces:
+            return
         ids = [p.block_id for p in pieces]
         try:
-            for run in _contiguous_runs(pieces, slots):
-                self._write_run(run, ids)
+            self._write_runs(_contiguous_runs(pieces, slots), ids)
         finally:
             for slot in slots:
                 self.regions.inflight[slot.region] -= 1
-        for block_id, piece, slot in zip(ids, pieces, slots):
-            self._publish(block_id, piece, slot)
+        self._publish(ids, pieces, slots)
         self.stats_counters.reinserted_blocks += len(pieces)
 
     def _tick(self) -> int:
@@ -737,6 +810,25 @@ class Engine:
             self.regions.last_access[region] = self._tick()
             return found.loc, found.payload_len, int(self.regions.gen[region]), found.head
 
+    def _lookup_many(self, entry_ids: Sequence[bytes]) -> list[tuple[int, int, int, bool] | None]:
+        """_lookup for a batch, under one lock acquisition."""
+        n = len(entry_ids)
+        if n == 0:
+            return []
+        tags = np.fromiter((block_tag(e) for e in entry_ids), dtype=np.uint64, count=n)
+        with self._lock:
+            slots, found = self.index.get_many(tags)
+            held = slots[found]
+            self.index.metas[held] |= np.uint32(META_HIT)
+            locs = self.index.locs[held].astype(np.int64)
+            metas = self.index.metas[held]
+            regions = locs // self.units_per_region
+            self.regions.last_access[regions] = self._tick()
+            gens = self.regions.gen[regions]
+        it = zip(locs.tolist(), (metas & np.uint32(META_LEN_MASK)).tolist(), gens.tolist(),
+                 (metas & np.uint32(META_HEAD) != 0).tolist())
+        return [next(it) if hit else None for hit in found.tolist()]
+
     def _read_block(self, block_id: bytes) -> tuple[bytes, int] | None:
         """The block's bytes and the index location they were read from, or None."""
         found = self._lookup(block_id)
@@ -746,55 +838,80 @@ class Engine:
         entry = self._read_verified(block_id, loc, plen, gen)
         if entry is None:
             return None
-        header, payload = entry
         if not is_head:
-            return payload, loc
-        # A segmented block: the head holds segment 0 and the total length.
-        parts = [payload]
-        got = len(payload)
-        k = 1
-        while got < header.total_len:
-            seg_id = fmt.segment_id(block_id, header.seq, k)
-            seg = self._lookup(seg_id)
-            if seg is None:
-                return None
-            seg_entry = self._read_verified(seg_id, seg[0], seg[1], seg[2])
-            if seg_entry is None:
-                return None
-            parts.append(seg_entry[1])
-            got += len(seg_entry[1])
-            k += 1
-        if got != header.total_len:
+            return entry[1], loc
+        value = self._read_segments(block_id, *entry)
+        return None if value is None else (value, loc)
+
+    def _read_segments(self, block_id: bytes, head: fmt.EntryHeader,
+                       first: bytes) -> bytes | None:
+        """A segmented block, given its head entry (which holds segment 0): the other
+        segments are read SEGMENT_WINDOW at a time, in parallel."""
+        per_segment = len(first)
+        if per_segment == 0 or head.total_len <= per_segment:
+            return None  # a head always holds a full segment and has more to follow
+        count = -(-head.total_len // per_segment)
+        parts = [first]
+        for start in range(1, count, SEGMENT_WINDOW):
+            ids = [fmt.segment_id(block_id, head.seq, k)
+                   for k in range(start, min(count, start + SEGMENT_WINDOW))]
+            wanted = []
+            for entry_id, f in zip(ids, self._lookup_many(ids)):
+                if f is None or f[3]:
+                    return None
+                wanted.append((entry_id, f[0], f[1], f[2]))
+            for entry in self._read_entries(wanted):
+                if entry is None:
+                    return None
+                parts.append(entry[1])
+        if sum(len(p) for p in parts) != head.total_len:
             return None
-        return b"".join(parts), loc
+        return b"".join(parts)
 
     def _read_verified(self, entry_id: bytes, loc: int, plen: int,
                        gen: int) -> tuple[fmt.EntryHeader, bytes] | None:
-        entry = self._read_entry_at(loc, fmt.entry_len(plen), gen)
-        if entry is None or entry[0].block_id != entry_id:
-            with self._lock:
-                current = self.index.get(block_tag(entry_id))
-                region_gen = int(self.regions.gen[loc // self.units_per_region])
-                if region_gen != gen or current is None or current.loc != loc:
-                    # The region was reclaimed (or the block rewritten) under our read.
-                    self.stats_counters.stale_reads += 1
-                else:
-                    self.stats_counters.checksum_failures += 1
-                    self.index.remove(block_tag(entry_id), loc)
-            return None
-        return entry
+        with self.buffers.borrow(fmt.entry_len(plen)) as buf:
+            self.device.read_into(self._device_offset(loc), buf)
+            return self._check_entry(entry_id, loc, gen, buf)
 
-    def _read_entry_at(self, loc: int, elen: int,
-                       gen: int) -> tuple[fmt.EntryHeader, bytes] | None:
-        """Read and verify the entry at `loc`; None if anything does not match."""
+    def _read_entries(self, wanted: list[tuple[bytes, int, int, int]]
+                      ) -> list[tuple[fmt.EntryHeader, bytes] | None]:
+        """_read_verified for a batch of (entry_id, loc, payload_len, gen), read as one
+        device batch."""
+        entries: list[tuple[fmt.EntryHeader, bytes] | None] = [None] * len(wanted)
+        with ExitStack() as borrowed:
+            bufs = [borrowed.enter_context(self.buffers.borrow(fmt.entry_len(plen)))
+                    for _, _, plen, _ in wanted]
+
+            def verify(i: int) -> None:  # runs as each read completes, while others fly
+                entry_id, loc, _, gen = wanted[i]
+                entries[i] = self._check_entry(entry_id, loc, gen, bufs[i])
+
+            self.device.read_many([(self._device_offset(loc), buf)
+                                   for (_, loc, _, _), buf in zip(wanted, bufs)], verify)
+        return entries
+
+    def _device_offset(self, loc: int) -> int:
         region, unit = divmod(loc, self.units_per_region)
-        offset = self.sb.region_offset(region) + unit * UNIT
-        with self.buffers.borrow(elen) as buf:
-            self.device.read_into(offset, buf)
-            entry = _parse_entry(buf, 0, gen)
-            if entry is None or entry[0].entry_len != elen:
-                return None
+        return self.sb.region_offset(region) + unit * UNIT
+
+    def _check_entry(self, entry_id: bytes, loc: int, gen: int,
+                     buf: memoryview) -> tuple[fmt.EntryHeader, bytes] | None:
+        """The entry read from `loc` into buf if it is whole and holds entry_id; else
+        None, counted as a stale read (the region was reclaimed or the block rewritten
+        under the read) or as a checksum failure (then dropped from the index)."""
+        entry = _parse_entry(buf, 0, gen)
+        if entry is not None and entry[0].entry_len == len(buf) and entry[0].block_id == entry_id:
             return entry
+        with self._lock:
+            current = self.index.get(block_tag(entry_id))
+            region_gen = int(self.regions.gen[loc // self.units_per_region])
+            if region_gen != gen or current is None or current.loc != loc:
+                self.stats_counters.stale_reads += 1
+            else:
+                self.stats_counters.checksum_failures += 1
+                self.index.remove(block_tag(entry_id), loc)
+        return None
 
     # ---- recovery --------------------------------------------------------------------
 
@@ -986,7 +1103,7 @@ def _contiguous_runs(pieces: list[_Piece],
     for i, (p, s) in enumerate(zip(pieces, slots)):
         if runs:
             _, lp, ls = runs[-1][-1]
-            if ls.region == s.region and ls.offset + fmt.entry_len(lp.payload.nbytes) == s.offset:
+            if ls.region == s.region and ls.offset + lp.elen == s.offset:
                 runs[-1].append((i, p, s))
                 continue
         runs.append([(i, p, s)])
@@ -999,7 +1116,7 @@ def _split_run(run: list[tuple[int, _Piece, _Slot]],
     chunks: list[list[tuple[int, _Piece, _Slot]]] = [[]]
     size = 0
     for item in run:
-        elen = fmt.entry_len(item[1].payload.nbytes)
+        elen = item[1].elen
         if chunks[-1] and size + elen > limit:
             chunks.append([])
             size = 0
@@ -1026,12 +1143,13 @@ def open_or_create(path: str, size: int, config: EngineConfig) -> Engine:
     of `size` bytes there first if nothing exists yet."""
     from wqs.nvme.device import DirectDevice
 
+    engine, threads = config.io_engine, config.io_threads
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        device = DirectDevice.create_file(path, size)
+        device = DirectDevice.create_file(path, size, io_engine=engine, io_threads=threads)
         Engine.format(device, config, force=True)  # a file we just created holds nothing
     else:
-        device = DirectDevice(path)
+        device = DirectDevice(path, io_engine=engine, io_threads=threads)
     try:
         return Engine.open(device, config)
     except Exception:

@@ -7,6 +7,10 @@ two IDs whose tags collide (odds 2**-64 per pair) cost a miss, never wrong bytes
 
 Slot layout: tag u64 (0 = empty), loc u32 (entry offset in UNITs from the data start),
 meta u32 (payload length in the low 27 bits, flags above).
+
+The `*_many` methods do the same for a batch in a few numpy operations (all probe
+chains advance together), which is what put_many, get_many and region reclaim use:
+per-call Python costs more than the probing itself.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ META_HEAD = 1 << 28  # the entry is the head of a segmented block
 SLOT_BYTES = 16
 
 MAX_LOAD = 0.75  # grow beyond this
+PROBE_WINDOW = 16  # slots find_slots compares per chain and round
+_PROBE_STEPS = np.arange(PROBE_WINDOW, dtype=np.int64)
 GROWTH = 1.5  # so the load after growth is 0.5 and the average stays near 32 B/block
 MIN_CAPACITY = 1024
 
@@ -79,6 +85,65 @@ class Index:
             i += 1
             if i == cap:
                 i = 0
+
+    def find_slots(self, tags: np.ndarray) -> np.ndarray:
+        """For each tag, the slot holding it or the empty slot where it would go.
+
+        Each round looks at PROBE_WINDOW slots of every unfinished chain at once: at
+        the loads this table runs at, the longest of 32 chains is often 10-20 slots,
+        and a round per slot would cost more than the probing itself.
+        """
+        cap = self.capacity
+        slots = (tags % np.uint64(cap)).astype(np.int64)
+        pending = np.arange(len(tags))
+        while len(pending):
+            window = slots[pending, None] + _PROBE_STEPS
+            window[window >= cap] -= cap
+            found = self.tags[window]
+            stop = (found == tags[pending, None]) | (found == 0)
+            ended = stop.any(axis=1)
+            first = stop.argmax(axis=1)
+            slots[pending[ended]] = window[ended, first[ended]]
+            pending = pending[~ended]
+            slots[pending] = (slots[pending] + PROBE_WINDOW) % cap
+        return slots
+
+    def get_many(self, tags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(slots, found) for a batch of tags: found[i] says whether tags[i] is held."""
+        slots = self.find_slots(tags)
+        return slots, self.tags[slots] == tags
+
+    def put_many(self, tags: np.ndarray, locs: np.ndarray, metas: np.ndarray) -> None:
+        """put() for a batch. Where a tag repeats, its last occurrence wins."""
+        assert tags.dtype == np.uint64 and np.all(tags != 0)
+        if len(np.unique(tags)) != len(tags):
+            # Keep each tag's last occurrence (first in the reversed batch).
+            _, first = np.unique(tags[::-1], return_index=True)
+            keep = np.sort(len(tags) - 1 - first)
+            tags, locs, metas = tags[keep], locs[keep], metas[keep]
+        slots, found = self.get_many(tags)
+        self.locs[slots[found]] = locs[found]
+        self.metas[slots[found]] = metas[found]
+        new = ~found
+        if new.any():
+            self._insert_absent(tags[new], locs[new], metas[new])
+
+    def _insert_absent(self, tags: np.ndarray, locs: np.ndarray, metas: np.ndarray) -> None:
+        """Insert distinct tags that are not in the table yet."""
+        while self.count + len(tags) > self.capacity * MAX_LOAD:
+            self._grow()
+        while len(tags):
+            slots = self.find_slots(tags)
+            # Tags whose probes end on distinct empty slots can all go in at once; of
+            # several that end on the same slot, one goes in and the rest probe again.
+            taken, first = np.unique(slots, return_index=True)
+            self.tags[taken] = tags[first]
+            self.locs[taken] = locs[first]
+            self.metas[taken] = metas[first]
+            self.count += len(first)
+            rest = np.ones(len(tags), dtype=bool)
+            rest[first] = False
+            tags, locs, metas = tags[rest], locs[rest], metas[rest]
 
     def get(self, tag: int) -> Location | None:
         i = self._find_slot(tag)
@@ -144,16 +209,9 @@ class Index:
         self.bulk_load(*old)
 
     def bulk_load(self, tags: np.ndarray, locs: np.ndarray, metas: np.ndarray) -> None:
-        """Insert many live slots at once (used on growth and checkpoint load)."""
+        """Insert the live slots of another table (growth; the tags are distinct)."""
         live = np.nonzero(tags)[0]
-        for k in live:
-            tag = int(tags[k])
-            i = self._find_slot(tag)
-            if int(self.tags[i]) == 0:
-                self.count += 1
-            self.tags[i] = tag
-            self.locs[i] = locs[k]
-            self.metas[i] = metas[k]
+        self._insert_absent(tags[live], locs[live], metas[live])
 
     def slots_in_range(self, lo: int, hi: int) -> np.ndarray:
         """Indices of live slots whose loc is in [lo, hi): the entries of one region."""
@@ -161,10 +219,33 @@ class Index:
         return np.nonzero(mask)[0]
 
     def remove_slots(self, slots: np.ndarray) -> None:
-        """Remove the given slots (from slots_in_range): a region is being reclaimed."""
-        tags = [int(self.tags[s]) for s in slots]
-        for tag in tags:
-            self.remove(tag)
+        """Remove the given slots (from slots_in_range): a region is being reclaimed.
+
+        Batch form of backward-shift deletion: empty the slots, then take out every
+        entry between an emptied slot and the next empty one (the only entries whose
+        probe chain may now be broken) and insert those again.
+        """
+        if not len(slots):
+            return
+        slots = np.unique(slots)
+        assert np.all(self.tags[slots] != 0)
+        self.tags[slots] = 0
+        self.locs[slots] = 0
+        self.metas[slots] = 0
+        self.count -= len(slots)
+        displaced = []
+        pos = slots + 1
+        while len(pos):
+            pos[pos >= self.capacity] -= self.capacity
+            pos = pos[self.tags[pos] != 0]
+            displaced.append(pos)
+            pos = pos + 1
+        moved = np.unique(np.concatenate(displaced))
+        if len(moved):
+            tags, locs, metas = self.tags[moved], self.locs[moved], self.metas[moved]
+            self.tags[moved] = 0
+            self.count -= len(moved)
+            self._insert_absent(tags, locs, metas)
 
     def clear(self) -> None:
         self._alloc(MIN_CAPACITY)

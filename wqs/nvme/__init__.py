@@ -1,4 +1,5 @@
-"""Device backends: O_DIRECT file or block device (io_uring and SPDK later)."""
+"""Device backends: O_DIRECT file or block device, batches through native AIO or
+threads (io_uring and SPDK later)."""
 
 from wqs.nvme.device import BlockDevice, DirectDevice, aligned_buffer
 

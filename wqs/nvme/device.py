@@ -4,19 +4,32 @@ The engine sees only the small `BlockDevice` interface below, so an io_uring or 
 backend can replace `DirectDevice` without touching it. Every offset and length handed
 to a device is a multiple of its `align`, and every buffer starts on a page boundary
 (see `aligned_buffer`): that is what O_DIRECT demands.
+
+Single reads and writes are plain preadv/pwritev in the calling thread. Batches
+(`read_many`, `write_many`) go to the device's IO engine: Linux native AIO (one
+io_submit for the batch, see aio.py) or, where AIO is unavailable or not wanted, a pool
+of threads each doing one IO at a time.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import logging
 import mmap
 import os
 import stat
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Iterable, Protocol, Sequence
 
 from wqs.errors import DeviceError
+from wqs.nvme import aio
+
+log = logging.getLogger("wqs.nvme")
+
+IO_ENGINES = ("auto", "aio", "threads")
 
 # ioctl numbers from <linux/fs.h>.
 BLKSSZGET = 0x1268  # logical block size, int
@@ -33,10 +46,22 @@ class BlockDevice(Protocol):
     path: str
     size: int
     align: int
+    io_engine: str  # how batches are done: "aio" or "threads"
 
     def read_into(self, offset: int, buf: memoryview) -> None: ...
 
     def write(self, offset: int, buf: memoryview) -> None: ...
+
+    def read_many(self, requests: Sequence[tuple[int, memoryview]],
+                  on_complete: Callable[[int], None] | None = None) -> None:
+        """Fill every buffer from its offset, in parallel. on_complete(i) runs in the
+        calling thread as soon as request i has its bytes, while others are still in
+        flight. Returns (or raises, if any read failed) once none is in flight."""
+
+    def write_many(self, requests: Iterable[tuple[int, memoryview]]) -> None:
+        """Write every buffer at its offset, in parallel; each request is started as
+        soon as the iterable yields it, so the caller can prepare the next one meanwhile.
+        Returns (or raises, if any write failed) once none is in flight."""
 
     def flush(self) -> None: ...
 
@@ -51,6 +76,51 @@ def aligned_buffer(nbytes: int) -> mmap.mmap:
     """
     assert nbytes > 0
     return mmap.mmap(-1, round_up(nbytes, PAGE_SIZE))
+
+
+class _ThreadBatch:
+    """AioBatch's interface over a thread pool: one pool task per IO, each a
+    preadv/pwritev loop that ends with the bytes transferred or -errno, as AIO does."""
+
+    def __init__(self, pool: ThreadPoolExecutor, fd: int, opcode: int) -> None:
+        self._pool = pool
+        self._fd = fd
+        self._call = os.preadv if opcode == aio.IOCB_CMD_PREAD else os.pwritev
+        self._futures: dict[Future[int], int] = {}
+        self._sizes: list[int] = []
+        self.results: list[int] = []
+
+    def _io(self, offset: int, buf: memoryview) -> int:
+        done = 0
+        try:
+            while done < len(buf):
+                n = self._call(self._fd, [buf[done:]], offset + done)
+                if n <= 0:
+                    break
+                done += n
+        except OSError as e:
+            return -(e.errno or errno.EIO)
+        return done
+
+    def add(self, requests: Sequence[tuple[int, memoryview]]) -> None:
+        for offset, buf in requests:
+            self._futures[self._pool.submit(self._io, offset, buf)] = len(self.results)
+            self.results.append(0)
+            self._sizes.append(len(buf))
+
+    def finish(self, on_complete: Callable[[int], None] | None = None) -> list[int]:
+        error: BaseException | None = None
+        for f in as_completed(self._futures):  # all of them: the buffers are in use
+            i = self._futures[f]
+            self.results[i] = f.result()
+            if on_complete is not None and error is None and self.results[i] == self._sizes[i]:
+                try:
+                    on_complete(i)
+                except BaseException as e:
+                    error = e
+        if error is not None:
+            raise error
+        return self.results
 
 
 def round_up(n: int, align: int) -> int:
@@ -78,11 +148,17 @@ def probe_geometry(fd: int) -> DeviceGeometry:
 class DirectDevice:
     """A block device or regular file opened with O_DIRECT.
 
-    os.preadv/os.pwritev release the GIL, so the engine's callers can keep many IOs in
-    flight from a thread pool.
+    os.preadv/os.pwritev release the GIL, so single IOs from many threads overlap too.
+    `io_engine` picks how batches run: "aio" (Linux native AIO; an error if it is not
+    available), "threads" (a pool of `io_threads`), or "auto" (AIO where available,
+    else threads, with a warning that says why).
     """
 
-    def __init__(self, path: str, *, sync_writes: bool = False) -> None:
+    def __init__(self, path: str, *, sync_writes: bool = False, io_engine: str = "auto",
+                 io_threads: int = 16) -> None:
+        if io_engine not in IO_ENGINES:
+            raise DeviceError(f"io_engine must be one of {', '.join(IO_ENGINES)}, not {io_engine!r}")
+        assert io_threads >= 1
         self.path = path
         flags = os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC
         if sync_writes:
@@ -108,10 +184,26 @@ class DirectDevice:
         self.size = geometry.size
         self.align = geometry.align
         self.is_block_device = geometry.is_block_device
+        self._aio: aio.AioQueue | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        reason = aio.unavailable_reason() if io_engine != "threads" else None
+        if io_engine == "aio" and reason is not None:
+            os.close(self._fd)
+            raise DeviceError(f"{path}: io_engine aio is not available: {reason}")
+        if io_engine != "threads" and reason is None:
+            self._aio = aio.AioQueue(self._fd)
+            self.io_engine = "aio"
+        else:
+            if io_engine == "auto":
+                log.warning("%s: %s; batches use %d IO threads instead", path, reason,
+                            io_threads)
+            self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="wqs-io")
+            self.io_engine = "threads"
         self._closed = False
 
     @classmethod
-    def create_file(cls, path: str, size: int) -> "DirectDevice":
+    def create_file(cls, path: str, size: int, *, io_engine: str = "auto",
+                    io_threads: int = 16) -> "DirectDevice":
         """Create and preallocate a regular file of `size` bytes (the embedded default)."""
         if size <= 0 or size % FILE_ALIGN:
             raise DeviceError(f"device size {size} must be a positive multiple of {FILE_ALIGN}")
@@ -123,7 +215,7 @@ class DirectDevice:
             os.unlink(path)
             raise DeviceError(f"{path}: cannot preallocate {size} bytes: {e.strerror}") from None
         os.close(fd)
-        return cls(path)
+        return cls(path, io_engine=io_engine, io_threads=io_threads)
 
     def _check(self, offset: int, length: int) -> None:
         assert not self._closed, "device is closed"
@@ -153,10 +245,52 @@ class DirectDevice:
                 raise DeviceError(f"{self.path}: short write at {offset + done}")
             done += n
 
+    def read_many(self, requests: Sequence[tuple[int, memoryview]],
+                  on_complete: Callable[[int], None] | None = None) -> None:
+        for offset, buf in requests:
+            self._check(offset, len(buf))
+        batch = self._batch(aio.IOCB_CMD_PREAD)
+        try:
+            batch.add(requests)
+        finally:
+            results = batch.finish(on_complete)
+        self._raise_failures("read", [off for off, _ in requests], requests, results)
+
+    def write_many(self, requests: Iterable[tuple[int, memoryview]]) -> None:
+        done: list[tuple[int, memoryview]] = []
+        batch = self._batch(aio.IOCB_CMD_PWRITE)
+        try:
+            for offset, buf in requests:  # each one is submitted as soon as it exists
+                self._check(offset, len(buf))
+                done.append((offset, buf))
+                batch.add([(offset, buf)])
+        finally:
+            results = batch.finish()
+        self._raise_failures("write", [off for off, _ in done], done, results)
+
+    def _batch(self, opcode: int) -> aio.AioBatch | _ThreadBatch:
+        if self._aio is not None:
+            return self._aio.batch(opcode)
+        assert self._pool is not None
+        return _ThreadBatch(self._pool, self._fd, opcode)
+
+    def _raise_failures(self, what: str, offsets: list[int],
+                        requests: Sequence[tuple[int, memoryview]], results: list[int]) -> None:
+        bad = [i for i, (res, (_, buf)) in enumerate(zip(results, requests)) if res != len(buf)]
+        if bad:
+            res = results[bad[0]]
+            why = os.strerror(-res) if res < 0 else f"short {what} of {res} B"
+            raise DeviceError(f"{self.path}: {what} at {offsets[bad[0]]} failed: {why} "
+                              f"({len(bad)} of {len(requests)} IOs in the batch failed)")
+
     def flush(self) -> None:
         os.fdatasync(self._fd)
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._aio is not None:
+                self._aio.close()
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
             os.close(self._fd)
