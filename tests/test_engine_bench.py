@@ -23,7 +23,7 @@ def test_both_modes_beside_fio(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert rc == 0 and report["wqs_bad_gets"] == 0
     points = {(s["tool"], s["op"], s["qd"]) for s in report["summary"]}
-    assert points == {(tool, op, qd) for tool in ("fio", "wqs", "wqs-batch")
+    assert points == {(tool, op, qd) for tool in ("fio", "fio-batch", "wqs", "wqs-batch")
                       for op in ("put", "get") for qd in (1, 4)}
     assert all(s["iops"] > 0 for s in report["summary"])
     assert report["engine_stats"]["checksum_failures"] == 0

@@ -59,6 +59,9 @@ WRITE_CHUNK = 512 * 1024
 WRITE_WINDOW = 16
 # A segmented block's segments are read this many at a time (bounds buffer memory).
 SEGMENT_WINDOW = 8
+# Up to this many entries are published one by one: below it, numpy's cost per call
+# exceeds what its batch operations save.
+SCALAR_PUBLISH_MAX = 8
 
 Buffer = bytes | bytearray | memoryview
 _ZEROS = memoryview(bytes(UNIT))  # padding source: an entry pads less than one unit
@@ -567,9 +570,9 @@ class Engine:
                     # The DRAM tier follows the index: a block enters it only while
                     # this write is the newest, under the same lock.
                     if hot:
-                        for i in np.flatnonzero(current).tolist():
-                            if ids[i] in hot:
-                                self.dram.put(ids[i], hot[ids[i]])
+                        for entry_id, ok in zip(ids, current):
+                            if ok and entry_id in hot:
+                                self.dram.put(entry_id, hot[entry_id])
                     self.stats_counters.puts += puts
                     self.stats_counters.put_bytes += put_bytes
                 if self._waiting_idle:
@@ -623,20 +626,35 @@ class Engine:
             pos += p.elen
         assert pos == len(buf)
 
-    def _publish(self, ids: list[bytes], pieces: list[_Piece], slots: list[_Slot]) -> np.ndarray:
+    def _publish(self, ids: list[bytes], pieces: list[_Piece],
+                 slots: list[_Slot]) -> list[bool]:
         """Point the index at written entries, except where a newer version is already
         there (a concurrent put of the same ID that reserved later space wins). Returns
         which entries it published. Called with the lock held, so readers see all of
         a batch or none of it.
         """
-        if pieces[0].flags & fmt.ENTRY_TOMBSTONE:
-            assert len(pieces) == 1, "a delete appends its tombstone alone"
-            tag = block_tag(ids[0])
+        if len(pieces) > SCALAR_PUBLISH_MAX:
+            return self._publish_batch(ids, pieces, slots)
+        published = []
+        for entry_id, piece, slot in zip(ids, pieces, slots):
+            tag = block_tag(entry_id)
             current = self.index.get(tag)
-            if current is not None and self._newer_than(current.loc, slots[0]):
-                return np.zeros(1, dtype=bool)
-            self.index.remove(tag)
-            return np.ones(1, dtype=bool)
+            if current is not None and self._newer_than(current.loc, slot):
+                published.append(False)
+                continue
+            if piece.flags & fmt.ENTRY_TOMBSTONE:
+                self.index.remove(tag)
+            else:
+                meta = META_HEAD if piece.flags & fmt.ENTRY_HEAD else 0
+                loc = slot.region * self.units_per_region + slot.offset // UNIT
+                self.index.put(tag, loc, piece.payload.nbytes, meta)
+            published.append(True)
+        return published
+
+    def _publish_batch(self, ids: list[bytes], pieces: list[_Piece],
+                       slots: list[_Slot]) -> list[bool]:
+        """_publish in numpy operations over the whole batch."""
+        assert not any(p.flags & fmt.ENTRY_TOMBSTONE for p in pieces), "deletes come alone"
         n, upr = len(pieces), self.units_per_region
         tags = np.fromiter((block_tag(i) for i in ids), dtype=np.uint64, count=n)
         locs = np.fromiter((s.region * upr + s.offset // UNIT for s in slots), dtype=np.int64,
@@ -650,8 +668,9 @@ class Engine:
         cur_gens = self.regions.gen[cur_locs // upr]
         newer = found & ((cur_gens > gens) | ((cur_gens == gens) & (cur_locs > locs)))
         publish = ~newer
-        self.index.put_many(tags[publish], locs[publish].astype(np.uint32), metas[publish])
-        return publish
+        self.index.put_many(tags[publish], locs[publish].astype(np.uint32), metas[publish],
+                            held[publish])
+        return publish.tolist()
 
     def _newer_than(self, loc: int, slot: _Slot) -> bool:
         region = loc // self.units_per_region

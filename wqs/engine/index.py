@@ -113,27 +113,35 @@ class Index:
         slots = self.find_slots(tags)
         return slots, self.tags[slots] == tags
 
-    def put_many(self, tags: np.ndarray, locs: np.ndarray, metas: np.ndarray) -> None:
-        """put() for a batch. Where a tag repeats, its last occurrence wins."""
+    def put_many(self, tags: np.ndarray, locs: np.ndarray, metas: np.ndarray,
+                 slots: np.ndarray | None = None) -> None:
+        """put() for a batch. Where a tag repeats, its last occurrence wins. `slots`, if
+        given, is find_slots(tags) on the table as it is now (saves probing again)."""
         assert tags.dtype == np.uint64 and np.all(tags != 0)
-        if len(np.unique(tags)) != len(tags):
+        if len(set(tags.tolist())) != len(tags):
             # Keep each tag's last occurrence (first in the reversed batch).
             _, first = np.unique(tags[::-1], return_index=True)
             keep = np.sort(len(tags) - 1 - first)
             tags, locs, metas = tags[keep], locs[keep], metas[keep]
-        slots, found = self.get_many(tags)
+            slots = None
+        if slots is None:
+            slots = self.find_slots(tags)
+        found = self.tags[slots] == tags
         self.locs[slots[found]] = locs[found]
         self.metas[slots[found]] = metas[found]
         new = ~found
         if new.any():
-            self._insert_absent(tags[new], locs[new], metas[new])
+            self._insert_absent(tags[new], locs[new], metas[new], slots[new])
 
-    def _insert_absent(self, tags: np.ndarray, locs: np.ndarray, metas: np.ndarray) -> None:
-        """Insert distinct tags that are not in the table yet."""
+    def _insert_absent(self, tags: np.ndarray, locs: np.ndarray, metas: np.ndarray,
+                       slots: np.ndarray | None = None) -> None:
+        """Insert distinct tags that are not in the table yet (`slots`: as in put_many)."""
         while self.count + len(tags) > self.capacity * MAX_LOAD:
             self._grow()
+            slots = None
         while len(tags):
-            slots = self.find_slots(tags)
+            if slots is None:
+                slots = self.find_slots(tags)
             # Tags whose probes end on distinct empty slots can all go in at once; of
             # several that end on the same slot, one goes in and the rest probe again.
             taken, first = np.unique(slots, return_index=True)
@@ -144,6 +152,7 @@ class Index:
             rest = np.ones(len(tags), dtype=bool)
             rest[first] = False
             tags, locs, metas = tags[rest], locs[rest], metas[rest]
+            slots = None
 
     def get(self, tag: int) -> Location | None:
         i = self._find_slot(tag)
