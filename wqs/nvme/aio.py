@@ -74,6 +74,14 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def _address(buf: memoryview) -> int:
+    """Where a buffer's memory starts (for the kernel to read or write it)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(buf))  # writable: the quick way
+    except TypeError:
+        return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data)
+
+
 class _Context:
     """One kernel AIO context with its iocb and event arrays; used by one batch at a time."""
 
@@ -194,8 +202,7 @@ class AioBatch:
             iocbs["offset"][slots] = [off for off, _ in part]
             iocbs["nbytes"][slots] = [len(buf) for _, buf in part]
             # The caller keeps the buffers alive until finish() returns.
-            iocbs["buf"][slots] = [np.frombuffer(buf, dtype=np.uint8).ctypes.data
-                                   for _, buf in part]
+            iocbs["buf"][slots] = [_address(buf) for _, buf in part]
             self._slot_request[slots] = np.arange(first + pos, first + pos + k)
             taken = self._ctx.submit(self._ctx.iocb_ptrs[slots])
             if taken < 0 and taken == -errno.EAGAIN and len(self._free_slots) + k < MAX_EVENTS:
