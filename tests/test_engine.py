@@ -281,6 +281,41 @@ def test_corrupted_blocks_are_misses_and_the_rest_intact(open_engine, small_conf
         assert engine.get(k) == (None if k in victims else v)
 
 
+def test_get_many_mixes_hits_misses_segments_and_corruption(open_engine, small_config,
+                                                          tmp_path):
+    """One get_many over whole blocks, segmented ones, unknown IDs, a repeated ID, a
+    corrupt block and a block with one corrupt segment: right bytes or None each, and
+    exact counters."""
+    engine = open_engine(small_config, size=32 * MiB)
+    rng = random.Random(11)
+    small = {block_id(i): rng.randbytes(rng.randrange(1, 90_000)) for i in range(20)}
+    big = {block_id(100 + i): rng.randbytes(2 * MiB + 5000 * i) for i in range(3)}
+    engine.put_many(list(small.items()) + list(big.items()))
+    dev = str(tmp_path / "dev")
+
+    def payload_offset(entry_id):
+        loc = engine._lookup(entry_id)[0]
+        return engine._device_offset(loc) + fmt.ENTRY_HEADER_SIZE
+
+    flip_bytes(dev, payload_offset(block_id(3)) + 10)
+    head = engine._read_verified(block_id(101), *engine._lookup(block_id(101))[:3])[0]
+    flip_bytes(dev, payload_offset(fmt.segment_id(block_id(101), head.seq, 2)) + 999)
+    wanted = list(small) + list(big) + [block_id(7), block_id(555), block_id(556)]
+    before = engine.stats()
+    got = engine.get_many(wanted)
+    expect = {**small, **big}
+    bad = {block_id(3), block_id(101), block_id(555), block_id(556)}
+    for k, v in zip(wanted, got):
+        assert v == (None if k in bad else expect[k]), k
+    after = engine.stats()
+    assert after.gets - before.gets == len(wanted)
+    assert after.misses - before.misses == 4
+    assert after.hits_ssd - before.hits_ssd == len(wanted) - 4
+    assert after.checksum_failures - before.checksum_failures == 2
+    assert after.get_bytes - before.get_bytes == sum(
+        len(expect[k]) for k in wanted if k not in bad)
+
+
 def test_torn_header_mid_region_is_skipped_by_the_scan(open_engine, small_config, tmp_path):
     engine = open_engine(small_config)
     for i in range(10):
@@ -461,6 +496,22 @@ def test_a_write_larger_than_the_device_can_hold_is_refused(open_engine, small_c
         engine.put(block_id(1), bytes(5 * MiB))
     engine.put(block_id(2), b"still works")
     assert engine.get(block_id(2)) == b"still works"
+
+
+def test_get_many_serves_the_dram_tier_first_and_refills_it(open_engine, small_config):
+    engine = open_engine(dataclasses.replace(small_config, dram_cache_bytes=4 * MiB))
+    blocks = {block_id(i): os.urandom(50_000) for i in range(10)}
+    engine.put_many(list(blocks.items()))  # write-through: all of them enter the tier
+    s0 = engine.stats()
+    assert engine.get_many(list(blocks)) == list(blocks.values())
+    s1 = engine.stats()
+    assert (s1.hits_dram - s0.hits_dram, s1.hits_ssd - s0.hits_ssd) == (10, 0)
+    engine.dram.clear()
+    assert engine.get_many(list(blocks)) == list(blocks.values())
+    s2 = engine.stats()
+    assert (s2.hits_dram - s1.hits_dram, s2.hits_ssd - s1.hits_ssd) == (0, 10)
+    assert engine.get_many(list(blocks)) == list(blocks.values())  # read from the tier again
+    assert engine.stats().hits_dram - s2.hits_dram == 10
 
 
 def test_dram_tier_never_serves_an_overwritten_version(open_engine, small_config):
