@@ -4,14 +4,16 @@ Write path: a put reserves space at the head of the open region under the lock, 
 writes header and payload with O_DIRECT writes outside the lock, then publishes the
 new location in the index. Concurrent puts are group-committed, as LevelDB's writer
 queue does: they queue, and the thread at the front writes the whole queue as one
-reservation and a few large writes while the others sleep until theirs is done. When
-no region is free, the oldest sealed region (FIFO) or the least recently read one (LRU)
-is reclaimed whole, after its recently read blocks have been copied forward
-(reinsertion).
+reservation and a few large writes while the others sleep until theirs is done. The
+writes of a group go to the device as one batch (native AIO where available), each
+chunk submitted as soon as it is laid out. When no region is free, the oldest sealed
+region (FIFO) or the least recently read one (LRU) is reclaimed whole, after its
+recently read blocks have been copied forward (reinsertion).
 
 Read path: look up the location, read the entry outside the lock, and return the
 payload only if the header checksum, the block ID, the region generation and the
-payload checksum all match. Anything else is a miss.
+payload checksum all match. Anything else is a miss. get_many looks a batch up under
+one lock and reads it as one device batch, verifying each entry as its read completes.
 
 See FORMAT.md beside this file for the on-device layout and recovery.
 """
@@ -323,6 +325,8 @@ class Engine:
     def get_many(self, block_ids: Sequence[bytes]) -> list[bytes | None]:
         """get() for a batch, results in the order of block_ids: one index lookup under
         one lock, then one device batch for every block not in the DRAM tier."""
+        if len(block_ids) == 1:
+            return [self.get(block_ids[0])]  # a batch of one costs more than a get
         values: list[bytes | None] = [None] * len(block_ids)
         todo = []
         dram_hits = dram_bytes = 0
