@@ -27,6 +27,7 @@ import subprocess
 import threading
 import time
 import uuid as uuidlib
+from array import array
 from collections import deque
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -652,6 +653,7 @@ class Engine:
                 meta = META_HEAD if piece.flags & fmt.ENTRY_HEAD else 0
                 loc = slot.region * self.units_per_region + slot.offset // UNIT
                 self.index.put(tag, loc, piece.payload.nbytes, meta)
+                self.regions.record_one(slot.region, tag)
             published.append(True)
         return published
 
@@ -674,6 +676,9 @@ class Engine:
         publish = ~newer
         self.index.put_many(tags[publish], locs[publish].astype(np.uint32), metas[publish],
                             held[publish])
+        regions = locs // upr
+        for region in np.unique(regions[publish]).tolist():
+            self.regions.record(region, tags[publish & (regions == region)])
         return publish.tolist()
 
     def _newer_than(self, loc: int, slot: _Slot) -> bool:
@@ -743,7 +748,7 @@ class Engine:
         key = r.last_access if self.config.eviction == "lru" else r.gen
         victim = int(candidates[np.argmin(key[candidates])])
         lo = victim * self.units_per_region
-        slots = self.index.slots_in_range(lo, lo + self.units_per_region)
+        slots = self.index.slots_at(r.written_tags(victim), lo, lo + self.units_per_region)
         reinsert = self._read_hits(victim, slots) if self.config.reinsert_hits else []
         self.index.remove_slots(slots)
         r.state[victim] = FREE
@@ -955,6 +960,7 @@ class Engine:
         if not (self.sb.clean and self._load_checkpoint()):
             how = "scan"
             self._scan()
+        self.regions.rebuild_tags(self.index, self.units_per_region)
         self.stats_counters.recovered_blocks = self.index.count
         # From here on the checkpoint is stale: a crash must lead to a scan.
         self.sb = dataclasses.replace(self.sb, flags=self.sb.flags & ~fmt.SB_CLEAN, checkpoint_seq=0)
@@ -1087,7 +1093,13 @@ def _scan_region(buf: memoryview, gen: int) -> list[tuple[int, fmt.EntryHeader]]
 
 
 class _RegionTable:
-    """Per-region state in numpy arrays (a region is the unit of allocation and eviction)."""
+    """Per-region state in numpy arrays (a region is the unit of allocation and eviction).
+
+    Each region also keeps the index tags of the entries published into it (8 B per
+    entry), so that reclaiming it finds its index slots by probing for those tags:
+    scanning the whole index instead costs time in proportion to the device (30 ms
+    per reclaim at 30 M slots, about a terabyte of 64 KiB blocks), under the engine lock.
+    """
 
     def __init__(self, n: int) -> None:
         self.gen = np.zeros(n, dtype=np.uint64)
@@ -1095,18 +1107,43 @@ class _RegionTable:
         self.state = np.zeros(n, dtype=np.uint8)
         self.last_access = np.zeros(n, dtype=np.uint64)
         self.inflight = np.zeros(n, dtype=np.int64)
+        self._tags = [array("Q") for _ in range(n)]
 
     def open(self, region: int, gen: int, now: int) -> None:
         self.gen[region] = gen
         self.state[region] = OPEN
         self.write_ptr[region] = UNIT
         self.last_access[region] = now
+        self._tags[region] = array("Q")
 
     def reset(self) -> None:
         self.gen[:] = 0
         self.write_ptr[:] = 0
         self.state[:] = FREE
         self.last_access[:] = 0
+        self._tags = [array("Q") for _ in range(len(self._tags))]
+
+    def record(self, region: int, tags: np.ndarray) -> None:
+        """Entries with these index tags were published into `region`."""
+        self._tags[region].frombytes(tags.astype(np.uint64).tobytes())
+
+    def record_one(self, region: int, tag: int) -> None:
+        self._tags[region].append(tag)
+
+    def written_tags(self, region: int) -> np.ndarray:
+        return np.frombuffer(self._tags[region], dtype=np.uint64)
+
+    def rebuild_tags(self, index: Index, units_per_region: int) -> None:
+        """The per-region tags of every live index entry (after a checkpoint or scan)."""
+        live = np.flatnonzero(index.tags)
+        regions = index.locs[live] // units_per_region
+        order = np.argsort(regions, kind="stable")
+        regions, tags = regions[order], index.tags[live][order]
+        bounds = np.flatnonzero(np.diff(regions)) + 1
+        self._tags = [array("Q") for _ in range(len(self._tags))]
+        for part in np.split(np.arange(len(tags)), bounds):
+            if len(part):
+                self.record(int(regions[part[0]]), tags[part])
 
 
 def _checkpoint_body(regions: _RegionTable, index: Index) -> bytes:

@@ -222,6 +222,14 @@ class Index:
         live = np.nonzero(tags)[0]
         self._insert_absent(tags[live], locs[live], metas[live])
 
+    def slots_at(self, tags: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        """Distinct slots holding one of `tags` with a loc in [lo, hi): the entries of one
+        region, found from the tags written into it, without scanning the table."""
+        slots, found = self.get_many(tags)
+        slots = slots[found]
+        locs = self.locs[slots]
+        return np.unique(slots[(locs >= lo) & (locs < hi)])
+
     def slots_in_range(self, lo: int, hi: int) -> np.ndarray:
         """Indices of live slots whose loc is in [lo, hi): the entries of one region."""
         mask = (self.locs >= lo) & (self.locs < hi) & (self.tags != 0)
