@@ -348,7 +348,11 @@ class Engine:
         for (i, f), entry in zip(reads, entries):
             if entry is None:
                 continue
-            value = entry[1] if not f[3] else self._read_segments(block_ids[i], *entry)
+            if f[3]:
+                parts = self._read_segments(block_ids[i], *entry)
+                value = None if parts is None else b"".join(parts)
+            else:
+                value = entry[1]
             if value is not None:
                 values[i] = value
                 read_locs.append((i, f[0], value))
@@ -863,18 +867,27 @@ class Engine:
         if found is None:
             return None
         loc, plen, gen, is_head = found
-        entry = self._read_verified(block_id, loc, plen, gen)
-        if entry is None:
-            return None
         if not is_head:
-            return entry[1], loc
-        value = self._read_segments(block_id, *entry)
-        return None if value is None else (value, loc)
+            entry = self._read_verified(block_id, loc, plen, gen)
+            return None if entry is None else (entry[1], loc)
+        # A segmented block: its pieces stay in the read buffers until one join copies
+        # them out (copying each piece out first doubled the copying, the larger cost
+        # of a 32 MiB read on a machine with little memory bandwidth).
+        with ExitStack() as keep:
+            buf = keep.enter_context(self.buffers.borrow(fmt.entry_len(plen)))
+            self.device.read_into(self._device_offset(loc), buf)
+            head = self._check_entry(block_id, loc, gen, buf, copy=False)
+            if head is None:
+                return None
+            parts = self._read_segments(block_id, head[0], head[1], keep)
+            return None if parts is None else (b"".join(parts), loc)
 
-    def _read_segments(self, block_id: bytes, head: fmt.EntryHeader,
-                       first: bytes) -> bytes | None:
-        """A segmented block, given its head entry (which holds segment 0): the other
-        segments are read SEGMENT_WINDOW at a time, in parallel."""
+    def _read_segments(self, block_id: bytes, head: fmt.EntryHeader, first: Buffer,
+                       keep: ExitStack | None = None) -> list[Buffer] | None:
+        """The pieces of a segmented block, given its head entry (which holds segment
+        0), or None if any is missing or damaged. The other segments are read
+        SEGMENT_WINDOW at a time, in parallel; with `keep`, they are views into buffers
+        that stay borrowed until `keep` closes."""
         per_segment = len(first)
         if per_segment == 0 or head.total_len <= per_segment:
             return None  # a head always holds a full segment and has more to follow
@@ -888,13 +901,13 @@ class Engine:
                 if f is None or f[3]:
                     return None
                 wanted.append((entry_id, f[0], f[1], f[2]))
-            for entry in self._read_entries(wanted):
+            for entry in self._read_entries(wanted, keep):
                 if entry is None:
                     return None
                 parts.append(entry[1])
         if sum(len(p) for p in parts) != head.total_len:
             return None
-        return b"".join(parts)
+        return parts
 
     def _read_verified(self, entry_id: bytes, loc: int, plen: int,
                        gen: int) -> tuple[fmt.EntryHeader, bytes] | None:
@@ -902,17 +915,19 @@ class Engine:
             self.device.read_into(self._device_offset(loc), buf)
             return self._check_entry(entry_id, loc, gen, buf)
 
-    def _read_entries(self, wanted: list[tuple[bytes, int, int, int]]
-                      ) -> list[tuple[fmt.EntryHeader, bytes] | None]:
+    def _read_entries(self, wanted: list[tuple[bytes, int, int, int]],
+                      keep: ExitStack | None = None) -> list[tuple[fmt.EntryHeader, Buffer] | None]:
         """_read_verified for a batch of (entry_id, loc, payload_len, gen), read as one
-        device batch."""
-        entries: list[tuple[fmt.EntryHeader, bytes] | None] = [None] * len(wanted)
+        device batch. With `keep`, payloads are views into a buffer that stays borrowed
+        until `keep` closes, instead of copies."""
+        entries: list[tuple[fmt.EntryHeader, Buffer] | None] = [None] * len(wanted)
         if not wanted:
             return entries
         sizes = [fmt.entry_len(plen) for _, _, plen, _ in wanted]
         # One buffer for the batch, cut at entry boundaries (multiples of UNIT, so every
         # piece stays aligned for O_DIRECT): one pool round trip instead of one per entry.
-        with self.buffers.borrow(sum(sizes)) as arena:
+        with ExitStack() as local:
+            arena = (keep or local).enter_context(self.buffers.borrow(sum(sizes)))
             bufs, pos = [], 0
             for n in sizes:
                 bufs.append(arena[pos : pos + n])
@@ -920,7 +935,7 @@ class Engine:
 
             def verify(i: int) -> None:  # runs as each read completes, while others fly
                 entry_id, loc, _, gen = wanted[i]
-                entries[i] = self._check_entry(entry_id, loc, gen, bufs[i])
+                entries[i] = self._check_entry(entry_id, loc, gen, bufs[i], copy=keep is None)
 
             try:
                 self.device.read_many([(self._device_offset(loc), buf)
@@ -934,12 +949,13 @@ class Engine:
         region, unit = divmod(loc, self.units_per_region)
         return self.sb.region_offset(region) + unit * UNIT
 
-    def _check_entry(self, entry_id: bytes, loc: int, gen: int,
-                     buf: memoryview) -> tuple[fmt.EntryHeader, bytes] | None:
+    def _check_entry(self, entry_id: bytes, loc: int, gen: int, buf: memoryview,
+                     copy: bool = True) -> tuple[fmt.EntryHeader, Buffer] | None:
         """The entry read from `loc` into buf if it is whole and holds entry_id; else
         None, counted as a stale read (the region was reclaimed or the block rewritten
-        under the read) or as a checksum failure (then dropped from the index)."""
-        entry = _parse_entry(buf, 0, gen)
+        under the read) or as a checksum failure (then dropped from the index). Its
+        payload is a copy, or (copy=False) a view into buf."""
+        entry = _parse_entry(buf, 0, gen, copy)
         if entry is not None and entry[0].entry_len == len(buf) and entry[0].block_id == entry_id:
             return entry
         with self._lock:
@@ -1052,8 +1068,10 @@ class Engine:
         self._access_clock = max_seq
 
 
-def _parse_entry(buf: memoryview, pos: int, gen: int) -> tuple[fmt.EntryHeader, bytes] | None:
-    """The verified entry at buf[pos:] of generation `gen`, or None."""
+def _parse_entry(buf: memoryview, pos: int, gen: int,
+                 copy: bool = True) -> tuple[fmt.EntryHeader, Buffer] | None:
+    """The verified entry at buf[pos:] of generation `gen` (its payload copied out, or a
+    view into buf), or None."""
     header = fmt.unpack_entry_header(buf, pos)
     if header is None or header.gen != gen or pos + header.entry_len > len(buf):
         return None
@@ -1061,7 +1079,7 @@ def _parse_entry(buf: memoryview, pos: int, gen: int) -> tuple[fmt.EntryHeader, 
     payload = buf[start : start + header.payload_len]
     if fmt.checksum(payload) != header.payload_checksum:
         return None
-    return header, payload.tobytes()
+    return header, payload.tobytes() if copy else payload
 
 
 def _scan_region(buf: memoryview, gen: int) -> list[tuple[int, fmt.EntryHeader]]:
