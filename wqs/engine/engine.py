@@ -341,18 +341,15 @@ class Engine:
                 dram_hits += 1
                 dram_bytes += len(value)
         found = self._lookup_many([block_ids[i] for i in todo])
-        reads = [(i, f) for i, f in zip(todo, found) if f is not None]
+        reads = [(i, f) for i, f in zip(todo, found) if f is not None and not f[3]]
+        heads = [(i, f) for i, f in zip(todo, found) if f is not None and f[3]]
         entries = self._read_entries([(block_ids[i], f[0], f[1], f[2]) for i, f in reads])
         read_locs = []
         ssd_bytes = 0
-        for (i, f), entry in zip(reads, entries):
-            if entry is None:
-                continue
-            if f[3]:
-                parts = self._read_segments(block_ids[i], *entry)
-                value = None if parts is None else b"".join(parts)
-            else:
-                value = entry[1]
+        got = [(i, f, None if e is None else e[1]) for (i, f), e in zip(reads, entries)]
+        # Segmented blocks one at a time, each with its segments in parallel.
+        got += [(i, f, self._read_segmented(block_ids[i], f[0], f[1], f[2])) for i, f in heads]
+        for i, f, value in got:
             if value is not None:
                 values[i] = value
                 read_locs.append((i, f[0], value))
@@ -867,12 +864,16 @@ class Engine:
         if found is None:
             return None
         loc, plen, gen, is_head = found
-        if not is_head:
-            entry = self._read_verified(block_id, loc, plen, gen)
-            return None if entry is None else (entry[1], loc)
-        # A segmented block: its pieces stay in the read buffers until one join copies
-        # them out (copying each piece out first doubled the copying, the larger cost
-        # of a 32 MiB read on a machine with little memory bandwidth).
+        if is_head:
+            value = self._read_segmented(block_id, loc, plen, gen)
+            return None if value is None else (value, loc)
+        entry = self._read_verified(block_id, loc, plen, gen)
+        return None if entry is None else (entry[1], loc)
+
+    def _read_segmented(self, block_id: bytes, loc: int, plen: int, gen: int) -> bytes | None:
+        """A segmented block whose head entry is at `loc`. Its pieces stay in the read
+        buffers until one join copies them out: copying each piece out first doubled
+        the copying, the larger cost of a 32 MiB read where memory bandwidth is low."""
         with ExitStack() as keep:
             buf = keep.enter_context(self.buffers.borrow(fmt.entry_len(plen)))
             self.device.read_into(self._device_offset(loc), buf)
@@ -880,14 +881,14 @@ class Engine:
             if head is None:
                 return None
             parts = self._read_segments(block_id, head[0], head[1], keep)
-            return None if parts is None else (b"".join(parts), loc)
+            return None if parts is None else b"".join(parts)
 
     def _read_segments(self, block_id: bytes, head: fmt.EntryHeader, first: Buffer,
-                       keep: ExitStack | None = None) -> list[Buffer] | None:
+                       keep: ExitStack) -> list[Buffer] | None:
         """The pieces of a segmented block, given its head entry (which holds segment
         0), or None if any is missing or damaged. The other segments are read
-        SEGMENT_WINDOW at a time, in parallel; with `keep`, they are views into buffers
-        that stay borrowed until `keep` closes."""
+        SEGMENT_WINDOW at a time, in parallel, into buffers that stay borrowed until
+        `keep` closes."""
         per_segment = len(first)
         if per_segment == 0 or head.total_len <= per_segment:
             return None  # a head always holds a full segment and has more to follow
