@@ -871,44 +871,44 @@ class Engine:
         return None if entry is None else (entry[1], loc)
 
     def _read_segmented(self, block_id: bytes, loc: int, plen: int, gen: int) -> bytes | None:
-        """A segmented block whose head entry is at `loc`. Its pieces stay in the read
-        buffers until one join copies them out: copying each piece out first doubled
-        the copying, the larger cost of a 32 MiB read where memory bandwidth is low."""
-        with ExitStack() as keep:
-            buf = keep.enter_context(self.buffers.borrow(fmt.entry_len(plen)))
-            self.device.read_into(self._device_offset(loc), buf)
-            head = self._check_entry(block_id, loc, gen, buf, copy=False)
-            if head is None:
-                return None
-            parts = self._read_segments(block_id, head[0], head[1], keep)
-            return None if parts is None else b"".join(parts)
+        """A segmented block whose head entry is at `loc`, or None if any piece is
+        missing or damaged.
 
-    def _read_segments(self, block_id: bytes, head: fmt.EntryHeader, first: Buffer,
-                       keep: ExitStack) -> list[Buffer] | None:
-        """The pieces of a segmented block, given its head entry (which holds segment
-        0), or None if any is missing or damaged. The other segments are read
-        SEGMENT_WINDOW at a time, in parallel, into buffers that stay borrowed until
-        `keep` closes."""
-        per_segment = len(first)
-        if per_segment == 0 or head.total_len <= per_segment:
-            return None  # a head always holds a full segment and has more to follow
-        count = -(-head.total_len // per_segment)
-        parts = [first]
-        for start in range(1, count, SEGMENT_WINDOW):
-            ids = [fmt.segment_id(block_id, head.seq, k)
-                   for k in range(start, min(count, start + SEGMENT_WINDOW))]
-            wanted = []
-            for entry_id, f in zip(ids, self._lookup_many(ids)):
-                if f is None or f[3]:
-                    return None
-                wanted.append((entry_id, f[0], f[1], f[2]))
-            for entry in self._read_entries(wanted, keep):
-                if entry is None:
-                    return None
-                parts.append(entry[1])
-        if sum(len(p) for p in parts) != head.total_len:
+        The head's header is read first (one unit) for the IDs of the other segments;
+        then the head and the segments are read together, SEGMENT_WINDOW at a time. The
+        pieces stay in the read buffers until one join copies them out: copying each
+        piece out first doubled the copying, the larger cost of a 32 MiB read where
+        memory bandwidth is low.
+        """
+        with self.buffers.borrow(UNIT) as unit:
+            self.device.read_into(self._device_offset(loc), unit)
+            head = fmt.unpack_entry_header(unit)
+        if (head is None or head.block_id != block_id or head.gen != gen
+                or head.payload_len != plen or not head.flags & fmt.ENTRY_HEAD
+                or plen == 0 or head.total_len <= plen):
+            self._read_verified(block_id, loc, plen, gen)  # counts why it is unusable
             return None
-        return parts
+        count = -(-head.total_len // plen)
+        ids = [block_id] + [fmt.segment_id(block_id, head.seq, k) for k in range(1, count)]
+        parts: list[Buffer] = []
+        with ExitStack() as keep:
+            for start in range(0, count, SEGMENT_WINDOW):
+                window = ids[start : start + SEGMENT_WINDOW]
+                found = self._lookup_many(window[1:] if start == 0 else window)
+                if start == 0:
+                    found.insert(0, (loc, plen, gen, True))
+                wanted = []
+                for k, (entry_id, f) in enumerate(zip(window, found)):
+                    if f is None or f[3] != (start + k == 0):
+                        return None
+                    wanted.append((entry_id, f[0], f[1], f[2]))
+                for entry in self._read_entries(wanted, keep):
+                    if entry is None:
+                        return None
+                    parts.append(entry[1])
+            if sum(len(p) for p in parts) != head.total_len:
+                return None
+            return b"".join(parts)
 
     def _read_verified(self, entry_id: bytes, loc: int, plen: int,
                        gen: int) -> tuple[fmt.EntryHeader, bytes] | None:
