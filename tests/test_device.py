@@ -134,3 +134,22 @@ def test_engine_refuses_a_device_opened_with_another_io_engine(tmp_path):
             Engine.open(device, config)
     finally:
         device.close()
+
+
+def test_a_forked_child_can_use_the_device(device):
+    bufs = _buffers(4)
+    for i, buf in enumerate(bufs):
+        buf[:] = bytes([i + 1]) * BLOCK
+    device.write_many([(i * BLOCK, b) for i, b in enumerate(bufs)])  # contexts exist now
+    pid = os.fork()
+    if pid == 0:  # the child: AIO contexts are not inherited, new ones must be made
+        code = 1
+        try:
+            back = _buffers(4)
+            device.read_many([(i * BLOCK, b) for i, b in enumerate(back)])
+            code = 0 if all(a == b for a, b in zip(bufs, back)) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    device.read_many([(0, bufs[0])])  # and the parent's contexts still work

@@ -134,8 +134,13 @@ class AioQueue:
         self._nums = _SYSCALLS[platform.machine()]
         self._free: list[_Context] = []
         self._all: list[_Context] = []
+        self._pid = os.getpid()
 
     def batch(self, opcode: int) -> "AioBatch":
+        if os.getpid() != self._pid:
+            # A forked child does not inherit AIO contexts: start afresh (the parent's
+            # are not the child's to destroy).
+            self._free, self._all, self._pid = [], [], os.getpid()
         try:
             ctx = self._free.pop()
         except IndexError:
@@ -154,7 +159,7 @@ class AioQueue:
             self._all.remove(ctx)
 
     def close(self) -> None:
-        for ctx in self._all:
+        for ctx in self._all if os.getpid() == self._pid else []:
             ctx.destroy()
         self._all.clear()
         self._free.clear()
