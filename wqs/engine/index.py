@@ -231,12 +231,13 @@ class Index:
         return np.unique(slots[(locs >= lo) & (locs < hi)])
 
     def slots_in_range(self, lo: int, hi: int) -> np.ndarray:
-        """Indices of live slots whose loc is in [lo, hi): the entries of one region."""
+        """Indices of live slots whose loc is in [lo, hi), by scanning the whole table
+        (time in proportion to the table; the engine uses slots_at, tests compare)."""
         mask = (self.locs >= lo) & (self.locs < hi) & (self.tags != 0)
         return np.nonzero(mask)[0]
 
     def remove_slots(self, slots: np.ndarray) -> None:
-        """Remove the given slots (from slots_in_range): a region is being reclaimed.
+        """Remove the given slots (from slots_at): a region is being reclaimed.
 
         Batch form of backward-shift deletion: empty the slots, then take out every
         entry between an emptied slot and the next empty one (the only entries whose
