@@ -983,8 +983,9 @@ class Engine:
         self.sb = dataclasses.replace(self.sb, flags=self.sb.flags & ~fmt.SB_CLEAN, checkpoint_seq=0)
         _write_padded(self.device, 0, fmt.pack_superblock(self.sb))
         self.device.flush()
-        log.info("recovered %d blocks from %s in %.2fs (uuid %s)", self.index.count, how,
-                 time.monotonic() - started, self.sb.uuid_str())
+        log.info("recovered %d blocks from %s in %.2fs (uuid %s, io_engine %s)",
+                 self.index.count, how, time.monotonic() - started, self.sb.uuid_str(),
+                 self.device.io_engine)
 
     def _write_checkpoint(self) -> None:
         self._seq += 1
