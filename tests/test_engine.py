@@ -234,6 +234,25 @@ def test_reclaim_finds_a_regions_entries_from_its_tags_across_recovery(open_engi
     _assert_regions_know_their_entries(engine)
 
 
+def test_a_large_get_many_is_read_in_windows(open_engine, small_config, monkeypatch):
+    from wqs.engine import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "READ_WINDOW", 256 * 1024)
+    engine = open_engine(small_config)
+    blocks = {block_id(i): os.urandom(60_000 + i) for i in range(20)}  # 64 KiB entries
+    engine.put_many(list(blocks.items()))
+    batches = []
+    real_read_many = engine.device.read_many
+
+    def recording_read_many(requests, on_complete=None):
+        batches.append(sum(len(buf) for _, buf in requests))
+        real_read_many(requests, on_complete)
+
+    engine.device.read_many = recording_read_many
+    assert engine.get_many(list(blocks)) == list(blocks.values())
+    assert len(batches) == 5 and max(batches) <= 256 * 1024  # 4 entries per window
+
+
 def test_full_device_evicts_and_never_fails_a_put(open_engine, small_config):
     engine = open_engine(small_config, size=16 * MiB)
     capacity = engine.stats().capacity_bytes

@@ -60,8 +60,10 @@ COMMIT_GROUP_BYTES = 4 * 1024 * 1024
 # idle, and the window bounds the buffer memory one group holds.
 WRITE_CHUNK = 512 * 1024
 WRITE_WINDOW = 16
-# A segmented block's segments are read this many at a time (bounds buffer memory).
+# A segmented block's segments are read this many at a time, and get_many reads at
+# most this many bytes per device batch (both bound the buffer memory a read holds).
 SEGMENT_WINDOW = 8
+READ_WINDOW = 32 * 1024 * 1024
 # Up to this many entries are published one by one: below it, numpy's cost per call
 # exceeds what its batch operations save.
 SCALAR_PUBLISH_MAX = 8
@@ -919,12 +921,22 @@ class Engine:
     def _read_entries(self, wanted: list[tuple[bytes, int, int, int]],
                       keep: ExitStack | None = None) -> list[tuple[fmt.EntryHeader, Buffer] | None]:
         """_read_verified for a batch of (entry_id, loc, payload_len, gen), read as one
-        device batch. With `keep`, payloads are views into a buffer that stays borrowed
-        until `keep` closes, instead of copies."""
-        entries: list[tuple[fmt.EntryHeader, Buffer] | None] = [None] * len(wanted)
+        device batch (READ_WINDOW bytes at a time, so a huge batch does not need its
+        whole size in buffers at once). With `keep`, payloads are views into a buffer
+        that stays borrowed until `keep` closes, instead of copies."""
+        sizes = [fmt.entry_len(plen) for _, _, plen, _ in wanted]
+        if keep is None and len(wanted) > 1 and sum(sizes) > READ_WINDOW:
+            entries: list[tuple[fmt.EntryHeader, Buffer] | None] = []
+            start = total = 0
+            for end, n in enumerate(sizes):
+                if total and total + n > READ_WINDOW:
+                    entries += self._read_entries(wanted[start:end])
+                    start, total = end, 0
+                total += n
+            return entries + self._read_entries(wanted[start:])
+        entries = [None] * len(wanted)
         if not wanted:
             return entries
-        sizes = [fmt.entry_len(plen) for _, _, plen, _ in wanted]
         # One buffer for the batch, cut at entry boundaries (multiples of UNIT, so every
         # piece stays aligned for O_DIRECT): one pool round trip instead of one per entry.
         with ExitStack() as local:
