@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
 
 import pytest
 
@@ -153,3 +154,30 @@ def test_a_forked_child_can_use_the_device(device):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     device.read_many([(0, bufs[0])])  # and the parent's contexts still work
+
+
+def test_concurrent_batches_share_a_bounded_number_of_contexts(tmp_path, monkeypatch):
+    if (reason := aio.unavailable_reason()) is not None:
+        pytest.skip(f"native AIO is not available here: {reason}")
+    monkeypatch.setattr(aio, "MAX_CONTEXTS", 2)
+    dev = DirectDevice.create_file(str(tmp_path / "dev"), 8 * MiB, io_engine="aio")
+    errors = []
+
+    def reader(k):
+        bufs = _buffers(8)
+        try:
+            for _ in range(50):
+                dev.read_many([(((k * 8 + i) % 2048) * BLOCK, b) for i, b in enumerate(bufs)])
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert not errors
+        assert 1 <= len(dev._aio._all) <= 2  # six threads waited their turn for two
+    finally:
+        dev.close()

@@ -19,6 +19,7 @@ import ctypes
 import errno
 import os
 import platform
+import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -29,6 +30,7 @@ from wqs.errors import DeviceError
 IOCB_CMD_PREAD = 0
 IOCB_CMD_PWRITE = 1
 MAX_EVENTS = 256  # IOs in flight per context; a larger batch goes in rounds
+MAX_CONTEXTS = 8  # contexts per device: 256 events each count against fs.aio-max-nr
 
 
 @dataclass(frozen=True)
@@ -122,8 +124,11 @@ class _Context:
 
 class AioQueue:
     """Batches of reads or writes on one file descriptor. Thread-safe: each batch takes
-    a context from a free list (list.pop and append are atomic), so concurrent batches
-    never see each other's completions."""
+    a context of its own, so concurrent batches never see each other's completions.
+
+    Contexts are made as concurrent batches need them, up to MAX_CONTEXTS; beyond that
+    (or when the kernel's fs.aio-max-nr is used up) a batch waits for one to be free.
+    """
 
     def __init__(self, fd: int) -> None:
         reason = unavailable_reason()
@@ -135,34 +140,50 @@ class AioQueue:
         self._free: list[_Context] = []
         self._all: list[_Context] = []
         self._pid = os.getpid()
+        self._changed = threading.Condition(threading.Lock())
 
     def batch(self, opcode: int) -> "AioBatch":
-        if os.getpid() != self._pid:
-            # A forked child does not inherit AIO contexts: start afresh (the parent's
-            # are not the child's to destroy).
-            self._free, self._all, self._pid = [], [], os.getpid()
-        try:
-            ctx = self._free.pop()
-        except IndexError:
-            try:
-                ctx = _Context(self._syscall, self._nums, MAX_EVENTS)
-            except OSError as e:
-                raise DeviceError(f"io_setup failed: {e.strerror}") from None
-            self._all.append(ctx)
+        with self._changed:
+            if os.getpid() != self._pid:
+                # A forked child does not inherit AIO contexts: start afresh (the
+                # parent's are not the child's to destroy).
+                self._free, self._all, self._pid = [], [], os.getpid()
+            ctx = None
+            while ctx is None:
+                if self._free:
+                    ctx = self._free.pop()
+                elif len(self._all) < MAX_CONTEXTS and (ctx := self._new_context()):
+                    self._all.append(ctx)
+                else:
+                    self._changed.wait()  # until another batch gives its context back
         return AioBatch(self, ctx, opcode, self._fd)
 
+    def _new_context(self) -> _Context | None:
+        """A new context, or None if the system is out of AIO events but this queue
+        has contexts of its own that will come free."""
+        try:
+            return _Context(self._syscall, self._nums, MAX_EVENTS)
+        except OSError as e:
+            if e.errno == errno.EAGAIN and self._all:
+                return None
+            raise DeviceError(f"io_setup failed: {e.strerror} (fs.aio-max-nr is system-wide; "
+                              "raise it, or set io_engine: threads)") from None
+
     def _give_back(self, ctx: _Context, sound: bool) -> None:
-        if sound:
-            self._free.append(ctx)
-        else:
-            ctx.destroy()  # waits for its IOs, so no buffer is in use after this
-            self._all.remove(ctx)
+        with self._changed:
+            if sound:
+                self._free.append(ctx)
+            else:
+                ctx.destroy()  # waits for its IOs, so no buffer is in use after this
+                self._all.remove(ctx)
+            self._changed.notify()
 
     def close(self) -> None:
-        for ctx in self._all if os.getpid() == self._pid else []:
-            ctx.destroy()
-        self._all.clear()
-        self._free.clear()
+        with self._changed:
+            for ctx in self._all if os.getpid() == self._pid else []:
+                ctx.destroy()
+            self._all.clear()
+            self._free.clear()
 
 
 class AioBatch:
