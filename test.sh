@@ -29,8 +29,10 @@ fi
 
 # The LMCache and vLLM integration tests need those packages, whose pins conflict with
 # the main environment's, so they get their own (wqs/integrations/README.md). Set
-# WQS_SKIP_INTEGRATION=1 to leave them out.
+# WQS_SKIP_INTEGRATION=1 to leave them out; an environment that cannot be installed
+# fails the run rather than skipping them unseen.
 integration=()
+integration_broken=0
 if [ $# -eq 0 ] && [ -z "${WQS_SKIP_INTEGRATION:-}" ]; then
     if ! .venv-integ/bin/python -c "import lmcache, vllm, torch" >/dev/null 2>&1; then
         echo "test.sh: building .venv-integ (torch CPU, lmcache, vllm)..."
@@ -39,12 +41,14 @@ if [ $# -eq 0 ] && [ -z "${WQS_SKIP_INTEGRATION:-}" ]; then
                && .venv-integ/bin/pip install --quiet -r wqs/integrations/ci-requirements.txt \
                && .venv-integ/bin/pip install --quiet --no-deps lmcache==0.5.6 vllm==0.33.0 \
                       xgrammar==0.2.8; }; then
-            echo "test.sh: WARNING: the integration environment could not be installed;" \
-                 "the LMCache and vLLM tests will be reported as skipped" >&2
+            echo "test.sh: ERROR: the integration environment could not be installed" \
+                 "(set WQS_SKIP_INTEGRATION=1 to run without the LMCache and vLLM tests)" >&2
         fi
     fi
     if .venv-integ/bin/python -c "import lmcache, vllm, torch" >/dev/null 2>&1; then
         integration=(tests/test_integration_lmcache.py tests/test_integration_vllm.py)
+    else
+        integration_broken=1
     fi
 fi
 
@@ -53,5 +57,9 @@ status=0
 if [ ${#integration[@]} -gt 0 ]; then
     echo "test.sh: LMCache and vLLM integration tests (.venv-integ)"
     .venv-integ/bin/python -m pytest -q -p no:cacheprovider "${integration[@]}" || status=$?
+fi
+if [ $integration_broken -eq 1 ]; then
+    echo "test.sh: FAILED: the LMCache and vLLM integration tests could not run" >&2
+    status=1
 fi
 exit $status
