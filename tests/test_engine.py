@@ -253,6 +253,21 @@ def test_a_large_get_many_is_read_in_windows(open_engine, small_config, monkeypa
     assert len(batches) == 5 and max(batches) <= 256 * 1024  # 4 entries per window
 
 
+def test_sync_flushes_before_a_put_returns(open_engine, small_config):
+    engine = open_engine(dataclasses.replace(small_config, sync=True))
+    flushes = []
+    real_flush = engine.device.flush
+    engine.device.flush = lambda: (flushes.append(len(written)), real_flush())
+    written = []
+    for i in range(5):
+        engine.put(block_id(i), bytes([i]) * 10_000)
+        written.append(i)
+        assert len(flushes) == i + 1 and flushes[-1] == i  # flushed before put returned
+    engine.put_many([(block_id(10 + i), os.urandom(70_000)) for i in range(20)])
+    assert len(flushes) >= 6
+    assert all(engine.get(block_id(i)) == bytes([i]) * 10_000 for i in range(5))
+
+
 def test_full_device_evicts_and_never_fails_a_put(open_engine, small_config):
     engine = open_engine(small_config, size=16 * MiB)
     capacity = engine.stats().capacity_bytes
