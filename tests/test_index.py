@@ -54,7 +54,9 @@ def test_remove_only_if_location_matches():
 def test_hit_bit_survives_and_is_reset_by_put():
     index = Index()
     index.put(9, 1, 10)
-    index.mark_hit(9)
+    found = index.mark_hit(9)
+    assert (found.loc, found.payload_len, found.hit) == (1, 10, True)
+    assert index.mark_hit(12345) is None
     assert index.get(9).hit
     index.put(9, 2, 10)
     assert not index.get(9).hit and index.get(9).meta & META_HIT == 0

@@ -833,11 +833,10 @@ class Engine:
         """(loc, payload_len, region gen, is_head) for an entry, marking it read."""
         tag = block_tag(entry_id)
         with self._lock:
-            found = self.index.get(tag)
+            found = self.index.mark_hit(tag)
             if found is None:
                 return None
             region = found.loc // self.units_per_region
-            self.index.mark_hit(tag)
             self.regions.last_access[region] = self._tick()
             return found.loc, found.payload_len, int(self.regions.gen[region]), found.head
 

@@ -176,10 +176,14 @@ class Index:
         self.locs[i] = loc
         self.metas[i] = payload_len | flags
 
-    def mark_hit(self, tag: int) -> None:
+    def mark_hit(self, tag: int) -> Location | None:
+        """Mark the tag's entry as read (a reinsertion candidate); its location, if any."""
         i = self._find_slot(tag)
-        if int(self.tags[i]) != 0:
-            self.metas[i] |= np.uint32(META_HIT)
+        if int(self.tags[i]) == 0:
+            return None
+        meta = int(self.metas[i]) | META_HIT
+        self.metas[i] = meta
+        return Location(int(self.locs[i]), meta & META_LEN_MASK, meta)
 
     def remove(self, tag: int, loc: int | None = None) -> bool:
         """Remove `tag` (only if it still points at `loc`, when given)."""
