@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -52,6 +53,28 @@ def random_block(rng, n: int) -> bytes:
 
 def block_id(i: int) -> bytes:
     return i.to_bytes(16, "big")
+
+
+def run_concurrently(work: Callable[[int], None], n: int,
+                     timeout: float = 60.0) -> list[BaseException]:
+    """Run work(0) .. work(n-1) in n threads; what they raised (a thread still running
+    after `timeout` counts as a TimeoutError)."""
+    errors: list[BaseException] = []
+
+    def body(k: int) -> None:
+        try:
+            work(k)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=body, args=(k,), daemon=True) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+        if t.is_alive():
+            errors.append(TimeoutError(f"{t.name} still running after {timeout} s"))
+    return errors
 
 
 def crash(engine: Engine) -> None:

@@ -22,6 +22,7 @@ import xxhash
 from prometheus_client.parser import text_string_to_metric_families
 
 import wqs
+from tests.conftest import run_concurrently
 from tests.daemons import DaemonFactory, DaemonProcess, daemon_factory, hello  # noqa: F401
 from wqs.errors import AuthError, BlockTooLarge
 from wqs.rpc import protocol as p
@@ -180,21 +181,12 @@ def test_futures_and_asyncio(shared, client):
 
 
 def test_many_threads_share_one_client(client):
-    errors = []
-
     def worker(k: int) -> None:
-        try:
-            for i in range(20):
-                b, v = bid(10_000 * (k + 1) + i), os.urandom(1000 + i)
-                assert client.put(b, v) and client.get(b) == v
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
+        for i in range(20):
+            b, v = bid(10_000 * (k + 1) + i), os.urandom(1000 + i)
+            assert client.put(b, v) and client.get(b) == v
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    errors = run_concurrently(worker, 6, timeout=30)
     assert not errors
 
 
@@ -204,22 +196,14 @@ def test_32_waiters_on_one_connection_all_get_their_own_answer(shared):
     with wqs.Client([shared.address], connections_per_node=1, timeout_s=10.0) as c:
         values = {bid(50_000 + i): os.urandom(2000 + i) for i in range(64)}
         assert all(c.put_many(list(values.items())))
-        errors = []
         started = time.monotonic()
 
         def worker(k: int) -> None:
-            try:
-                for r in range(30):
-                    b = bid(50_000 + (k * 7 + r) % 64)
-                    assert c.get(b) == values[b]
-            except BaseException as e:  # noqa: BLE001
-                errors.append(e)
+            for r in range(30):
+                b = bid(50_000 + (k * 7 + r) % 64)
+                assert c.get(b) == values[b]
 
-        threads = [threading.Thread(target=worker, args=(k,)) for k in range(32)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        errors = run_concurrently(worker, 32)
         assert not errors, errors[:3]
         assert c.failed_requests == 0
         assert time.monotonic() - started < 30

@@ -6,11 +6,10 @@ from __future__ import annotations
 import logging
 import os
 import random
-import threading
 
 import pytest
 
-from tests.conftest import MiB
+from tests.conftest import MiB, run_concurrently
 from wqs.config import EngineConfig
 from wqs.engine import Engine
 from wqs.errors import DeviceError
@@ -161,21 +160,13 @@ def test_concurrent_batches_share_a_bounded_number_of_contexts(tmp_path, monkeyp
         pytest.skip(f"native AIO is not available here: {reason}")
     monkeypatch.setattr(aio, "MAX_CONTEXTS", 2)
     dev = DirectDevice.create_file(str(tmp_path / "dev"), 8 * MiB, io_engine="aio")
-    errors = []
 
     def reader(k):
         bufs = _buffers(8)
-        try:
-            for _ in range(50):
-                dev.read_many([(((k * 8 + i) % 2048) * BLOCK, b) for i, b in enumerate(bufs)])
-        except Exception as e:  # reported below
-            errors.append(e)
+        for _ in range(50):
+            dev.read_many([(((k * 8 + i) % 2048) * BLOCK, b) for i, b in enumerate(bufs)])
 
-    threads = [threading.Thread(target=reader, args=(k,)) for k in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_concurrently(reader, 6)
     try:
         assert not errors
         assert 1 <= len(dev._aio._all) <= 2  # six threads waited their turn for two

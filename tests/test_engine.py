@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import MiB, block_id, crash, flip_bytes
+from tests.conftest import MiB, block_id, crash, flip_bytes, run_concurrently
 from wqs.engine import Engine
 from wqs.engine import format as fmt
 from wqs.errors import BlockTooLarge, FormatError
@@ -106,22 +106,14 @@ def test_delete_survives_a_crash(open_engine, small_config):
 
 def test_concurrent_puts_of_same_and_different_ids(open_engine, small_config):
     engine = open_engine(dataclasses.replace(small_config, region_size=4 * MiB), size=64 * MiB)
-    errors = []
 
     def writer(t: int) -> None:
         rng = random.Random(t)
-        try:
-            for i in range(60):
-                engine.put(block_id(10_000 + t * 100 + i), rng.randbytes(20_000))
-                engine.put(block_id(1), bytes([t]) * 1000)  # every thread races on ID 1
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
+        for i in range(60):
+            engine.put(block_id(10_000 + t * 100 + i), rng.randbytes(20_000))
+            engine.put(block_id(1), bytes([t]) * 1000)  # every thread races on ID 1
 
-    threads = [threading.Thread(target=writer, args=(t,)) for t in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_concurrently(writer, 8)
     assert not errors
     value = engine.get(block_id(1))
     assert value is not None and len(value) == 1000 and len(set(value)) == 1
@@ -530,22 +522,14 @@ def test_concurrent_large_batches_on_a_small_device_wait_instead_of_failing(open
     # 14 regions of 1 MiB; four writers with 3 MiB batches pin up to 16 regions at once
     # if nothing made them wait for each other.
     engine = open_engine(small_config, size=16 * MiB)
-    errors = []
 
     def writer(t: int) -> None:
         rng = random.Random(t)
-        try:
-            for i in range(12):
-                engine.put_many([(block_id(t * 1000 + i * 10 + k), rng.randbytes(700_000))
-                                 for k in range(4)])
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
+        for i in range(12):
+            engine.put_many([(block_id(t * 1000 + i * 10 + k), rng.randbytes(700_000))
+                             for k in range(4)])
 
-    threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    errors = run_concurrently(writer, 4)
     assert not errors, errors
     assert engine.stats().evicted_regions > 0
     # Every block is either evicted or exact, never damaged by a concurrent batch.

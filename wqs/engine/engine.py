@@ -302,12 +302,17 @@ class Engine:
         self._count_hit(dram=False, nbytes=len(value))
         if self.dram is not None:
             with self._lock:
-                # Only if no newer write (or delete) of the block was published meanwhile:
-                # that writer fills the tier itself, and must not be overtaken.
-                current = self.index.get(block_tag(block_id))
-                if current is not None and current.loc == loc:
-                    self.dram.put(block_id, value)
+                self._admit_to_dram(block_id, value, loc)
         return value
+
+    def _admit_to_dram(self, block_id: bytes, value: bytes, loc: int) -> None:
+        """Put a block read from `loc` into the DRAM tier (lock held), but only if no newer
+        write (or delete) of it was published meanwhile: that writer fills the tier
+        itself, and must not be overtaken."""
+        assert self.dram is not None
+        current = self.index.get(block_tag(block_id))
+        if current is not None and current.loc == loc:
+            self.dram.put(block_id, value)
 
     def get_into(self, block_id: bytes, out: Buffer) -> int | None:
         """Copy the block into `out`; its length, or None on a miss.
@@ -364,11 +369,8 @@ class Engine:
             c.misses += len(todo) - len(read_locs)
             c.get_bytes += dram_bytes + ssd_bytes
             if self.dram is not None:
-                # As in get(): only where no newer write was published meanwhile.
                 for i, loc, value in read_locs:
-                    current = self.index.get(block_tag(block_ids[i]))
-                    if current is not None and current.loc == loc:
-                        self.dram.put(block_ids[i], value)
+                    self._admit_to_dram(block_ids[i], value, loc)
         return values
 
     def exists(self, block_id: bytes) -> bool:
@@ -626,8 +628,8 @@ class Engine:
         for i, p, s in run:
             n = p.payload.nbytes
             end = pos + fmt.ENTRY_HEADER_SIZE
-            buf[pos:end] = fmt.encode_entry_header(ids[i], s.gen, s.seq, n,
-                                                   fmt.checksum(p.payload), p.flags, p.total_len)
+            buf[pos:end] = fmt.pack_entry_header(ids[i], s.gen, s.seq, n, fmt.checksum(p.payload),
+                                                 p.flags, p.total_len)
             buf[end : end + n] = p.payload
             # Zero the padding so stale bytes never look like data.
             buf[end + n : pos + p.elen] = _ZEROS[: pos + p.elen - end - n]

@@ -213,14 +213,10 @@ def entry_len(payload_len: int) -> int:
     return round_up(ENTRY_HEADER_SIZE + payload_len, UNIT)
 
 
-def pack_entry_header(h: EntryHeader) -> bytes:
-    return encode_entry_header(h.block_id, h.gen, h.seq, h.payload_len, h.payload_checksum,
-                               h.flags, h.total_len)
-
-
-def encode_entry_header(block_id: bytes, gen: int, seq: int, payload_len: int,
-                        payload_checksum: int, flags: int = 0, total_len: int = 0) -> bytes:
-    """pack_entry_header without building an EntryHeader first (the write path's form)."""
+def pack_entry_header(block_id: bytes, gen: int, seq: int, payload_len: int,
+                      payload_checksum: int, flags: int = 0, total_len: int = 0) -> bytes:
+    """An entry header's bytes, from EntryHeader's fields (the write path has them loose;
+    building the dataclass first cost more than the packing)."""
     body = _ENTRY.pack(ENTRY_MAGIC, FORMAT_VERSION, flags, 0, block_id, gen, seq, payload_len,
                        total_len, payload_checksum)
     return body + _CHECKSUM.pack(checksum(body))

@@ -78,9 +78,29 @@ def aligned_buffer(nbytes: int) -> mmap.mmap:
     return mmap.mmap(-1, round_up(nbytes, PAGE_SIZE))
 
 
+def _transfer(call: Callable[[int, list[memoryview], int], int], fd: int, offset: int,
+              buf: memoryview) -> int:
+    """os.preadv or os.pwritev until buf is done: the bytes transferred (fewer at the end
+    of the device), or -errno as AIO reports it."""
+    done = 0
+    try:
+        while done < len(buf):
+            n = call(fd, [buf[done:]], offset + done)
+            if n <= 0:
+                break
+            done += n
+    except OSError as e:
+        return -(e.errno or errno.EIO)
+    return done
+
+
+def _why(what: str, res: int) -> str:
+    """A failed IO's result (-errno, or a short count) in words."""
+    return os.strerror(-res) if res < 0 else f"short {what} of {res} B"
+
+
 class _ThreadBatch:
-    """AioBatch's interface over a thread pool: one pool task per IO, each a
-    preadv/pwritev loop that ends with the bytes transferred or -errno, as AIO does."""
+    """AioBatch's interface over a thread pool: one pool task (a _transfer) per IO."""
 
     def __init__(self, pool: ThreadPoolExecutor, fd: int, opcode: int) -> None:
         self._pool = pool
@@ -90,21 +110,10 @@ class _ThreadBatch:
         self._sizes: list[int] = []
         self.results: list[int] = []
 
-    def _io(self, offset: int, buf: memoryview) -> int:
-        done = 0
-        try:
-            while done < len(buf):
-                n = self._call(self._fd, [buf[done:]], offset + done)
-                if n <= 0:
-                    break
-                done += n
-        except OSError as e:
-            return -(e.errno or errno.EIO)
-        return done
-
     def add(self, requests: Sequence[tuple[int, memoryview]]) -> None:
         for offset, buf in requests:
-            self._futures[self._pool.submit(self._io, offset, buf)] = len(self.results)
+            future = self._pool.submit(_transfer, self._call, self._fd, offset, buf)
+            self._futures[future] = len(self.results)
             self.results.append(0)
             self._sizes.append(len(buf))
 
@@ -157,7 +166,8 @@ class DirectDevice:
     def __init__(self, path: str, *, sync_writes: bool = False, io_engine: str = "auto",
                  io_threads: int = 16) -> None:
         if io_engine not in IO_ENGINES:
-            raise DeviceError(f"io_engine must be one of {', '.join(IO_ENGINES)}, not {io_engine!r}")
+            raise DeviceError(
+                f"io_engine must be one of {', '.join(IO_ENGINES)}, not {io_engine!r}")
         assert io_threads >= 1
         self.path = path
         flags = os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC
@@ -226,24 +236,15 @@ class DirectDevice:
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         self._check(offset, len(buf))
-        done = 0
-        while done < len(buf):
-            n = os.preadv(self._fd, [buf[done:]], offset + done)
-            if n <= 0:
-                raise DeviceError(f"{self.path}: short read at {offset + done}")
-            done += n
+        res = _transfer(os.preadv, self._fd, offset, buf)
+        if res != len(buf):
+            raise DeviceError(f"{self.path}: read at {offset} failed: {_why('read', res)}")
 
     def write(self, offset: int, buf: memoryview) -> None:
         self._check(offset, len(buf))
-        done = 0
-        while done < len(buf):
-            try:
-                n = os.pwritev(self._fd, [buf[done:]], offset + done)
-            except OSError as e:
-                raise DeviceError(f"{self.path}: write at {offset + done} failed: {e}") from None
-            if n <= 0:
-                raise DeviceError(f"{self.path}: short write at {offset + done}")
-            done += n
+        res = _transfer(os.pwritev, self._fd, offset, buf)
+        if res != len(buf):
+            raise DeviceError(f"{self.path}: write at {offset} failed: {_why('write', res)}")
 
     def read_many(self, requests: Sequence[tuple[int, memoryview]],
                   on_complete: Callable[[int], None] | None = None) -> None:
@@ -254,7 +255,7 @@ class DirectDevice:
             batch.add(requests)
         finally:
             results = batch.finish(on_complete)
-        self._raise_failures("read", [off for off, _ in requests], requests, results)
+        self._raise_failures("read", requests, results)
 
     def write_many(self, requests: Iterable[tuple[int, memoryview]]) -> None:
         done: list[tuple[int, memoryview]] = []
@@ -266,7 +267,7 @@ class DirectDevice:
                 batch.add([(offset, buf)])
         finally:
             results = batch.finish()
-        self._raise_failures("write", [off for off, _ in done], done, results)
+        self._raise_failures("write", done, results)
 
     def _batch(self, opcode: int) -> aio.AioBatch | _ThreadBatch:
         if self._aio is not None:
@@ -274,13 +275,12 @@ class DirectDevice:
         assert self._pool is not None
         return _ThreadBatch(self._pool, self._fd, opcode)
 
-    def _raise_failures(self, what: str, offsets: list[int],
-                        requests: Sequence[tuple[int, memoryview]], results: list[int]) -> None:
+    def _raise_failures(self, what: str, requests: Sequence[tuple[int, memoryview]],
+                        results: list[int]) -> None:
         bad = [i for i, (res, (_, buf)) in enumerate(zip(results, requests)) if res != len(buf)]
         if bad:
-            res = results[bad[0]]
-            why = os.strerror(-res) if res < 0 else f"short {what} of {res} B"
-            raise DeviceError(f"{self.path}: {what} at {offsets[bad[0]]} failed: {why} "
+            offset, res = requests[bad[0]][0], results[bad[0]]
+            raise DeviceError(f"{self.path}: {what} at {offset} failed: {_why(what, res)} "
                               f"({len(bad)} of {len(requests)} IOs in the batch failed)")
 
     def flush(self) -> None:
