@@ -34,3 +34,31 @@ def test_unknown_mode_is_refused(capsys):
     with pytest.raises(SystemExit):
         engine_bench.main(["--mode", "threads,async"])
     assert "--mode takes threads, batch" in capsys.readouterr().err
+
+
+@needs_fio
+def test_ceiling_rows_run_the_engine_in_ram(tmp_path, capsys):
+    rc = engine_bench.main(["--size", "64M", "--runtime", "0.2", "--repeat", "1",
+                            "--qd", "4", "--mode", "batch", "--ceiling",
+                            "--dir", str(tmp_path), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0 and report["wqs_bad_gets"] == 0
+    points = {(s["tool"], s["op"]) for s in report["summary"]}
+    assert points == {(tool, op) for tool in ("fio", "fio-batch", "wqs-batch", "wqs-batch-ram")
+                      for op in ("put", "get")}
+    ram = [s for s in report["summary"] if s["tool"] == "wqs-batch-ram"]
+    assert all(s["iops"] > 0 and s["runs"][0]["errors"] == 0 for s in ram)
+
+
+def test_memory_device_holds_an_engine():
+    from bench.memdevice import MemoryDevice
+    from wqs.config import EngineConfig
+    from wqs.engine.engine import Engine
+
+    device = MemoryDevice(64 << 20)
+    config = EngineConfig(dram_cache_bytes=0, region_size=4 << 20)
+    Engine.format(device, config, force=True)
+    with Engine.open(device, config) as engine:
+        blocks = {bytes([i]) * 16: bytes([i]) * (1000 * i + 1) for i in range(1, 40)}
+        engine.put_many(list(blocks.items()))
+        assert engine.get_many(list(blocks)) == list(blocks.values())
