@@ -48,6 +48,42 @@ def test_buffers_numpy_memoryview_and_get_into(open_engine, small_config):
     assert engine.get_into(block_id(3), bytearray(10)) is None
 
 
+def test_get_into_from_ssd_dram_and_segments_with_exact_counters(open_engine, small_config,
+                                                                   tmp_path):
+    """get_into over an SSD hit, a DRAM hit, a segmented block, a corrupt block and a
+    miss: the bytes land in the caller's buffer, counted as get() counts them; an SSD
+    hit enters the DRAM tier like a get's; a too-small buffer is refused untouched."""
+    engine = open_engine(dataclasses.replace(small_config, dram_cache_bytes=4 * MiB),
+                         size=32 * MiB)
+    rng = random.Random(5)
+    blocks = {block_id(i): rng.randbytes(40_000 + i) for i in range(4)}
+    blocks[block_id(9)] = rng.randbytes(2 * MiB + 777)  # segmented (1 MiB regions)
+    engine.put_many(list(blocks.items()))
+    engine.dram.clear()
+    dev = str(tmp_path / "dev")
+    flip_bytes(dev, engine._device_offset(engine._lookup(block_id(3))[0])
+               + fmt.ENTRY_HEADER_SIZE + 100)
+    out = np.zeros(3 * MiB, dtype=np.uint8)
+    s0 = engine.stats()
+    for k in (block_id(0), block_id(1), block_id(9)):
+        n = engine.get_into(k, out)
+        assert n == len(blocks[k]) and out[:n].tobytes() == blocks[k]
+    assert engine.get_into(block_id(3), out) is None  # corrupt
+    assert engine.get_into(block_id(77), out) is None  # never written
+    s1 = engine.stats()
+    assert (s1.gets - s0.gets, s1.hits_ssd - s0.hits_ssd, s1.misses - s0.misses) == (5, 3, 2)
+    assert s1.checksum_failures - s0.checksum_failures == 1
+    assert s1.get_bytes - s0.get_bytes == sum(len(blocks[block_id(i)]) for i in (0, 1, 9))
+    assert engine.get_into(block_id(0), out) == len(blocks[block_id(0)])  # now from DRAM
+    assert engine.stats().hits_dram - s1.hits_dram == 1
+    small = bytearray(b"x" * 1000)
+    with pytest.raises(ValueError, match="holds 1000 B"):
+        engine.get_into(block_id(2), small)  # an SSD hit, too big for the buffer
+    assert small == b"x" * 1000
+    with pytest.raises(ValueError, match="read-only"):
+        engine.get_into(block_id(2), bytes(50_000))
+
+
 def test_block_limit(open_engine, small_config):
     engine = open_engine(small_config)
     with pytest.raises(BlockTooLarge):

@@ -31,7 +31,7 @@ from array import array
 from collections import deque
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -69,6 +69,7 @@ READ_WINDOW = 32 * 1024 * 1024
 SCALAR_PUBLISH_MAX = 8
 
 Buffer = bytes | bytearray | memoryview
+T = TypeVar("T")
 _ZEROS = memoryview(bytes(UNIT))  # padding source: an entry pads less than one unit
 
 
@@ -286,24 +287,67 @@ class Engine:
 
     def get(self, block_id: bytes) -> bytes | None:
         """The block's bytes, or None on a miss (absent, evicted or failing its checksum)."""
+        return self._get(block_id, bytes)
+
+    def get_into(self, block_id: bytes, out: Buffer) -> int | None:
+        """Copy the block into `out` (any writable contiguous buffer: bytearray, numpy
+        array, pinned host memory); its length, or None on a miss.
+
+        An SSD hit is copied once, from the read buffer straight into `out`. Raises
+        ValueError (and copies nothing) if `out` is read-only or too small.
+        """
+        target = _as_view(out)
+        if target.readonly:
+            raise ValueError("out buffer is read-only")
+
+        def copy_in(payload: Buffer) -> int:
+            n = len(payload)
+            if target.nbytes < n:
+                raise ValueError(f"out buffer holds {target.nbytes} B, block is {n} B")
+            target[:n] = payload
+            return n
+
+        return self._get(block_id, copy_in)
+
+    def _get(self, block_id: bytes, take: Callable[[Buffer], T]) -> T | None:
+        """get() and get_into(): take(payload) for a hit, while an SSD hit's payload is
+        still a view into the read buffer; None, counted as a miss, otherwise."""
         assert len(block_id) == 16, "block IDs are 16 bytes"
         if self.dram is not None:
             value = self.dram.get(block_id)
             if value is not None:
+                result = take(value)
                 self._count_hit(dram=True, nbytes=len(value))
-                return value
-        found = self._read_block(block_id)
-        if found is None:
-            with self._lock:
-                self.stats_counters.gets += 1
-                self.stats_counters.misses += 1
-            return None
-        value, loc = found
-        self._count_hit(dram=False, nbytes=len(value))
+                return result
+        found = self._lookup(block_id)
+        if found is not None:
+            loc, plen, gen, is_head = found
+            if is_head:
+                value = self._read_segmented(block_id, loc, plen, gen)
+                if value is not None:
+                    return self._take_ssd_hit(block_id, loc, value, take)
+            else:
+                with self.buffers.borrow(fmt.entry_len(plen)) as buf:
+                    self.device.read_into(self._device_offset(loc), buf)
+                    entry = self._check_entry(block_id, loc, gen, buf, copy=False)
+                    if entry is not None:
+                        return self._take_ssd_hit(block_id, loc, entry[1], take)
+        with self._lock:
+            self.stats_counters.gets += 1
+            self.stats_counters.misses += 1
+        return None
+
+    def _take_ssd_hit(self, block_id: bytes, loc: int, payload: Buffer,
+                      take: Callable[[Buffer], T]) -> T:
+        """take(payload) for a block read from `loc`, counted and offered to the DRAM tier."""
+        result = take(payload)
+        self._count_hit(dram=False, nbytes=len(payload))
         if self.dram is not None:
+            # get()'s own copy serves the tier too; get_into's target is the caller's.
+            value = result if type(result) is bytes else bytes(payload)
             with self._lock:
                 self._admit_to_dram(block_id, value, loc)
-        return value
+        return result
 
     def _admit_to_dram(self, block_id: bytes, value: bytes, loc: int) -> None:
         """Put a block read from `loc` into the DRAM tier (lock held), but only if no newer
@@ -313,22 +357,6 @@ class Engine:
         current = self.index.get(block_tag(block_id))
         if current is not None and current.loc == loc:
             self.dram.put(block_id, value)
-
-    def get_into(self, block_id: bytes, out: Buffer) -> int | None:
-        """Copy the block into `out`; its length, or None on a miss.
-
-        Raises ValueError (and copies nothing) if `out` is too small.
-        """
-        value = self.get(block_id)
-        if value is None:
-            return None
-        target = _as_view(out)
-        if target.readonly:
-            raise ValueError("out buffer is read-only")
-        if target.nbytes < len(value):
-            raise ValueError(f"out buffer holds {target.nbytes} B, block is {len(value)} B")
-        target[: len(value)] = value
-        return len(value)
 
     def get_many(self, block_ids: Sequence[bytes]) -> list[bytes | None]:
         """get() for a batch, results in the order of block_ids: one index lookup under
@@ -860,18 +888,6 @@ class Engine:
         it = zip(locs.tolist(), (metas & np.uint32(META_LEN_MASK)).tolist(), gens.tolist(),
                  (metas & np.uint32(META_HEAD) != 0).tolist())
         return [next(it) if hit else None for hit in found.tolist()]
-
-    def _read_block(self, block_id: bytes) -> tuple[bytes, int] | None:
-        """The block's bytes and the index location they were read from, or None."""
-        found = self._lookup(block_id)
-        if found is None:
-            return None
-        loc, plen, gen, is_head = found
-        if is_head:
-            value = self._read_segmented(block_id, loc, plen, gen)
-            return None if value is None else (value, loc)
-        entry = self._read_verified(block_id, loc, plen, gen)
-        return None if entry is None else (entry[1], loc)
 
     def _read_segmented(self, block_id: bytes, loc: int, plen: int, gen: int) -> bytes | None:
         """A segmented block whose head entry is at `loc`, or None if any piece is
