@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import MiB, block_id, crash, flip_bytes, run_concurrently
 from wqs.engine import Engine
 from wqs.engine import format as fmt
+from wqs.engine.index import block_tag
 from wqs.errors import BlockTooLarge, FormatError
 from wqs.nvme import DirectDevice
 
@@ -319,6 +320,93 @@ def test_full_device_evicts_and_never_fails_a_put(open_engine, small_config):
     for k, v in last.items():
         assert engine.get(k) == v
     assert engine.get(block_id(0)) is None
+
+
+def test_lru_never_lets_a_crash_bring_back_an_overwritten_version(open_engine, small_config):
+    """v1 of a block sits in a region that reads keep warm, v2 in one nobody reads. Pure
+    LRU would reclaim v2's region first, and a crash scan would then find v1 and serve it.
+    The engine must reclaim v1's region no later than v2's, so v1 never comes back."""
+    config = dataclasses.replace(small_config, eviction="lru", reinsert_hits=False)
+    engine = open_engine(config, size=16 * MiB)
+    rng = random.Random(21)
+    key, v1, v2 = block_id(10_000), b"one" * 10_000, b"two" * 10_000
+    engine.put(key, v1)
+    warm = [block_id(i) for i in range(20)]  # v1's region (31 entries fit in one)
+    for i in range(60):  # and 40 more, so that v2 starts in a region of its own
+        engine.put(block_id(i), rng.randbytes(30_000))
+    assert engine._lookup(key)[0] // engine.units_per_region == \
+        engine._lookup(warm[-1])[0] // engine.units_per_region
+    engine.put(key, v2)  # v1 is superseded where it lies
+    i = 60
+    while block_tag(key) in engine.index:  # until v2's region is reclaimed
+        assert i < 3000, "v2 was never evicted"
+        engine.put(block_id(i), rng.randbytes(30_000))
+        i += 1
+        if i % 10 == 0:
+            engine.get_many(warm)  # keeps v1's region the most recently read
+    crash(engine)
+    engine = open_engine(config, size=16 * MiB)  # recovers by scanning
+    assert engine.get(key) is None
+
+
+def test_superseded_counts_survive_checkpoint_and_scan(open_engine, small_config):
+    """Rewrites, a batch holding one ID twice, and deletes mark the old entries' regions:
+    a crash scan counts them again exactly; a checkpoint keeps which regions have any."""
+    engine = open_engine(small_config, size=16 * MiB)
+    rng = random.Random(8)
+    for i in range(60):
+        engine.put(block_id(i % 25), rng.randbytes(9000))  # 35 rewrites
+    engine.put_many([(block_id(100 + i % 20), rng.randbytes(5000)) for i in range(30)])
+    for i in range(0, 25, 5):
+        engine.delete(block_id(i))
+    counts = engine.regions.superseded.copy()
+    assert counts.sum() == 35 + 10 + 5
+    crash(engine)
+    engine = open_engine(small_config, size=16 * MiB)  # by scanning
+    assert np.array_equal(engine.regions.superseded, counts)
+    engine.close()
+    engine = open_engine(small_config, size=16 * MiB)  # from the checkpoint
+    assert np.array_equal(engine.regions.superseded > 0, counts > 0)
+    assert engine.stats().recovered_blocks == 25 + 20 - 5
+
+
+def test_a_checkpoint_without_superseded_marks_assumes_every_region_has_some(
+        open_engine, small_config, tmp_path):
+    """A checkpoint written before the marks existed (flags 0) cannot say which regions
+    hold superseded entries; LRU must then treat them all as holding some."""
+    engine = open_engine(small_config)
+    for i in range(100):
+        engine.put(block_id(i), bytes([i]) * 9000)
+    engine.close()
+    with open(tmp_path / "dev", "r+b") as f:
+        sb = fmt.unpack_superblock(f.read(fmt.UNIT))
+        f.seek(sb.meta_offset)
+        header = fmt.unpack_checkpoint_header(f.read(fmt.UNIT))
+        assert header.flags == fmt.CKP_SUPERSEDED
+        f.seek(sb.meta_offset)
+        f.write(fmt.pack_checkpoint_header(dataclasses.replace(header, flags=0)))
+    engine = open_engine(small_config)
+    live = engine.regions.state != 0
+    assert live.any() and np.all(engine.regions.superseded[live] > 0)
+    assert engine.get(block_id(7)) == bytes([7]) * 9000
+
+
+def test_lru_with_superseded_entries_everywhere_still_makes_room(open_engine, small_config):
+    """Every region holds a superseded entry, so LRU must reclaim in write order; a block
+    that needs several regions at once must still get them, not wait forever."""
+    config = dataclasses.replace(small_config, eviction="lru", reinsert_hits=False)
+    engine = open_engine(config, size=16 * MiB)
+    rng = random.Random(9)
+    for i in range(400):
+        engine.put(block_id(i % 7), rng.randbytes(30_000))
+        if i % 3 == 0:
+            engine.get(block_id(rng.randrange(7)))
+    live = engine.regions.state != 0
+    assert np.all(engine.regions.superseded[live] > 0)
+    big = rng.randbytes(5 * MiB)  # six regions' worth of segments
+    errors = run_concurrently(lambda _: engine.put(block_id(999), big), 1, timeout=30)
+    assert not errors
+    assert engine.get(block_id(999)) == big
 
 
 def test_reinsertion_keeps_hot_blocks_through_reclaim(open_engine, small_config):

@@ -7,8 +7,9 @@ queue does: they queue, and the thread at the front writes the whole queue as on
 reservation and a few large writes while the others sleep until theirs is done. The
 writes of a group go to the device as one batch (native AIO where available), each
 chunk submitted as soon as it is laid out. When no region is free, the oldest sealed
-region (FIFO) or the least recently read one (LRU) is reclaimed whole, after its
-recently read blocks have been copied forward (reinsertion).
+region (FIFO) or the least recently read one (LRU, but never ahead of an older region
+holding versions that newer writes superseded) is reclaimed whole, after its recently
+read blocks have been copied forward (reinsertion).
 
 Read path: look up the location, read the entry outside the lock, and return the
 payload only if the header checksum, the block ID, the region generation and the
@@ -187,7 +188,7 @@ class Engine:
         body = _checkpoint_body(regions, index)
         header = fmt.CheckpointHeader(
             seq=1, next_seq=2, index_capacity=index.capacity, index_count=0,
-            body_len=len(body), body_checksum=fmt.checksum(body),
+            body_len=len(body), body_checksum=fmt.checksum(body), flags=fmt.CKP_SUPERSEDED,
         )
         _write_padded(device, meta_off, fmt.pack_checkpoint_header(header) + body)
         device.flush()
@@ -678,8 +679,11 @@ class Engine:
             tag = block_tag(entry_id)
             current = self.index.get(tag)
             if current is not None and self._newer_than(current.loc, slot):
+                self.regions.supersede(slot.region)  # obsolete on arrival
                 published.append(False)
                 continue
+            if current is not None:
+                self.regions.supersede(current.loc // self.units_per_region)
             if piece.flags & fmt.ENTRY_TOMBSTONE:
                 self.index.remove(tag)
             else:
@@ -707,9 +711,16 @@ class Engine:
         cur_gens = self.regions.gen[cur_locs // upr]
         newer = found & ((cur_gens > gens) | ((cur_gens == gens) & (cur_locs > locs)))
         publish = ~newer
+        regions = locs // upr
+        # Obsolete: what this batch overwrites, what arrived after a newer version, and
+        # all but the last of an ID the batch itself holds twice (put_many keeps the last).
+        _, last = np.unique(tags[::-1], return_index=True)
+        repeated = np.ones(n, dtype=bool)
+        repeated[n - 1 - last] = False
+        self.regions.supersede(np.concatenate(
+            [cur_locs[found & publish & ~repeated] // upr, regions[newer | (publish & repeated)]]))
         self.index.put_many(tags[publish], locs[publish].astype(np.uint32), metas[publish],
                             held[publish])
-        regions = locs // upr
         for region in np.unique(regions[publish]).tolist():
             self.regions.record(region, tags[publish & (regions == region)])
         return publish.tolist()
@@ -743,10 +754,34 @@ class Engine:
         return -(-(nbytes - room) // (self.sb.region_size - UNIT)) + 1
 
     def _available_regions(self) -> int:
-        """Regions a new reservation could use now: free, or sealed and not pinned."""
+        """Regions a new reservation could use without waiting: free ones, and sealed
+        ones that _reclaim can take one after another (not pinned, and under LRU not
+        behind a pinned region holding superseded entries)."""
         r = self.regions
-        usable = (r.state == FREE) | ((r.state == SEALED) & (r.inflight == 0))
-        return int(np.count_nonzero(usable))
+        usable = (r.state == SEALED) & (r.inflight == 0)
+        if self.config.eviction == "lru":
+            pinned = (r.state == SEALED) & (r.inflight > 0) & (r.superseded > 0)
+            if pinned.any():
+                usable &= r.gen < r.gen[pinned].min()
+        return int(np.count_nonzero(usable | (r.state == FREE)))
+
+    def _reclaimable(self) -> np.ndarray:
+        """The regions _reclaim may take now.
+
+        FIFO takes them in write order. LRU may not: where a region holds entries that a
+        later write superseded, reclaiming the later write's region first would let a
+        crash scan find the old version with nothing newer to hide it. So under LRU, no
+        region newer than the oldest one holding superseded entries goes before it.
+        Where blocks are rarely rewritten (KV blocks named by their content), that
+        leaves LRU free; with many rewrites it tends to FIFO.
+        """
+        r = self.regions
+        usable = (r.state == SEALED) & (r.inflight == 0)
+        if self.config.eviction == "lru":
+            holders = (r.state != FREE) & (r.superseded > 0)
+            if holders.any():
+                usable &= r.gen <= r.gen[holders].min()
+        return np.flatnonzero(usable)
 
     def _next_seq(self) -> int:
         seq = self._seq
@@ -775,7 +810,7 @@ class Engine:
     def _reclaim(self) -> tuple[int, list[tuple[bytes, bytes]]]:
         """Evict a whole sealed region; returns it and the hit blocks to copy forward."""
         r = self.regions
-        candidates = np.nonzero((r.state == SEALED) & (r.inflight == 0))[0]
+        candidates = self._reclaimable()
         if len(candidates) == 0:
             raise DeviceError("no region can be reclaimed: every region has writes in flight")
         key = r.last_access if self.config.eviction == "lru" else r.gen
@@ -1024,6 +1059,7 @@ class Engine:
         header = fmt.CheckpointHeader(
             seq=self._seq, next_seq=self._seq + 1, index_capacity=self.index.capacity,
             index_count=self.index.count, body_len=len(body), body_checksum=fmt.checksum(body),
+            flags=fmt.CKP_SUPERSEDED,
         )
         _write_padded(self.device, self.sb.meta_offset, fmt.pack_checkpoint_header(header) + body)
         self.device.flush()
@@ -1056,6 +1092,11 @@ class Engine:
         gen, write_ptr, state, tags, locs, metas = arrays
         self.regions.gen[:] = gen
         self.regions.write_ptr[:] = write_ptr
+        if header.flags & fmt.CKP_SUPERSEDED:  # only whether there are any, not how many
+            self.regions.superseded[:] = (state & fmt.STATE_SUPERSEDED) != 0
+        else:  # a checkpoint from before they were kept: assume every region has some
+            self.regions.superseded[:] = 1
+        state = state & ~np.uint8(fmt.STATE_SUPERSEDED)
         self.regions.state[:] = np.where(state == FREE, FREE, SEALED)
         self.regions.last_access[:] = gen
         self.index.tags, self.index.locs, self.index.metas = tags, locs, metas
@@ -1089,6 +1130,9 @@ class Engine:
             self.regions.write_ptr[region] = entries[-1][0] + entries[-1][1].entry_len
             for offset, h in entries:
                 tag = block_tag(h.block_id)
+                older = self.index.get(tag)
+                if older is not None:
+                    self.regions.supersede(older.loc // self.units_per_region)
                 if h.flags & fmt.ENTRY_TOMBSTONE:
                     self.index.remove(tag)
                 else:
@@ -1156,6 +1200,9 @@ class _RegionTable:
         self.state = np.zeros(n, dtype=np.uint8)
         self.last_access = np.zeros(n, dtype=np.uint64)
         self.inflight = np.zeros(n, dtype=np.int64)
+        # Entries a later write made obsolete (a newer version, or a tombstone), which
+        # a crash scan would bring back if that later write's region went first.
+        self.superseded = np.zeros(n, dtype=np.uint32)
         self._tags = [array("Q") for _ in range(n)]
 
     def open(self, region: int, gen: int, now: int) -> None:
@@ -1163,6 +1210,7 @@ class _RegionTable:
         self.state[region] = OPEN
         self.write_ptr[region] = UNIT
         self.last_access[region] = now
+        self.superseded[region] = 0
         self._tags[region] = array("Q")
 
     def reset(self) -> None:
@@ -1170,6 +1218,7 @@ class _RegionTable:
         self.write_ptr[:] = 0
         self.state[:] = FREE
         self.last_access[:] = 0
+        self.superseded[:] = 0
         self._tags = [array("Q") for _ in range(len(self._tags))]
 
     def record(self, region: int, tags: np.ndarray) -> None:
@@ -1178,6 +1227,10 @@ class _RegionTable:
 
     def record_one(self, region: int, tag: int) -> None:
         self._tags[region].append(tag)
+
+    def supersede(self, regions: int | np.ndarray) -> None:
+        """One entry in each of `regions` (repeats count again) is obsolete."""
+        np.add.at(self.superseded, regions, 1)
 
     def written_tags(self, region: int) -> np.ndarray:
         return np.frombuffer(self._tags[region], dtype=np.uint64)
@@ -1198,9 +1251,16 @@ class _RegionTable:
 def _checkpoint_body(regions: _RegionTable, index: Index) -> bytes:
     return b"".join(
         a.tobytes()
-        for a in (regions.gen, regions.write_ptr, regions.state, index.tags, index.locs,
-                  index.metas)
+        for a in (regions.gen, regions.write_ptr, _states_with_marks(regions),
+                  index.tags, index.locs, index.metas)
     )
+
+
+def _states_with_marks(regions: _RegionTable) -> np.ndarray:
+    """Region states as the checkpoint keeps them: STATE_SUPERSEDED on live regions
+    holding superseded entries."""
+    marked = (regions.superseded > 0) & (regions.state != FREE)
+    return regions.state | np.where(marked, fmt.STATE_SUPERSEDED, 0).astype(np.uint8)
 
 
 def _split_body(body: memoryview, n: int, cap: int) -> tuple[np.ndarray, ...] | None:

@@ -117,6 +117,12 @@ def unpack_superblock(raw: bytes | memoryview) -> Superblock | None:
 CHECKPOINT_BYTES_PER_UNIT = 32
 REGION_RECORD_SIZE = 16  # gen u64, write_ptr u32, state u8, pad
 
+# Checkpoint header flags. CKP_SUPERSEDED: a region's state byte carries
+# STATE_SUPERSEDED where some of its entries were superseded by later writes (without
+# the flag, an older checkpoint, that is unknown).
+CKP_SUPERSEDED = 1
+STATE_SUPERSEDED = 0x80
+
 
 def compute_geometry(device_size: int, region_size: int) -> tuple[int, int, int, int]:
     """(meta_offset, meta_size, data_offset, num_regions) for a device, or num_regions 0."""
@@ -144,11 +150,12 @@ class CheckpointHeader:
     index_count: int
     body_len: int
     body_checksum: int
+    flags: int = 0  # CKP_*
 
 
 def pack_checkpoint_header(h: CheckpointHeader) -> bytes:
     body = _CHECKPOINT.pack(
-        CHECKPOINT_MAGIC, FORMAT_VERSION, 0, h.seq, h.next_seq, h.index_capacity,
+        CHECKPOINT_MAGIC, FORMAT_VERSION, h.flags, h.seq, h.next_seq, h.index_capacity,
         h.index_count, h.body_len,
     ) + _CHECKSUM.pack(h.body_checksum)
     raw = body + _CHECKSUM.pack(checksum(body))
@@ -161,11 +168,11 @@ def unpack_checkpoint_header(raw: bytes | memoryview) -> CheckpointHeader | None
         return None
     if _CHECKSUM.unpack_from(raw, n)[0] != checksum(raw[:n]):
         return None
-    _, version, _, seq, next_seq, cap, count, body_len = _CHECKPOINT.unpack_from(raw)
+    _, version, flags, seq, next_seq, cap, count, body_len = _CHECKPOINT.unpack_from(raw)
     if version != FORMAT_VERSION:
         return None
     (body_sum,) = _CHECKSUM.unpack_from(raw, _CHECKPOINT.size)
-    return CheckpointHeader(seq, next_seq, cap, count, body_len, body_sum)
+    return CheckpointHeader(seq, next_seq, cap, count, body_len, body_sum, flags)
 
 
 @dataclass(frozen=True)
