@@ -243,6 +243,8 @@ class Engine:
         self._active_ptr = 0
         self._access_clock = 0
         self._waiting_idle = 0  # threads in _wait_idle: only then is notify worth its cost
+        # (entry ID, gen, loc) of entries reads found corrupt, to be buried (_bury_corrupt).
+        self._corrupt: list[tuple[bytes, int, int]] = []
         self._closed = False
 
     # ---- public API ------------------------------------------------------------------
@@ -336,6 +338,8 @@ class Engine:
         with self._lock:
             self.stats_counters.gets += 1
             self.stats_counters.misses += 1
+        if self._corrupt:
+            self._bury_corrupt()
         return None
 
     def _take_ssd_hit(self, block_id: bytes, loc: int, payload: Buffer,
@@ -400,6 +404,8 @@ class Engine:
             if self.dram is not None:
                 for i, loc, value in read_locs:
                     self._admit_to_dram(block_ids[i], value, loc)
+        if self._corrupt:
+            self._bury_corrupt()
         return values
 
     def exists(self, block_id: bytes) -> bool:
@@ -487,6 +493,8 @@ class Engine:
 
     def close(self) -> None:
         """Clean shutdown: wait for writes, persist the index, mark the superblock clean."""
+        if not self._closed:
+            self._bury_corrupt()
         with self._lock:
             if self._closed:
                 return
@@ -682,11 +690,13 @@ class Engine:
                 self.regions.supersede(slot.region)  # obsolete on arrival
                 published.append(False)
                 continue
-            if current is not None:
-                self.regions.supersede(current.loc // self.units_per_region)
             if piece.flags & fmt.ENTRY_TOMBSTONE:
-                self.index.remove(tag)
+                if current is not None and self._hides(piece.payload, current.loc):
+                    self.regions.supersede(current.loc // self.units_per_region)
+                    self.index.remove(tag)
             else:
+                if current is not None:
+                    self.regions.supersede(current.loc // self.units_per_region)
                 meta = META_HEAD if piece.flags & fmt.ENTRY_HEAD else 0
                 loc = slot.region * self.units_per_region + slot.offset // UNIT
                 self.index.put(tag, loc, piece.payload.nbytes, meta)
@@ -724,6 +734,11 @@ class Engine:
         for region in np.unique(regions[publish]).tolist():
             self.regions.record(region, tags[publish & (regions == region)])
         return publish.tolist()
+
+    def _hides(self, tombstone: Buffer, loc: int) -> bool:
+        """Whether a tombstone with this payload hides the version at `loc`."""
+        hides = fmt.tombstone_hides(tombstone)
+        return hides is None or (int(self.regions.gen[loc // self.units_per_region]), loc) <= hides
 
     def _newer_than(self, loc: int, slot: _Slot) -> bool:
         region = loc // self.units_per_region
@@ -1010,6 +1025,25 @@ class Engine:
                     buf.release()
         return entries
 
+    def _bury_corrupt(self) -> None:
+        """Write a tombstone for each entry that reads found corrupt.
+
+        Dropping it from the index serves this run; but a crash scan later would skip
+        the corrupt entry and find an older, intact version of the block with nothing
+        newer to hide it. The tombstone names the corrupt entry's position, so it hides
+        that version and older ones only, not one written since. A failed write is
+        logged: the reads were answered right, only that protection is missing.
+        """
+        with self._lock:
+            corrupt, self._corrupt = self._corrupt, []
+        for entry_id, gen, loc in corrupt:
+            hides = memoryview(fmt.TOMBSTONE_HIDES.pack(gen, loc))
+            try:
+                self._append([_Piece(entry_id, hides, flags=fmt.ENTRY_TOMBSTONE)])
+            except (DeviceError, BlockTooLarge) as e:
+                log.error("could not write the tombstone of a corrupt entry at loc %d: %s",
+                          loc, e)
+
     def _device_offset(self, loc: int) -> int:
         region, unit = divmod(loc, self.units_per_region)
         return self.sb.region_offset(region) + unit * UNIT
@@ -1031,6 +1065,7 @@ class Engine:
             else:
                 self.stats_counters.checksum_failures += 1
                 self.index.remove(block_tag(entry_id), loc)
+                self._corrupt.append((entry_id, gen, loc))
         return None
 
     # ---- recovery --------------------------------------------------------------------
@@ -1118,7 +1153,7 @@ class Engine:
                 if rh is None or rh.uuid != self.sb.uuid or rh.region != region:
                     continue
                 entries = _scan_region(buf, rh.gen)
-                max_seq = max([max_seq, rh.gen] + [h.seq for _, h in entries])
+                max_seq = max([max_seq, rh.gen] + [h.seq for _, h, _ in entries])
                 if entries:
                     found.append((rh.gen, region, entries))
         # Replaying in write order makes the newest version of every ID win.
@@ -1128,17 +1163,19 @@ class Engine:
             self.regions.last_access[region] = gen
             self.regions.state[region] = SEALED
             self.regions.write_ptr[region] = entries[-1][0] + entries[-1][1].entry_len
-            for offset, h in entries:
+            for offset, h, tombstone in entries:
                 tag = block_tag(h.block_id)
                 older = self.index.get(tag)
+                if h.flags & fmt.ENTRY_TOMBSTONE:
+                    if older is not None and self._hides(tombstone, older.loc):
+                        self.regions.supersede(older.loc // self.units_per_region)
+                        self.index.remove(tag)
+                    continue
                 if older is not None:
                     self.regions.supersede(older.loc // self.units_per_region)
-                if h.flags & fmt.ENTRY_TOMBSTONE:
-                    self.index.remove(tag)
-                else:
-                    loc = region * self.units_per_region + offset // UNIT
-                    meta = META_HEAD if h.flags & fmt.ENTRY_HEAD else 0
-                    self.index.put(tag, loc, h.payload_len, meta)
+                loc = region * self.units_per_region + offset // UNIT
+                meta = META_HEAD if h.flags & fmt.ENTRY_HEAD else 0
+                self.index.put(tag, loc, h.payload_len, meta)
         self._seq = max_seq + 1
         self._access_clock = max_seq
 
@@ -1157,8 +1194,9 @@ def _parse_entry(buf: memoryview, pos: int, gen: int,
     return header, payload.tobytes() if copy else payload
 
 
-def _scan_region(buf: memoryview, gen: int) -> list[tuple[int, fmt.EntryHeader]]:
-    """The valid entries of one region image, in write order.
+def _scan_region(buf: memoryview, gen: int) -> list[tuple[int, fmt.EntryHeader, bytes]]:
+    """The valid entries of one region image, in write order: (offset, header, the
+    payload if the entry is a tombstone, else b"").
 
     Follows entry lengths from the first unit; where a header is torn or stale (a crash
     left a hole, or the region was being rewritten), it resynchronises on the next unit
@@ -1180,7 +1218,10 @@ def _scan_region(buf: memoryview, gen: int) -> list[tuple[int, fmt.EntryHeader]]
         if fmt.checksum(buf[start : start + h.payload_len]) != h.payload_checksum:
             next_free = pos + h.entry_len  # the header is sound, so its length is too
             continue
-        entries.append((pos, h))
+        tombstone = b""
+        if h.flags & fmt.ENTRY_TOMBSTONE:
+            tombstone = bytes(buf[start : start + h.payload_len])
+        entries.append((pos, h, tombstone))
         next_free = pos + h.entry_len
     return entries
 

@@ -32,7 +32,7 @@ ENTRY_MAGIC = 0x45535157  # b"WQSE" little-endian
 SB_CLEAN = 1  # the checkpoint area holds a valid index; no scan needed
 
 # Entry flags.
-ENTRY_TOMBSTONE = 1  # a delete: removes older versions of the ID during recovery
+ENTRY_TOMBSTONE = 1  # removes older versions of the ID during recovery (see TOMBSTONE_HIDES)
 ENTRY_HEAD = 2  # first piece of a block split into segments (payload is segment 0)
 ENTRY_SEGMENT = 4  # a later segment; its ID is derived from the head's ID and seq
 
@@ -242,6 +242,22 @@ def unpack_entry_header(raw: bytes | memoryview, offset: int = 0) -> EntryHeader
     if _CHECKSUM.unpack_from(raw, offset + _ENTRY.size)[0] != checksum(body):
         return None
     return EntryHeader(block_id, gen, seq, plen, psum, flags, total)
+
+
+# A tombstone's payload: empty for a delete, which hides every older version of its ID;
+# or the position (region gen, loc in units) of the newest version it hides, for one
+# written after a read found that version corrupt, so that versions written between
+# the two survive it.
+TOMBSTONE_HIDES = struct.Struct("<QQ")
+
+
+def tombstone_hides(payload: bytes | memoryview) -> tuple[int, int] | None:
+    """The position a tombstone's payload names, or None: it hides every older version."""
+    if len(payload) != TOMBSTONE_HIDES.size:
+        assert len(payload) == 0, "a tombstone's payload is empty or one position"
+        return None
+    gen, loc = TOMBSTONE_HIDES.unpack(payload)
+    return gen, loc
 
 
 def segment_id(head_id: bytes, head_seq: int, index: int) -> bytes:
