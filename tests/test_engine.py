@@ -14,10 +14,20 @@ import pytest
 
 from tests.conftest import MiB, block_id, crash, flip_bytes, run_concurrently
 from wqs.engine import Engine
+from wqs.engine import engine as engine_module
 from wqs.engine import format as fmt
 from wqs.engine.index import block_tag
 from wqs.errors import BlockTooLarge, FormatError
 from wqs.nvme import DirectDevice
+
+
+@pytest.fixture(params=["scalar", "batch"])
+def publish_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Publish a batch entry by entry, or (batch) every batch of two or more with numpy
+    (a single entry, and so every tombstone, always goes entry by entry)."""
+    monkeypatch.setattr(engine_module, "SCALAR_PUBLISH_MAX",
+                        10**9 if request.param == "scalar" else 1)
+    return request.param
 
 
 def test_round_trip_of_every_size_shape(open_engine, small_config):
@@ -93,7 +103,7 @@ def test_block_limit(open_engine, small_config):
     assert len(engine.get(block_id(1))) == small_config.max_block_size
 
 
-def test_put_many_coalesces_and_reads_back(open_engine, small_config):
+def test_put_many_coalesces_and_reads_back(open_engine, small_config, publish_path):
     engine = open_engine(small_config)
     rng = random.Random(2)
     items = [(block_id(i), rng.randbytes(rng.randrange(1, 100_000))) for i in range(40)]
@@ -141,7 +151,7 @@ def test_delete_survives_a_crash(open_engine, small_config):
     assert engine.get(block_id(2)) == b"kept"
 
 
-def test_concurrent_puts_of_same_and_different_ids(open_engine, small_config):
+def test_concurrent_puts_of_same_and_different_ids(open_engine, small_config, publish_path):
     engine = open_engine(dataclasses.replace(small_config, region_size=4 * MiB), size=64 * MiB)
 
     def writer(t: int) -> None:
@@ -241,7 +251,8 @@ def _assert_regions_know_their_entries(engine):
 
 
 def test_reclaim_finds_a_regions_entries_from_its_tags_across_recovery(open_engine,
-                                                                      small_config):
+                                                                      small_config,
+                                                                      publish_path):
     engine = open_engine(small_config, size=16 * MiB)
     rng = random.Random(4)
     for _ in range(40):  # about 3x the device: regions are reclaimed and reused
@@ -349,7 +360,8 @@ def test_lru_never_lets_a_crash_bring_back_an_overwritten_version(open_engine, s
     assert engine.get(key) is None
 
 
-def test_superseded_counts_survive_checkpoint_and_scan(open_engine, small_config):
+def test_superseded_counts_survive_checkpoint_and_scan(open_engine, small_config,
+                                                      publish_path):
     """Rewrites, a batch holding one ID twice, and deletes mark the old entries' regions:
     a crash scan counts them again exactly; a checkpoint keeps which regions have any."""
     engine = open_engine(small_config, size=16 * MiB)
@@ -357,10 +369,12 @@ def test_superseded_counts_survive_checkpoint_and_scan(open_engine, small_config
     for i in range(60):
         engine.put(block_id(i % 25), rng.randbytes(9000))  # 35 rewrites
     engine.put_many([(block_id(100 + i % 20), rng.randbytes(5000)) for i in range(30)])
+    # Ten IDs the index holds, five of them twice: 10 old versions and 5 repeats.
+    engine.put_many([(block_id(100 + i % 10), rng.randbytes(5000)) for i in range(15)])
     for i in range(0, 25, 5):
         engine.delete(block_id(i))
     counts = engine.regions.superseded.copy()
-    assert counts.sum() == 35 + 10 + 5
+    assert counts.sum() == 35 + 10 + 15 + 5
     crash(engine)
     engine = open_engine(small_config, size=16 * MiB)  # by scanning
     assert np.array_equal(engine.regions.superseded, counts)

@@ -66,8 +66,9 @@ WRITE_WINDOW = 16
 SEGMENT_WINDOW = 8
 READ_WINDOW = 32 * 1024 * 1024
 # Up to this many entries are published one by one: below it, numpy's cost per call
-# exceeds what its batch operations save.
-SCALAR_PUBLISH_MAX = 8
+# exceeds what its batch operations save (measured: 2.9 against 4.7 µs per entry at 32,
+# 2.9 against 2.7 at 128).
+SCALAR_PUBLISH_MAX = 96
 
 Buffer = bytes | bytearray | memoryview
 T = TypeVar("T")
@@ -1271,7 +1272,10 @@ class _RegionTable:
 
     def supersede(self, regions: int | np.ndarray) -> None:
         """One entry in each of `regions` (repeats count again) is obsolete."""
-        np.add.at(self.superseded, regions, 1)
+        if isinstance(regions, int):
+            self.superseded[regions] += 1  # np.add.at costs microseconds even for one
+        else:
+            np.add.at(self.superseded, regions, 1)
 
     def written_tags(self, region: int) -> np.ndarray:
         return np.frombuffer(self._tags[region], dtype=np.uint64)
