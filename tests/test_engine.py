@@ -399,6 +399,8 @@ def test_a_checkpoint_without_superseded_marks_assumes_every_region_has_some(
         assert header.flags == fmt.CKP_SUPERSEDED
         f.seek(sb.meta_offset)
         f.write(fmt.pack_checkpoint_header(dataclasses.replace(header, flags=0)))
+        f.flush()
+        os.fsync(f.fileno())  # the engine reads it back with O_DIRECT
     engine = open_engine(small_config)
     live = engine.regions.state != 0
     assert live.any() and np.all(engine.regions.superseded[live] > 0)
