@@ -341,8 +341,8 @@ class WqsBench:
                batch: bool) -> Point:
         n = len(lats)
         return Point(
-            tool=MODES["batch" if batch else "threads"] + self._suffix, op=op, qd=qd, iops=n / elapsed,
-            mib_s=n * self.bs / elapsed / MiB,
+            tool=MODES["batch" if batch else "threads"] + self._suffix, op=op, qd=qd,
+            iops=n / elapsed, mib_s=n * self.bs / elapsed / MiB,
             p50_us=percentile(lats, 50) / 1e3, p99_us=percentile(lats, 99) / 1e3,
             ops=n, errors=errors,
         )
@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = summarise(points)
     total = time.monotonic() - started
-    errors = sum(p.errors for p in points if p.tool != "fio")
+    errors = sum(p.errors for p in points if p.tool in WQS_TOOLS)
     if args.json:
         json.dump({
             "size": size, "bs": bs, "runtime": args.runtime, "qd": qds, "repeat": args.repeat,

@@ -39,7 +39,7 @@ import numpy as np
 from wqs.config import EngineConfig
 from wqs.engine import format as fmt
 from wqs.engine.dram import DramTier, make_dram_tier
-from wqs.engine.index import META_HEAD, META_HIT, META_LEN_MASK, Index, block_tag
+from wqs.engine.index import META_HEAD, META_HIT, META_LEN_MASK, Index, Location, block_tag
 from wqs.engine.stats import EngineStats
 from wqs.errors import BlockTooLarge, DeviceError, FormatError
 from wqs.nvme.buffers import BufferPool
@@ -339,8 +339,7 @@ class Engine:
         with self._lock:
             self.stats_counters.gets += 1
             self.stats_counters.misses += 1
-        if self._corrupt:
-            self._bury_corrupt()
+        self._bury_corrupt()
         return None
 
     def _take_ssd_hit(self, block_id: bytes, loc: int, payload: Buffer,
@@ -405,8 +404,7 @@ class Engine:
             if self.dram is not None:
                 for i, loc, value in read_locs:
                     self._admit_to_dram(block_ids[i], value, loc)
-        if self._corrupt:
-            self._bury_corrupt()
+        self._bury_corrupt()
         return values
 
     def exists(self, block_id: bytes) -> bool:
@@ -495,7 +493,7 @@ class Engine:
     def close(self) -> None:
         """Clean shutdown: wait for writes, persist the index, mark the superblock clean."""
         if not self._closed:
-            self._bury_corrupt()
+            self._bury_corrupt()  # before the checkpoint: the index already lacks them
         with self._lock:
             if self._closed:
                 return
@@ -691,19 +689,29 @@ class Engine:
                 self.regions.supersede(slot.region)  # obsolete on arrival
                 published.append(False)
                 continue
-            if piece.flags & fmt.ENTRY_TOMBSTONE:
-                if current is not None and self._hides(piece.payload, current.loc):
-                    self.regions.supersede(current.loc // self.units_per_region)
-                    self.index.remove(tag)
-            else:
-                if current is not None:
-                    self.regions.supersede(current.loc // self.units_per_region)
-                meta = META_HEAD if piece.flags & fmt.ENTRY_HEAD else 0
-                loc = slot.region * self.units_per_region + slot.offset // UNIT
-                self.index.put(tag, loc, piece.payload.nbytes, meta)
+            loc = slot.region * self.units_per_region + slot.offset // UNIT
+            if self._index_entry(tag, current, piece.flags, loc, piece.payload.nbytes,
+                                 piece.payload):
                 self.regions.record_one(slot.region, tag)
             published.append(True)
         return published
+
+    def _index_entry(self, tag: int, older: Location | None, flags: int, loc: int,
+                     payload_len: int, tombstone: Buffer = b"") -> bool:
+        """Let the entry at `loc` replace `older`, the version the index holds now: point
+        the index at it, or for a tombstone (whose payload is `tombstone`) drop `older`
+        if it hides it. The version made obsolete is counted. Publishing and the
+        recovery scan both come through here. Whether the index now points at the new
+        entry."""
+        if flags & fmt.ENTRY_TOMBSTONE:
+            if older is not None and self._hides(tombstone, older.loc):
+                self.regions.supersede(older.loc // self.units_per_region)
+                self.index.remove(tag)
+            return False
+        if older is not None:
+            self.regions.supersede(older.loc // self.units_per_region)
+        self.index.put(tag, loc, payload_len, META_HEAD if flags & fmt.ENTRY_HEAD else 0)
+        return True
 
     def _publish_batch(self, ids: list[bytes], pieces: list[_Piece],
                        slots: list[_Slot]) -> list[bool]:
@@ -730,10 +738,11 @@ class Engine:
         repeated[n - 1 - last] = False
         self.regions.supersede(np.concatenate(
             [cur_locs[found & publish & ~repeated] // upr, regions[newer | (publish & repeated)]]))
-        self.index.put_many(tags[publish], locs[publish].astype(np.uint32), metas[publish],
-                            held[publish])
-        for region in np.unique(regions[publish]).tolist():
-            self.regions.record(region, tags[publish & (regions == region)])
+        final = publish & ~repeated  # distinct tags: put_many can use the slots found above
+        self.index.put_many(tags[final], locs[final].astype(np.uint32), metas[final],
+                            held[final])
+        for region in np.unique(regions[final]).tolist():
+            self.regions.record(region, tags[final & (regions == region)])
         return publish.tolist()
 
     def _hides(self, tombstone: Buffer, loc: int) -> bool:
@@ -770,31 +779,29 @@ class Engine:
         return -(-(nbytes - room) // (self.sb.region_size - UNIT)) + 1
 
     def _available_regions(self) -> int:
-        """Regions a new reservation could use without waiting: free ones, and sealed
-        ones that _reclaim can take one after another (not pinned, and under LRU not
-        behind a pinned region holding superseded entries)."""
-        r = self.regions
-        usable = (r.state == SEALED) & (r.inflight == 0)
-        if self.config.eviction == "lru":
-            pinned = (r.state == SEALED) & (r.inflight > 0) & (r.superseded > 0)
-            if pinned.any():
-                usable &= r.gen < r.gen[pinned].min()
-        return int(np.count_nonzero(usable | (r.state == FREE)))
+        """Regions a new reservation could use without waiting: free ones, and those
+        _reclaim can take one after another."""
+        free = int(np.count_nonzero(self.regions.state == FREE))
+        return free + len(self._reclaimable(in_turn=True))
 
-    def _reclaimable(self) -> np.ndarray:
-        """The regions _reclaim may take now.
+    def _reclaimable(self, *, in_turn: bool = False) -> np.ndarray:
+        """The sealed regions _reclaim may take now, not pinned by writes in flight; with
+        in_turn, also those it may take once the ones before them are gone.
 
         FIFO takes them in write order. LRU may not: where a region holds entries that a
         later write superseded, reclaiming the later write's region first would let a
         crash scan find the old version with nothing newer to hide it. So under LRU, no
-        region newer than the oldest one holding superseded entries goes before it.
-        Where blocks are rarely rewritten (KV blocks named by their content), that
-        leaves LRU free; with many rewrites it tends to FIFO.
+        region newer than the oldest one holding superseded entries goes before it (in
+        turn, only a pinned one holds the rest back). Where blocks are rarely rewritten
+        (KV blocks named by their content), that leaves LRU free; with many rewrites it
+        tends to FIFO.
         """
         r = self.regions
         usable = (r.state == SEALED) & (r.inflight == 0)
         if self.config.eviction == "lru":
             holders = (r.state != FREE) & (r.superseded > 0)
+            if in_turn:
+                holders &= r.inflight > 0
             if holders.any():
                 usable &= r.gen <= r.gen[holders].min()
         return np.flatnonzero(usable)
@@ -1035,6 +1042,8 @@ class Engine:
         that version and older ones only, not one written since. A failed write is
         logged: the reads were answered right, only that protection is missing.
         """
+        if not self._corrupt:  # the common case, read without the lock
+            return
         with self._lock:
             corrupt, self._corrupt = self._corrupt, []
         for entry_id, gen, loc in corrupt:
@@ -1166,17 +1175,9 @@ class Engine:
             self.regions.write_ptr[region] = entries[-1][0] + entries[-1][1].entry_len
             for offset, h, tombstone in entries:
                 tag = block_tag(h.block_id)
-                older = self.index.get(tag)
-                if h.flags & fmt.ENTRY_TOMBSTONE:
-                    if older is not None and self._hides(tombstone, older.loc):
-                        self.regions.supersede(older.loc // self.units_per_region)
-                        self.index.remove(tag)
-                    continue
-                if older is not None:
-                    self.regions.supersede(older.loc // self.units_per_region)
                 loc = region * self.units_per_region + offset // UNIT
-                meta = META_HEAD if h.flags & fmt.ENTRY_HEAD else 0
-                self.index.put(tag, loc, h.payload_len, meta)
+                self._index_entry(tag, self.index.get(tag), h.flags, loc, h.payload_len,
+                                  tombstone)
         self._seq = max_seq + 1
         self._access_clock = max_seq
 
