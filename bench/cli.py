@@ -26,6 +26,8 @@ USAGE = """\
 usage: wqs-bench [global options] [--name=JOB [job options]]... [jobfile]...
 
 cluster:   --servers=HOST:PORT[,HOST:PORT]  --config=client.yaml
+           --control_servers=HOST:PORT[,...]  (daemons' control planes, for their CPU;
+           default: each data port + 1)
            --ioengine=wqs|redis|files|rawsock|null   (--redis=HOST:PORT, --files_dir=DIR
            [--files_direct], --rawsock=HOST:PORT for the other engines)
 fio job:   --name --rw=read|write|randread|randwrite|rw|randrw --rwmixread=PCT
@@ -101,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"ioengine={s.ioengine}")
 
     servers = [x.strip() for x in inv.cli.get("servers", "").split(",") if x.strip()]
+    control_servers = [x.strip() for x in inv.cli.get("control_servers", "").split(",")
+                       if x.strip()]
     total_threads = sum(s.numjobs * s.iodepth for s in specs)
     engines: dict[tuple, Engine] = {}
     groups = assign_groups(specs)
@@ -115,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     engines[key] = make_engine(
                         s.ioengine, servers=servers, config=inv.cli.get("config"),
                         redis=s.redis, files_dir=s.files_dir, files_direct=s.files_direct,
-                        rawsock=s.rawsock, threads=total_threads)
+                        rawsock=s.rawsock, threads=total_threads,
+                        control_servers=control_servers or None)
         except (EngineError, OSError, ValueError) as e:
             print(f"wqs-bench: {e}", file=sys.stderr)
             return 1

@@ -25,8 +25,16 @@ N threads with one request of one block each in flight, over ``--size`` bytes of
 blocks (``randwrite``, then ``randread`` after any missing blocks are laid out, outside
 the timed part), for ``--runtime`` seconds. Each point is run ``--repeat`` times,
 interleaved across systems, and the table shows medians: MiB/s, IOPS, p50 and p99 of
-the per-request latency, and throughput as a fraction of the raw-socket ceiling and of
-fio on the device.
+the per-request latency, throughput as a fraction of the raw-socket ceiling and of
+fio on the device, and the CPU and context switches each request cost:
+
+* **cli** (client): this process, getrusage(RUSAGE_SELF) around the timed part (every
+  thread: the wqs-bench workers and whatever the system's client library runs), divided
+  by the requests. For fio: fio's own ``usr_cpu``/``sys_cpu``/``ctx`` of its job.
+* **srv** (server): for wqs the daemon's getrusage through its control plane (Stats);
+  for redis-server and the raw-socket sink, which this command starts, /proc/<pid> (CPU
+  in 10 ms ticks, switches summed over its threads). fio and the file stores have no
+  server: their whole cost is in the cli columns.
 """
 
 from __future__ import annotations
@@ -65,6 +73,15 @@ class Point:
     p99_us: float
     ios: int = 0
     errors: int = 0
+    # Per request: CPU µs (user, system) and context switches, of the client and of the
+    # server (see the module doc); None where not measured or not meaningful.
+    cli_usr_us: float | None = None
+    cli_sys_us: float | None = None
+    cli_ctx: float | None = None
+    srv_usr_us: float | None = None
+    srv_sys_us: float | None = None
+    srv_ctx: float | None = None
+    srv_note: str = ""  # why the server columns are empty, when they should not be
 
 
 @dataclass
@@ -77,7 +94,16 @@ class Row:
     iops: float
     p50_us: float
     p99_us: float
+    cli_usr_us: float | None = None
+    cli_sys_us: float | None = None
+    cli_ctx: float | None = None
+    srv_usr_us: float | None = None
+    srv_sys_us: float | None = None
+    srv_ctx: float | None = None
     runs: list[Point] = field(default_factory=list)
+
+
+USAGE_FIELDS = ("cli_usr_us", "cli_sys_us", "cli_ctx", "srv_usr_us", "srv_sys_us", "srv_ctx")
 
 
 def log(msg: str) -> None:
@@ -95,7 +121,9 @@ def fio_point(path: str, size: int, engine: str, op: str, bs: int, qd: int,
               runtime: float, keep: dict[str, Any] | None = None) -> Point:
     cmd = ["fio", "--name=compare", f"--filename={path}", f"--size={size}",
            f"--rw=rand{op}", f"--bs={bs}", f"--iodepth={qd}", "--numjobs=1",
-           f"--ioengine={engine}", "--direct=1", "--time_based", f"--runtime={runtime:g}s",
+           f"--ioengine={engine}", "--direct=1", "--time_based",
+           # in ms: fio reads no decimals ("0.3s" would be 0, a run of one pass over size)
+           f"--runtime={max(1, round(runtime * 1000))}ms",
            "--lat_percentiles=1", "--percentile_list=1:5:10:20:30:40:50:60:70:80:90:95:99:99.5:99.9:99.99",
            "--randrepeat=0", "--output-format=json"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -104,9 +132,16 @@ def fio_point(path: str, size: int, engine: str, op: str, bs: int, qd: int,
     pct = side["lat_ns"]["percentile"]
     if keep is not None:
         keep["fio"] = {float(k): v for k, v in pct.items()}
-    return Point("fio", op, bs, qd, side["bw_bytes"] / MiB, side["iops"],
-                 pct["50.000000"] / 1e3, pct["99.000000"] / 1e3, side["total_ios"],
-                 job.get("error", 0))
+    p = Point("fio", op, bs, qd, side["bw_bytes"] / MiB, side["iops"],
+              pct["50.000000"] / 1e3, pct["99.000000"] / 1e3, side["total_ios"],
+              job.get("error", 0))
+    ios = side["total_ios"]
+    if ios and job["job_runtime"]:
+        # fio's usr_cpu/sys_cpu are percent of job_runtime (ms), from its job's getrusage
+        cpu_us = job["job_runtime"] * 1e3 / 100 / ios
+        p.cli_usr_us, p.cli_sys_us = job["usr_cpu"] * cpu_us, job["sys_cpu"] * cpu_us
+        p.cli_ctx = job["ctx"] / ios
+    return p
 
 
 # ------------------------------------------------------------------- wqs-bench points
@@ -131,8 +166,28 @@ def bench_point(system: str, engine: Any, op: str, bs: int, qd: int, size: int,
     errors = res.misses + res.failed_puts + (1 if res.error else 0)
     if res.errors:
         log(f"  {system}: {res.errors[0]}")
-    return Point(system, op, bs, qd, d.io_bytes / secs / MiB if secs else 0.0,
-                 d.n / secs if secs else 0.0, float(p50), float(p99), d.n, errors)
+    p = Point(system, op, bs, qd, d.io_bytes / secs / MiB if secs else 0.0,
+              d.n / secs if secs else 0.0, float(p50), float(p99), d.n, errors)
+    cli, srv = res.cpu_client or {}, res.cpu_daemon
+    if "usr_us_per_req" in cli:
+        p.cli_usr_us, p.cli_sys_us, p.cli_ctx = (cli["usr_us_per_req"], cli["sys_us_per_req"],
+                                                 cli["ctx_per_req"])
+    if srv is not None and "usr_us_per_req" in srv:
+        p.srv_usr_us, p.srv_sys_us, p.srv_ctx = (srv["usr_us_per_req"], srv["sys_us_per_req"],
+                                                 srv["ctx_per_req"])
+    elif srv is not None:  # a server whose usage could not be read: say so, once per point
+        p.srv_note = str(srv.get("error", "not measured"))
+        log(f"  {system}: server CPU {p.srv_note}")
+    return p
+
+
+def _usage_log(p: Point) -> str:
+    out = ""
+    if p.cli_usr_us is not None and p.cli_sys_us is not None:
+        out += f", cli {p.cli_usr_us + p.cli_sys_us:,.0f} µs/req"
+    if p.srv_usr_us is not None and p.srv_sys_us is not None:
+        out += f", srv {p.srv_usr_us + p.srv_sys_us:,.0f} µs/req"
+    return out
 
 
 # ------------------------------------------------------------------------------ table
@@ -144,12 +199,38 @@ def summarise(points: list[Point]) -> list[Row]:
         groups.setdefault((p.system, p.op, p.bs, p.qd), []).append(p)
     rows = []
     for (system, op, bs, qd), runs in groups.items():
-        rows.append(Row(system, op, bs, qd,
-                        statistics.median(r.mib_s for r in runs),
-                        statistics.median(r.iops for r in runs),
-                        statistics.median(r.p50_us for r in runs),
-                        statistics.median(r.p99_us for r in runs), runs))
+        row = Row(system, op, bs, qd,
+                  statistics.median(r.mib_s for r in runs),
+                  statistics.median(r.iops for r in runs),
+                  statistics.median(r.p50_us for r in runs),
+                  statistics.median(r.p99_us for r in runs), runs=runs)
+        for name in USAGE_FIELDS:  # median of the runs that measured it
+            values = [getattr(r, name) for r in runs if getattr(r, name) is not None]
+            setattr(row, name, statistics.median(values) if values else None)
+        rows.append(row)
     return rows
+
+
+def _us(v: float) -> str:
+    return f"{v:.1f}" if v < 10 else f"{v:,.0f}"
+
+
+def usage_cells(r: Row) -> list[str]:
+    """cli µs usr/sys, cli ctx, srv µs usr/sys, srv ctx; '-' where there is none."""
+    cells = []
+    for side in ("cli", "srv"):
+        usr, sys_, ctx = (getattr(r, f"{side}_{k}") for k in ("usr_us", "sys_us", "ctx"))
+        cells.append(f"{_us(usr)}/{_us(sys_)}" if usr is not None and sys_ is not None else "-")
+        cells.append(f"{ctx:.2f}" if ctx is not None else "-")
+    return cells
+
+
+USAGE_COLUMNS = ("cli µs usr/sys", "cli ctx", "srv µs usr/sys", "srv ctx")
+USAGE_LEGEND = ("cli/srv µs usr/sys, ctx: CPU microseconds (user/system) and context "
+                "switches per request, of the client process (getrusage; for fio, fio's "
+                "own) and of the server (wqs: the daemon's getrusage via its control plane; "
+                "redis, rawsock: /proc of the process started here; '-': no server, or "
+                "not measured).")
 
 
 def render(rows: list[Row], systems: list[str], bss: list[int], qds: list[int],
@@ -161,7 +242,8 @@ def render(rows: list[Row], systems: list[str], bss: list[int], qds: list[int],
     table = Table(title=title, title_justify="left", show_lines=False)
     for name, just in (("op", "left"), ("bs", "right"), ("QD", "right"), ("system", "left"),
                        ("MiB/s", "right"), ("IOPS", "right"), ("p50 µs", "right"),
-                       ("p99 µs", "right"), ("× rawsock", "right"), ("× fio", "right")):
+                       ("p99 µs", "right"), ("× rawsock", "right"), ("× fio", "right"),
+                       *((c, "right") for c in USAGE_COLUMNS)):
         table.add_column(name, justify=just)  # type: ignore[arg-type]
     for op in OPS:
         for bs in bss:
@@ -180,22 +262,24 @@ def render(rows: list[Row], systems: list[str], bss: list[int], qds: list[int],
                                   str(qd) if first else "",
                                   s + (f" [red]({errs} err)[/]" if errs else ""),
                                   f"{r.mib_s:,.1f}", f"{r.iops:,.0f}", f"{r.p50_us:,.0f}",
-                                  f"{r.p99_us:,.0f}", x_ceil, x_fio)
+                                  f"{r.p99_us:,.0f}", x_ceil, x_fio, *usage_cells(r))
                     first = False
                 if not first:
                     table.add_section()
-    console = Console(width=max(120, Console().width), record=True, file=sys.stdout)
+    console = Console(width=max(160, Console().width), record=True, file=sys.stdout)
     console.print(table)
     console.print("MiB/s, IOPS, p50/p99 of per-request latency: medians of the repeats. "
                   "× rawsock: throughput / the raw-socket ceiling (transport with nothing "
-                  "stored); × fio: throughput / fio on the same file (the device).")
+                  "stored); × fio: throughput / fio on the same file (the device). "
+                  + USAGE_LEGEND)
     return console.export_text()
 
 
 def markdown(rows: list[Row], systems: list[str], bss: list[int], qds: list[int]) -> str:
     by = {(r.system, r.op, r.bs, r.qd): r for r in rows}
-    lines = ["| op | bs | QD | system | MiB/s | IOPS | p50 µs | p99 µs | × rawsock | × fio |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| op | bs | QD | system | MiB/s | IOPS | p50 µs | p99 µs | × rawsock | × fio | "
+             + " | ".join(USAGE_COLUMNS) + " |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(USAGE_COLUMNS)]
     for op in OPS:
         for bs in bss:
             for qd in qds:
@@ -207,7 +291,8 @@ def markdown(rows: list[Row], systems: list[str], bss: list[int], qds: list[int]
                     xc = f"{r.mib_s / ceiling.mib_s:.2f}" if ceiling and ceiling.mib_s else "-"
                     xf = f"{r.mib_s / fio.mib_s:.2f}" if fio and fio.mib_s else "-"
                     lines.append(f"| {op} | {bs_label(bs)} | {qd} | {s} | {r.mib_s:,.1f} | "
-                                 f"{r.iops:,.0f} | {r.p50_us:,.0f} | {r.p99_us:,.0f} | {xc} | {xf} |")
+                                 f"{r.iops:,.0f} | {r.p50_us:,.0f} | {r.p99_us:,.0f} | {xc} | {xf} | "
+                                 + " | ".join(usage_cells(r)) + " |")
     return "\n".join(lines)
 
 
@@ -288,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         from bench.engines import FilesEngine, RedisEngine, WqsEngine
         from bench.procs import Daemon, RawSink, Redis
         from bench.rawsock import RawSockEngine
+        from bench.usage import PidUsage
 
         wqs_dir = os.path.join(work, "wqs")
         os.makedirs(wqs_dir)
@@ -309,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
                             p = fio_point(dev, size, engine, op, bs, qd, args.runtime, keep)
                             latencies.setdefault((op, bs, qd), {}).update(keep)
                             log(f"fio {op} {bs_label(bs)} QD{qd} run {rep + 1}: "
-                                f"{p.mib_s:,.1f} MiB/s, p50 {p.p50_us:,.0f} µs, p99 {p.p99_us:,.0f} µs")
+                                f"{p.mib_s:,.1f} MiB/s, p50 {p.p50_us:,.0f} µs, p99 {p.p99_us:,.0f} µs"
+                                + _usage_log(p))
                             points.append(p)
             os.unlink(dev)
         engines: dict[str, Any] = {}
@@ -325,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             r = Redis(os.path.join(work, "redis"))
             services.add(r.stop)
             engines["redis"] = RedisEngine(r.address, connections=threads + 4)
+            engines["redis"].server_usage = [PidUsage(r.proc.pid, "redis-server")]
             services.add(engines["redis"].close)
             log(f"redis: pid {r.proc.pid} on {r.address}")
         if "files" in systems:
@@ -336,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             sink = RawSink()
             services.add(sink.stop)
             engines["rawsock"] = RawSockEngine(sink.address)
+            engines["rawsock"].server_usage = [PidUsage(sink.proc.pid, "bench.rawsock")]
             services.add(engines["rawsock"].close)
             log(f"rawsock: sink pid {sink.proc.pid} on {sink.address}")
         for rep in range(args.repeat):
@@ -350,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
                             latencies.setdefault((op, bs, qd), {}).update(keep)
                             log(f"{s} {op} {bs_label(bs)} QD{qd} run {rep + 1}: "
                                 f"{p.mib_s:,.1f} MiB/s, p50 {p.p50_us:,.0f} µs, "
-                                f"p99 {p.p99_us:,.0f} µs" + (f", {p.errors} errors" if p.errors else ""))
+                                f"p99 {p.p99_us:,.0f} µs" + (f", {p.errors} errors" if p.errors else "")
+                                + _usage_log(p))
                             points.append(p)
         meta["load_after"] = os.getloadavg()
     except KeyboardInterrupt:

@@ -15,6 +15,11 @@ at once. ``get`` receives each block into the caller's buffer and returns its le
 * ``rawsock``: the transport ceiling: a minimal sender/receiver (`bench.rawsock`) moving
   the same bytes over one TCP connection per worker thread, nothing stored.
 * ``null``: does nothing (fio's null engine); measures wqs-bench itself.
+
+An engine with a server process says so (``has_server``) and lists where that server's
+CPU and context switches can be read (``server_usage``, `bench.usage`): a WQS engine asks
+every daemon's control plane; for redis and rawsock only whoever started the server
+(``bench.compare``) knows its pid and fills it in.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import mmap
 import os
 import threading
 from typing import Any, Sequence
+
+from bench.usage import UsageSource
 
 Buffer = Any
 
@@ -34,6 +41,8 @@ class EngineError(RuntimeError):
 class Engine:
     name = "?"
     stores = True  # False: a read of an absent block still "hits" (null, rawsock)
+    has_server = False  # True: a server process does the work (its CPU is reported)
+    server_usage: Sequence[UsageSource] = ()
 
     def put(self, ids: Sequence[bytes], bufs: Sequence[Buffer]) -> list[bool]:
         raise NotImplementedError
@@ -55,14 +64,17 @@ class Engine:
         return self.name
 
     def close(self) -> None:
-        pass
+        for u in self.server_usage:
+            u.close()
 
 
 class WqsEngine(Engine):
     name = "wqs"
+    has_server = True
 
     def __init__(self, servers: Sequence[str] | None = None, config: str | None = None,
-                 connections: int | None = None) -> None:
+                 connections: int | None = None,
+                 control_servers: Sequence[str] | None = None) -> None:
         import wqs
         from wqs.config import load_client_config
 
@@ -82,6 +94,28 @@ class WqsEngine(Engine):
         if down:
             self.client.close()
             raise EngineError(f"cannot reach WQS node(s) {', '.join(down)}")
+        try:
+            self.server_usage = self._control_planes(cfg, control_servers)
+        except ValueError as e:
+            self.client.close()
+            raise EngineError(str(e)) from None
+
+    def _control_planes(self, cfg: Any, control_servers: Sequence[str] | None) -> list:
+        """A usage source per daemon: its control plane at the given address, else at
+        data port + 1 (wqsd's default), with the client config's token and timeout."""
+        from bench.usage import ControlPlaneUsage, control_address
+
+        # Under etcd the config lists no servers; the ring knows the registered ones.
+        servers = list(self.servers) or list(getattr(self.client, "nodes", ()))
+        if control_servers:
+            if len(control_servers) != len(servers):
+                raise ValueError(f"control_servers lists {len(control_servers)} addresses "
+                                 f"for {len(servers)} servers; give one per server, in order")
+            controls = list(control_servers)
+        else:
+            controls = [control_address(s) for s in servers]
+        return [ControlPlaneUsage(s, c, cfg.auth_token, cfg.timeout_s)
+                for s, c in zip(servers, controls)]
 
     def put(self, ids, bufs):
         return self.client.put_many(list(zip(ids, bufs)))
@@ -103,11 +137,13 @@ class WqsEngine(Engine):
         return f"wqs ({','.join(self.servers)})"
 
     def close(self):
+        super().close()
         self.client.close()
 
 
 class RedisEngine(Engine):
     name = "redis"
+    has_server = True
 
     def __init__(self, address: str, connections: int = 64) -> None:
         try:
@@ -159,6 +195,7 @@ class RedisEngine(Engine):
         return f"redis ({self.address})"
 
     def close(self):
+        super().close()
         self.pool.disconnect()
 
 
@@ -286,9 +323,9 @@ class NullEngine(Engine):
 def make_engine(name: str, *, servers: Sequence[str] | None = None, config: str | None = None,
                 redis: str | None = None, files_dir: str | None = None,
                 files_direct: bool = False, rawsock: str | None = None,
-                threads: int = 1) -> Engine:
+                threads: int = 1, control_servers: Sequence[str] | None = None) -> Engine:
     if name == "wqs":
-        return WqsEngine(servers, config)
+        return WqsEngine(servers, config, control_servers=control_servers)
     if name == "redis":
         if not redis:
             raise EngineError("ioengine=redis needs --redis=HOST:PORT")

@@ -46,8 +46,10 @@ OUTPUT_FORMATS = ("normal", "json", "json+", "terse")
 
 # Options that belong to the invocation, not to a job (fio's command-line-only options
 # plus the cluster and the plot).
-CLI_ONLY = {"output", "output_format", "eta", "servers", "config", "lat_cdf", "help",
-            "version", "parse_only", "quiet"}
+CLI_ONLY = {"output", "output_format", "eta", "servers", "config", "control_servers",
+            "lat_cdf", "help", "version", "parse_only", "quiet"}
+# Of those, the ones a job file may set too (it may name its cluster).
+JOB_FILE_CLI = ("servers", "config", "control_servers")
 
 # Accepted for compatibility with fio job files; they have no meaning for a KV store.
 IGNORED = {"direct", "buffered", "thread", "norandommap", "randrepeat", "invalidate",
@@ -502,7 +504,7 @@ def parse_job_file(text: str, env: dict[str, str] | None = None
                 line = line.split(f" {sep}", 1)[0].strip()
         key, eq, value = line.partition("=")
         key = canonical(key)
-        if not _known(key) or key in CLI_ONLY - {"servers", "config"}:
+        if not _known(key) or key in CLI_ONLY - set(JOB_FILE_CLI):
             raise FioOptionError(f"line {lineno}: unrecognized option {key!r}")
         value = value.strip() if eq else ""  # a bare flag is on
         if section == "global":
@@ -524,7 +526,7 @@ def build_jobs(inv: Invocation) -> tuple[list[JobSpec], dict[str, str]]:
         except OSError as e:
             raise FioOptionError(f"cannot read job file {path}: {e.strerror}") from None
         for name, merged, own in parse_job_file(text):
-            for key in ("servers", "config"):  # a job file may name its cluster
+            for key in JOB_FILE_CLI:  # a job file may name its cluster
                 if key in merged:
                     inv.cli.setdefault(key, merged.pop(key))
                     own.pop(key, None)

@@ -122,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 class RawSockEngine(Engine):
     name = "rawsock"
     stores = False
+    has_server = True
 
     def __init__(self, address: str) -> None:
         host, _, port = address.rpartition(":")
@@ -178,6 +179,7 @@ class RawSockEngine(Engine):
         return f"rawsock ({self.address})"
 
     def close(self):
+        super().close()
         with self._lock:
             for s in self._all:
                 try:

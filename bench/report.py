@@ -7,8 +7,9 @@ JSON keys, units and layout follow fio 3.33 (``fio --output-format=json``): per 
 ``"99.000000"``), bandwidth and IOPS samples (every 500 ms, like fio's bw_avg_time),
 ``iodepth_level``, ``latency_ns``/``latency_us``/``latency_ms`` distributions, CPU and
 context-switch counters, so tools that parse fio's JSON parse this too. What fio has no
-key for goes under ``"wqs"`` (per job: misses, verify errors, engine; for prefix
-workloads the KV-cache figures).
+key for goes under ``"wqs"`` (per job: misses, verify errors, engine; CPU and context
+switches per request of wqs-bench itself, ``cpu_client``, and of the servers,
+``cpu_daemon`` (see `bench.usage`); for prefix workloads the KV-cache figures).
 
 Latency percentiles are exact (nearest rank over every sample), where fio reads them off
 a log-linear histogram (within ~1.6 %).
@@ -91,6 +92,10 @@ class JobResult:
     engine: str = ""
     kvcache: dict[str, Any] | None = None
     extra_lat: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. lookup latency
+    # Per-request CPU and context switches (bench.usage): of this process, and of the
+    # servers (None: the engine has no server). Per run group, see runner._attach_usage.
+    cpu_client: dict[str, Any] | None = None
+    cpu_daemon: dict[str, Any] | None = None
 
 
 def merge_results(results: list[JobResult]) -> JobResult:
@@ -108,6 +113,9 @@ def merge_results(results: list[JobResult]) -> JobResult:
         setattr(out, attr, sum(getattr(r, attr) for r in results))
     out.usr_cpu, out.sys_cpu = first.usr_cpu, first.sys_cpu  # process-wide already
     out.ctx, out.majf, out.minf = first.ctx, first.majf, first.minf
+    # Per group already; with group_reporting the group is this one job.
+    out.cpu_client = first.cpu_client and {**first.cpu_client, "scope": "job"}
+    out.cpu_daemon = first.cpu_daemon and {**first.cpu_daemon, "scope": "job"}
     kv = [r.kvcache for r in results if r.kvcache]
     if kv:
         out.kvcache = merge_kvcache(kv)
@@ -292,6 +300,10 @@ def job_json(r: JobResult, group_kib: dict[str, float], elapsed_s: int) -> dict[
     }
     for k, v in r.extra_lat.items():
         wqs[f"{k}_lat_ns"] = lat_stats(v, spec.percentile_list)
+    if r.cpu_client is not None:
+        wqs["cpu_client"] = r.cpu_client
+    if r.cpu_daemon is not None:
+        wqs["cpu_daemon"] = r.cpu_daemon
     if r.kvcache is not None:
         wqs["kvcache"] = r.kvcache
     out["wqs"] = wqs
@@ -493,6 +505,8 @@ def normal_text(results: list[JobResult], doc: dict[str, Any]) -> str:
         out.extend(_dist_lines("msec", j["latency_ms"]))
         out.append(f"  cpu          : usr={j['usr_cpu']:3.2f}%, sys={j['sys_cpu']:3.2f}%, "
                    f"ctx={j['ctx']}, majf={j['majf']}, minf={j['minf']}")
+        out.extend(cpu_lines("cpu client", j["wqs"].get("cpu_client"), r.groupid))
+        out.extend(cpu_lines("cpu daemon", j["wqs"].get("cpu_daemon"), r.groupid))
         dl = j["iodepth_level"]
         out.append("  IO depths    : " + ", ".join(f"{k}={v:3.1f}%" for k, v in dl.items()))
         out.append("     submit    : " + ", ".join(f"{k}={v:3.1f}%" for k, v in j["iodepth_submit"].items()))
@@ -529,6 +543,35 @@ def normal_text(results: list[JobResult], doc: dict[str, Any]) -> str:
                 f"io={num2str(gs.io[d], 4, 1024, 'B')} ({num2str(gs.io[d], 4, 1000, 'B')}), "
                 f"run={gs.min_run[d]}-{gs.max_run[d]}msec")
     return "\n".join(out) + "\n"
+
+
+def _per_req(rep: dict[str, Any]) -> str:
+    return (f"usr={rep['usr_us_per_req']:.2f}us, sys={rep['sys_us_per_req']:.2f}us, "
+            f"ctx={rep['ctx_per_req']:.2f}")
+
+
+def cpu_lines(label: str, rep: dict[str, Any] | None, groupid: int) -> list[str]:
+    """fio's ``cpu :`` line, per request: ``cpu client`` (wqs-bench) and ``cpu daemon``
+    (the servers: their sum, then each server's share when there are several)."""
+    if rep is None:
+        return []
+    head = f"  {label:<13s}: "
+    servers = rep.get("servers") or {}
+    if "error" in rep:
+        err = rep["error"]
+        return [head + (err if err.startswith("not measured") else f"not measured: {err}")]
+    where = f"{rep['requests']} requests"
+    if rep.get("scope") == "group":
+        where += f" of run group {groupid}"
+    if servers:
+        where += f", {len(servers)} server{'s' if len(servers) != 1 else ''}"
+        if rep["processes"] != len(servers):
+            where += f" in {rep['processes']} processes"
+    lines = [head + f"{_per_req(rep)} per request ({where})"]
+    if len(servers) > 1:
+        for name, srv in servers.items():
+            lines.append(f"     {name}: {_per_req(srv)} ({srv['via']})")
+    return lines
 
 
 def kvcache_lines(kv: dict[str, Any]) -> list[str]:

@@ -11,6 +11,11 @@ Offsets: sequential jobs walk the slots in order; random jobs visit every slot o
 pass in a fresh random order (fio's random map), seeded by ``randseed``. A job that
 reads lays out its data set first, outside the timed part: every slot that does not
 exist yet is written with verifiable contents (`bench.blocks`).
+
+CPU per request (`bench.usage`): the client's getrusage and every server's usage are read
+when the timed part starts (after the ramp) and when its last thread has finished; the
+differences, divided by the IOs counted, are per run group, since the process and the
+servers are shared by every job of the group (see `_attach_usage`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from bench.blocks import block_id, check, content
 from bench.engines import Engine
 from bench.fioparse import JobSpec, num2str
 from bench.report import DDIRS, DirData, JobResult
+from bench.usage import Reading, servers_report, snapshot, usage_report
+from wqs.procstat import ProcessUsage, self_usage
 
 READ, WRITE = 0, 1
 LAYOUT_CALL_BYTES = 8 << 20
@@ -439,6 +446,10 @@ def run_group(clones: list[Clone], eta_mode: str, log: Callable[[str], None]) ->
             threads.append(threading.Thread(target=_thread, args=(c, target, args), daemon=True,
                                             name=f"wqs-bench-{c.name}.{c.index}.{k}"))
             c.active += 1
+    engines = list({id(c.engine): c.engine for c in clones}.values())
+    usage0: UsageSnapshot | None = None
+    if not ramp:  # before the clock starts: a first Stats call also connects (ms)
+        usage0 = _usage_snapshot(engines, start=True)
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     wall0 = time.perf_counter()
     started = time.time()
@@ -449,6 +460,9 @@ def run_group(clones: list[Clone], eta_mode: str, log: Callable[[str], None]) ->
         for t in threads:
             t.start()
         try:
+            if ramp:  # the ramp's IOs are not counted, so neither is its CPU
+                _wait_for_ramp(ctx, threads)
+                usage0 = _usage_snapshot(engines, start=True)
             for t in threads:
                 while t.is_alive():
                     t.join(0.2)
@@ -460,6 +474,8 @@ def run_group(clones: list[Clone], eta_mode: str, log: Callable[[str], None]) ->
     end_ns = time.perf_counter_ns()
     wall = time.perf_counter() - wall0
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    # Read before the write jobs' read-back below, which is not part of the timed IOs.
+    usage1 = _usage_snapshot(engines, start=False)
     for c in clones:
         if c.spec.workload == "fio":
             verify_written(c)
@@ -498,7 +514,67 @@ def run_group(clones: list[Clone], eta_mode: str, log: Callable[[str], None]) ->
             if c.kv.c["failed_puts"]:
                 r.failed_puts += c.kv.c["failed_puts"]
         results.append(r)
+    _attach_usage(clones, results, usage0, usage1)
     return results
+
+
+# (the client's usage, {id(engine): {server name: usage or why not}})
+UsageSnapshot = tuple[ProcessUsage, dict[int, dict[str, Reading]]]
+
+
+def _usage_snapshot(engines: list[Engine], start: bool) -> UsageSnapshot:
+    # Reading a daemon is a gRPC call (the first one also connects) that costs this
+    # process CPU: read the client after the servers at the start and before them at
+    # the end, so that none of it lands inside the client's interval.
+    if start:
+        servers = {id(e): snapshot(e.server_usage) for e in engines if e.server_usage}
+        return self_usage(), servers
+    client = self_usage()
+    return client, {id(e): snapshot(e.server_usage) for e in engines if e.server_usage}
+
+
+def _wait_for_ramp(ctx: RunContext, threads: list[threading.Thread]) -> None:
+    while not ctx.stop.is_set() and any(t.is_alive() for t in threads):
+        left = ctx.ramp_end_ns - time.perf_counter_ns()
+        if left <= 0:
+            return
+        time.sleep(min(0.05, left / 1e9))
+
+
+def _attach_usage(clones: list[Clone], results: list[JobResult],
+                  before: UsageSnapshot | None, after: UsageSnapshot) -> None:
+    """Fill every result's ``cpu_client`` and ``cpu_daemon`` (per request).
+
+    All jobs of a run group run in this one process, so the client's CPU is divided by
+    the IOs of the whole group, and every job of the group shows that same figure
+    (``scope: "group"``; ``"job"`` when the group has one job). A server's CPU is divided
+    by the IOs of the group's jobs that use that server: with two jobs on one cluster, its
+    daemons' CPU is theirs together; a group mixing engines still gives each its own
+    servers' figure."""
+    ios = [sum(r.dirs[d].n for d in DDIRS) for r in results]
+    group_scope = "job" if len(clones) == 1 else "group"
+    if before is None:  # interrupted during the ramp: no reading of the start
+        for r in results:
+            r.cpu_client = {"scope": group_scope, "requests": sum(ios),
+                            "error": "interrupted before the timed part began"}
+        return
+    client = usage_report(before[0], after[0], sum(ios), group_scope)
+    for c, r in zip(clones, results):
+        r.cpu_client = client
+        if not c.engine.has_server:
+            continue  # files, null: everything happens in this process
+        mates = [k for k, other in enumerate(clones) if other.engine is c.engine]
+        scope = "job" if len(mates) == 1 else "group"
+        requests = sum(ios[k] for k in mates)
+        if not c.engine.server_usage:
+            r.cpu_daemon = {"scope": scope, "requests": requests,
+                            "error": f"not measured: ioengine={c.engine.name}'s server was "
+                                     "not started by this benchmark, so its process cannot "
+                                     "be read"}
+            continue
+        key = id(c.engine)
+        r.cpu_daemon = servers_report(c.engine.server_usage, before[1].get(key, {}),
+                                      after[1].get(key, {}), requests, scope)
 
 
 def _thread(clone: Clone, target: Callable[..., None], args: tuple) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import shutil
 import subprocess
 
@@ -17,6 +18,7 @@ from bench import cli
 from bench.blocks import MAGIC, block_id, check, content
 from bench.fioparse import (FioOptionError, assign_groups, build_jobs, parse_job_file,
                             parse_size, parse_time, split_argv)
+from tests.daemons import daemon_factory  # noqa: F401 (fixture)
 
 FIO = shutil.which("fio")
 needs_fio = pytest.mark.skipif(FIO is None, reason="fio is not installed (apt-get install fio)")
@@ -315,6 +317,122 @@ def test_read_job_lays_out_its_blocks_first(daemon, capsys):
     assert rc == 0 and doc["jobs"][0]["wqs"]["layout_blocks"] == 0
 
 
+# ------------------------------------------------------------------- CPU per request
+
+
+def _assert_measured(rep: dict, requests: int) -> None:
+    """A per-request usage object with plausible numbers (no timing assumptions)."""
+    assert "error" not in rep, rep
+    assert rep["requests"] == requests > 0
+    assert rep["usr_us_per_req"] >= 0 and rep["sys_us_per_req"] >= 0
+    assert rep["usr_us_per_req"] + rep["sys_us_per_req"] > 0  # serving requests costs CPU
+    assert rep["usr_s"] + rep["sys_s"] > 0
+    assert rep["ctx_per_req"] == pytest.approx(rep["vol_ctx_per_req"] + rep["invol_ctx_per_req"],
+                                               abs=1e-3)
+    assert rep["voluntary_ctx"] + rep["involuntary_ctx"] > 0  # the threads waited on sockets
+    assert rep["ctx_per_req"] == pytest.approx(
+        (rep["voluntary_ctx"] + rep["involuntary_ctx"]) / requests, abs=1e-3)
+
+
+def test_cpu_per_request_of_client_and_daemon(daemon, capsys):
+    args = [f"--servers={daemon.address}", "--name=cpu", "--rw=randrw", "--bs=16k",
+            "--size=4m", "--iodepth=4"]
+    rc, doc = run_bench(args, capsys)
+    assert rc == 0
+    job = doc["jobs"][0]
+    ios = job["read"]["total_ios"] + job["write"]["total_ios"]
+    client, srv = job["wqs"]["cpu_client"], job["wqs"]["cpu_daemon"]
+    _assert_measured(client, ios)
+    assert client["scope"] == "job" and client["processes"] == 1
+    _assert_measured(srv, ios)
+    assert srv["processes"] == 1
+    host, port = daemon.address.rsplit(":", 1)
+    (only,) = srv["servers"].items()
+    assert only[0] == daemon.address and only[1]["via"] == f"control {host}:{int(port) + 1}"
+    assert only[1]["usr_s"] == srv["usr_s"]  # one server: its share is the sum
+
+    # Text, and with a ramp: the readings start after it, like the IO counts.
+    rc = cli.main(["--eta=never", "--ramp_time=200ms", *args])
+    out = capsys.readouterr().out
+    assert rc == 0
+    client_line = next(x for x in out.splitlines() if x.startswith("  cpu client   : "))
+    daemon_line = next(x for x in out.splitlines() if x.startswith("  cpu daemon   : "))
+    issued = re.search(r"issued rwts: total=(\d+),(\d+),", out)
+    counted = int(issued.group(1)) + int(issued.group(2))
+    assert f"per request ({counted} requests)" in client_line
+    assert re.search(r"usr=\d+\.\d\dus, sys=\d+\.\d\dus, ctx=\d+\.\d\d per", client_line)
+    assert f"per request ({counted} requests, 1 server)" in daemon_line
+
+
+def test_unreachable_control_plane_is_reported_not_zero(daemon, capsys):
+    # Port 1: nothing listens there, so the Stats calls are refused.
+    rc, doc = run_bench([f"--servers={daemon.address}", "--control_servers=127.0.0.1:1",
+                         "--name=noctl", "--rw=write", "--bs=16k", "--size=1m"], capsys)
+    assert rc == 0  # the IO worked; only the measurement did not
+    job = doc["jobs"][0]
+    _assert_measured(job["wqs"]["cpu_client"], job["write"]["total_ios"])
+    srv = job["wqs"]["cpu_daemon"]
+    assert "unreachable" in srv["error"] and srv["error"].startswith("not measured")
+    assert "usr_us_per_req" not in srv
+    assert "usr_us_per_req" not in srv["servers"][daemon.address]
+    rc = cli.main(["--eta=never", f"--servers={daemon.address}", "--control_servers=127.0.0.1:1",
+                   "--name=noctl", "--rw=write", "--bs=16k", "--size=1m"])
+    out = capsys.readouterr().out
+    assert "  cpu daemon   : not measured: " in out and "unreachable" in out
+    # one control address per server, or a clear refusal
+    assert cli.main([f"--servers={daemon.address}", "--control_servers=127.0.0.1:1,127.0.0.1:2",
+                     "--name=x", "--rw=write", "--size=1m"]) == 1
+    assert "control_servers lists 2 addresses for 1 servers" in capsys.readouterr().err
+
+
+def test_daemon_cpu_with_the_configs_auth_token(daemon_factory, tmp_path, capsys):
+    """The control plane is asked with the client config's token, as the data plane."""
+    token = "bench-token-1"
+    d = daemon_factory(config={"auth_token": token, "metrics_listen": "off"})
+    cfg = tmp_path / "client.yaml"
+    cfg.write_text(f"servers: [{d.address}]\nauth_token: {token}\n")
+    rc, doc = run_bench([f"--config={cfg}", "--name=auth", "--rw=write", "--bs=16k",
+                         "--size=1m"], capsys)
+    assert rc == 0
+    job = doc["jobs"][0]
+    _assert_measured(job["wqs"]["cpu_daemon"], job["write"]["total_ios"])
+
+
+def test_jobs_of_one_group_share_per_group_figures(daemon, capsys):
+    rc, doc = run_bench([f"--servers={daemon.address}", "--bs=16k", "--size=1m",
+                         "--name=g1", "--rw=write", "--name=g2", "--rw=write"], capsys)
+    assert rc == 0
+    j1, j2 = doc["jobs"]
+    ios = j1["write"]["total_ios"] + j2["write"]["total_ios"]
+    for j in (j1, j2):
+        for key in ("cpu_client", "cpu_daemon"):
+            _assert_measured(j["wqs"][key], ios)
+            assert j["wqs"][key]["scope"] == "group"
+    assert j1["wqs"]["cpu_daemon"] == j2["wqs"]["cpu_daemon"]
+
+
+def test_cpu_of_engines_without_a_daemon(capsys):
+    from bench.procs import RawSink
+
+    rc, doc = run_bench(["--ioengine=null", "--name=n", "--rw=randread", "--bs=4k",
+                         "--size=4m"], capsys)
+    assert rc == 0
+    w = doc["jobs"][0]["wqs"]
+    # the harness's own cost: requests counted, CPU spent, whatever its size
+    assert w["cpu_client"]["requests"] == 1024 and "error" not in w["cpu_client"]
+    assert w["cpu_client"]["usr_s"] + w["cpu_client"]["sys_s"] > 0
+    assert "cpu_daemon" not in w  # nothing outside this process
+    sink = RawSink()
+    try:
+        rc, doc = run_bench(["--ioengine=rawsock", f"--rawsock={sink.address}", "--name=r",
+                             "--rw=read", "--bs=16k", "--size=1m"], capsys)
+    finally:
+        sink.stop()
+    assert rc == 0
+    srv = doc["jobs"][0]["wqs"]["cpu_daemon"]
+    assert "not started by this benchmark" in srv["error"] and "usr_us_per_req" not in srv
+
+
 # ------------------------------------------------------------------------- KV workloads
 
 
@@ -414,6 +532,20 @@ def test_compare_runs_everything_and_cleans_up(tmp_path, capsys):
         assert s in out
     assert all(r["mib_s"] > 0 for r in doc["rows"])
     assert "× rawsock" in out
+    for c in ("cli µs usr/sys", "cli ctx", "srv µs usr/sys", "srv ctx"):
+        assert c in out
+    for r in doc["rows"]:
+        # every system has a client side: this process, or fio's own job
+        assert r["cli_usr_us"] >= 0 and r["cli_sys_us"] >= 0, r
+        assert r["cli_usr_us"] + r["cli_sys_us"] > 0 and r["cli_ctx"] >= 0, r
+        if r["system"] in ("wqs", "redis", "rawsock"):  # a server this command started
+            assert r["srv_usr_us"] >= 0 and r["srv_sys_us"] >= 0, r
+            assert r["srv_ctx"] > 0, r  # it waited for every request
+        else:
+            assert r["srv_usr_us"] is None and r["srv_ctx"] is None, r
+    wqs_rows = [r for r in doc["rows"] if r["system"] == "wqs"]
+    # the daemon's getrusage has µs resolution (redis's /proc ticks are 10 ms: no such check)
+    assert all(r["srv_usr_us"] + r["srv_sys_us"] > 0 for r in wqs_rows)
     assert set(os.listdir(tmp_path)) - before == {"cmp.json"}  # work folder removed
     stray = subprocess.run(["pgrep", "-f", f"--data-dir {tmp_path}"], capture_output=True,
                            text=True).stdout.strip()

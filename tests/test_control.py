@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from concurrent import futures
 from typing import Callable, Iterator
 
 import grpc
 import pytest
 
+import wqs
 from tests.conftest import MiB, block_id
+from tests.daemons import daemon_factory  # noqa: F401 (fixture)
 from wqs.engine import Engine
-from wqs.errors import AuthError, NodeUnavailable
+from wqs.errors import AuthError, NodeUnavailable, RemoteError
 from wqs.metrics import make_registry
+from wqs.procstat import ProcessUsage
 from wqs.rpc import auth
 from wqs.rpc import control_pb2 as pb
 from wqs.rpc import control_pb2_grpc as pb_grpc
 from wqs.rpc.control import (
-    AUTH_HEADER, ClusterNodeInfo, ControlClient, ControlServer, DrainResult, NonceTable,
-    format_auth_header, start_control_server,
+    AUTH_HEADER, ClusterNodeInfo, ControlClient, ControlServer, ControlService, DrainResult,
+    NonceTable, format_auth_header, start_control_server,
 )
 
 TOKEN = "s3cret-token"
@@ -154,6 +159,64 @@ def test_stats_carry_request_latency(serve, engine):
     assert lat["get"]["count"] == 10 and 100e-6 <= lat["get"]["p50_seconds"] <= 150e-6
     assert lat["put"]["count"] == 1 and lat["put"]["errors"] == 1
     assert lat["exists"]["count"] == 0
+
+
+def test_stats_report_the_daemons_process_usage_and_it_grows(daemon_factory):
+    """A real wqsd: Stats carries its getrusage, and serving requests makes it grow."""
+    d = daemon_factory()
+    with ControlClient(d.control_address, timeout=5.0) as cc, wqs.Client([d.address]) as c:
+        p0 = cc.stats()["process"]
+        assert p0 is not None and p0["processes"] == 1
+        assert p0["user_s"] + p0["system_s"] > 0  # start-up alone costs CPU
+        before = cc.process_usage()
+        items = [(block_id(i), bytes([i % 251]) * 65536) for i in range(200)]
+        for k in range(0, len(items), 10):
+            assert all(c.put_many(items[k:k + 10]))
+        for b, data in items:
+            assert c.get(b) == data
+        after = cc.process_usage()
+        uptime = cc.stats()["uptime_seconds"]
+    assert after.processes == before.processes == 1
+    assert after.cpu_s > before.cpu_s
+    assert after.user_s >= before.user_s and after.system_s >= before.system_s
+    # 220 requests, each a wait on a socket by some daemon thread
+    assert after.voluntary_ctx > before.voluntary_ctx
+    assert after.involuntary_ctx >= before.involuntary_ctx
+    # and no more CPU than the daemon could have had since it started
+    assert after.cpu_s < uptime * (os.cpu_count() or 1) + 1
+
+
+def test_stats_take_process_usage_from_the_provider(serve):
+    """A daemon of several processes passes a function that adds up its shards."""
+    shards = [ProcessUsage(1.5, 0.25, 100, 7), ProcessUsage(0.5, 0.75, 20, 3)]
+    server = serve(usage_provider=lambda: sum(shards))
+    with _client(server) as c:
+        assert c.stats()["process"] == {"user_s": 2.0, "system_s": 1.0, "voluntary_ctx": 120,
+                                        "involuntary_ctx": 10, "processes": 2}
+        assert c.process_usage() == ProcessUsage(2.0, 1.0, 120, 10, processes=2)
+
+
+def test_daemon_without_process_usage_is_told_apart_from_zero(engine):
+    """What an older daemon answers (no process field): None and an error, never zeros."""
+
+    class OldService(ControlService):
+        def Stats(self, request, context):
+            resp = super().Stats(request, context)
+            resp.ClearField("process")
+            return resp
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_ControlServicer_to_server(OldService(lambda: engine, {"node_id": "old"}), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with ControlClient(f"127.0.0.1:{port}", timeout=5.0) as c:
+            st = c.stats()
+            assert st["node_id"] == "old" and st["process"] is None
+            with pytest.raises(RemoteError, match="does not report its process usage"):
+                c.process_usage()
+    finally:
+        server.stop(None)
 
 
 def test_cluster_provider(serve):

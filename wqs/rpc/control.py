@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import grpc
 
 from wqs.errors import AuthError, NodeUnavailable, RemoteError
+from wqs.procstat import ProcessUsage, self_usage
 from wqs.rpc import auth
 from wqs.rpc import control_pb2 as pb
 from wqs.rpc import control_pb2_grpc as pb_grpc
@@ -89,6 +90,11 @@ class DrainResult:
 # on_drain(timeout_seconds) stops new data-plane requests and waits for in-flight ones.
 # It may return a DrainResult, a bool (drained?) or None (= drained).
 DrainCallback = Callable[[float], "DrainResult | bool | None"]
+
+# What Stats reports as the daemon's CPU and context switches. The default is the
+# process the control plane runs in; a daemon of several processes passes a function
+# that adds up its shards' usages (wqs.procstat.total_usage).
+UsageProvider = Callable[[], ProcessUsage]
 
 
 @dataclass(frozen=True)
@@ -251,7 +257,8 @@ class ControlService(pb_grpc.ControlServicer):
                  on_drain: DrainCallback | None = None,
                  request_metrics: "RequestMetrics | None" = None,
                  cluster_provider: Callable[[], Sequence[ClusterNodeInfo]] | None = None,
-                 nonces: NonceTable | None = None) -> None:
+                 nonces: NonceTable | None = None,
+                 usage_provider: UsageProvider = self_usage) -> None:
         info = dict(node_info)
         self.node_id = str(info.pop("node_id", ""))
         self.data_address = str(info.pop("data_address", ""))
@@ -266,6 +273,7 @@ class ControlService(pb_grpc.ControlServicer):
         self._metrics = request_metrics
         self._cluster_provider = cluster_provider
         self._nonces = nonces
+        self._usage_provider = usage_provider
         self._started = time.monotonic() - max(0.0, time.time() - self.start_time)
         self._status = SERVING
         self._lock = threading.Lock()
@@ -321,6 +329,12 @@ class ControlService(pb_grpc.ControlServicer):
                 resp.latency.add(op=s.op, count=s.count, sum_seconds=s.sum_seconds,
                                  p50_seconds=s.p50_seconds, p90_seconds=s.p90_seconds,
                                  p99_seconds=s.p99_seconds, errors=s.errors)
+        u = self._usage_provider()
+        resp.process.cpu_user_seconds = u.user_s
+        resp.process.cpu_system_seconds = u.system_s
+        resp.process.voluntary_ctx_switches = u.voluntary_ctx
+        resp.process.involuntary_ctx_switches = u.involuntary_ctx
+        resp.process.processes = u.processes
         return resp
 
     def NodeInfo(self, request: pb.NodeInfoRequest,
@@ -428,13 +442,15 @@ def start_control_server(engine_provider: Callable[[], "Engine | None"], address
                          request_metrics: "RequestMetrics | None" = None,
                          cluster_provider: Callable[[], Sequence[ClusterNodeInfo]] | None = None,
                          nonce_ttl: float = DEFAULT_NONCE_TTL,
-                         max_workers: int = 8) -> ControlServer:
+                         max_workers: int = 8,
+                         usage_provider: UsageProvider = self_usage) -> ControlServer:
     """Serve the Control service on `address` ("host:port"; port 0 picks a free one).
 
     node_info: ``node_id``, ``data_address`` and optionally ``control_address``
     (default: the bound address), ``version``, ``start_time`` (unix seconds), ``labels``
     (dict); other keys become labels. With `auth_token`, every RPC but GetChallenge needs
-    the challenge-response proof.
+    the challenge-response proof. `usage_provider` supplies the CPU and context switches
+    Stats reports (default: this process's getrusage).
     """
     nonces = NonceTable(ttl=nonce_ttl) if auth_token else None
     interceptors: list[grpc.ServerInterceptor] = []
@@ -458,7 +474,8 @@ def start_control_server(engine_provider: Callable[[], "Engine | None"], address
     info.setdefault("control_address", f"{host}:{port}")
     service = ControlService(engine_provider, info, on_drain=on_drain,
                              request_metrics=request_metrics,
-                             cluster_provider=cluster_provider, nonces=nonces)
+                             cluster_provider=cluster_provider, nonces=nonces,
+                             usage_provider=usage_provider)
     pb_grpc.add_ControlServicer_to_server(service, server)
     server.start()
     log.info("control plane listening on %s:%d (auth %s)", host, port,
@@ -518,7 +535,10 @@ class ControlClient:
     def stats(self) -> dict[str, Any]:
         """{"node_id", "uptime_seconds", "engine": {field: int},
         "latency": {op: {"count", "sum_seconds", "p50_seconds", "p90_seconds",
-        "p99_seconds", "errors"}}}"""
+        "p99_seconds", "errors"}},
+        "process": {"user_s", "system_s", "voluntary_ctx", "involuntary_ctx",
+        "processes"} (the fields of wqs.procstat.ProcessUsage), or None from a daemon
+        that does not report it}"""
         r = self._call("Stats", pb.StatsRequest())
         return {
             "node_id": r.node_id,
@@ -528,7 +548,17 @@ class ControlClient:
                                "p50_seconds": s.p50_seconds, "p90_seconds": s.p90_seconds,
                                "p99_seconds": s.p99_seconds, "errors": s.errors}
                         for s in r.latency},
+            "process": _usage_from_pb(r.process).as_dict() if r.HasField("process") else None,
         }
+
+    def process_usage(self) -> ProcessUsage:
+        """The daemon's CPU and context switches so far (one Stats call). RemoteError
+        if the daemon is too old to report them."""
+        r = self._call("Stats", pb.StatsRequest())
+        if not r.HasField("process"):
+            raise RemoteError(f"{self.address} Stats: the daemon does not report its "
+                              "process usage (a wqsd older than this client)")
+        return _usage_from_pb(r.process)
 
     def node_info(self) -> dict[str, Any]:
         """Every NodeInfoResponse field by name; status as a string, labels as a dict."""
@@ -617,6 +647,12 @@ class ControlClient:
         except (AuthError, ValueError):
             raise AuthError(f"{self.address}: the daemon did not prove it holds the "
                             "auth token") from None
+
+
+def _usage_from_pb(p: pb.ProcessUsage) -> ProcessUsage:
+    return ProcessUsage(user_s=p.cpu_user_seconds, system_s=p.cpu_system_seconds,
+                        voluntary_ctx=p.voluntary_ctx_switches,
+                        involuntary_ctx=p.involuntary_ctx_switches, processes=p.processes)
 
 
 def _translate(e: grpc.RpcError, address: str, method: str) -> Exception:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15wqs/rpc/control.proto\x12\x06wqs.v1\"\x15\n\x13GetChallengeRequest\"X\n\x14GetChallengeResponse\x12\x14\n\x0cserver_nonce\x18\x01 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x01\x12\x15\n\rauth_required\x18\x03 \x01(\x08\"\x0f\n\rHealthRequest\"q\n\x0eHealthResponse\x12%\n\x06status\x18\x01 \x01(\x0e\x32\x15.wqs.v1.ServingStatus\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x0e\n\x0cStatsRequest\"\x8f\x01\n\x0eLatencySummary\x12\n\n\x02op\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x13\n\x0bsum_seconds\x18\x03 \x01(\x01\x12\x13\n\x0bp50_seconds\x18\x04 \x01(\x01\x12\x13\n\x0bp90_seconds\x18\x05 \x01(\x01\x12\x13\n\x0bp99_seconds\x18\x06 \x01(\x01\x12\x0e\n\x06\x65rrors\x18\x07 \x01(\x04\"\xc3\x01\n\rStatsResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x02 \x01(\x01\x12\x31\n\x06\x65ngine\x18\x03 \x03(\x0b\x32!.wqs.v1.StatsResponse.EngineEntry\x12\'\n\x07latency\x18\x04 \x03(\x0b\x32\x16.wqs.v1.LatencySummary\x1a-\n\x0b\x45ngineEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x11\n\x0fNodeInfoRequest\"\xda\x03\n\x10NodeInfoResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x61ta_address\x18\x02 \x01(\t\x12\x17\n\x0f\x63ontrol_address\x18\x03 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x16\n\x0e\x66ormat_version\x18\x05 \x01(\r\x12\x13\n\x0b\x64\x65vice_uuid\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65vice_path\x18\x07 \x01(\t\x12\x13\n\x0b\x64\x65vice_size\x18\x08 \x01(\x04\x12\x13\n\x0bregion_size\x18\t \x01(\x04\x12\x13\n\x0bnum_regions\x18\n \x01(\r\x12\x16\n\x0emax_block_size\x18\x0b \x01(\x04\x12\x18\n\x10software_version\x18\x0c \x01(\t\x12\x16\n\x0euptime_seconds\x18\r \x01(\x01\x12\x17\n\x0fstart_time_unix\x18\x0e \x01(\x01\x12%\n\x06status\x18\x0f \x01(\x0e\x32\x15.wqs.v1.ServingStatus\x12\x34\n\x06labels\x18\x10 \x03(\x0b\x32$.wqs.v1.NodeInfoResponse.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\'\n\x0c\x44rainRequest\x12\x17\n\x0ftimeout_seconds\x18\x01 \x01(\x01\"\x8d\x01\n\rDrainResponse\x12\x0f\n\x07\x64rained\x18\x01 \x01(\x08\x12\x1a\n\x12inflight_remaining\x18\x02 \x01(\x04\x12\x17\n\x0f\x65lapsed_seconds\x18\x03 \x01(\x01\x12%\n\x06status\x18\x04 \x01(\x0e\x32\x15.wqs.v1.ServingStatus\x12\x0f\n\x07message\x18\x05 \x01(\t\"\x11\n\x0f\x45victAllRequest\"*\n\x10\x45victAllResponse\x12\x16\n\x0e\x65victed_blocks\x18\x01 \x01(\x04\"\x13\n\x11\x43lusterMapRequest\"\xac\x01\n\x0b\x43lusterNode\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.wqs.v1.ServingStatus\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x12\n\nused_bytes\x18\x05 \x01(\x04\x12\x10\n\x08hit_rate\x18\x06 \x01(\x01\x12\x17\n\x0f\x63ontrol_address\x18\x07 \x01(\t\"H\n\x12\x43lusterMapResponse\x12\"\n\x05nodes\x18\x01 \x03(\x0b\x32\x13.wqs.v1.ClusterNode\x12\x0e\n\x06source\x18\x02 \x01(\t*\x88\x01\n\rServingStatus\x12\x1e\n\x1aSERVING_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16SERVING_STATUS_SERVING\x10\x01\x12\x1b\n\x17SERVING_STATUS_DRAINING\x10\x02\x12\x1e\n\x1aSERVING_STATUS_NOT_SERVING\x10\x03\x32\xbc\x03\n\x07\x43ontrol\x12I\n\x0cGetChallenge\x12\x1b.wqs.v1.GetChallengeRequest\x1a\x1c.wqs.v1.GetChallengeResponse\x12\x37\n\x06Health\x12\x15.wqs.v1.HealthRequest\x1a\x16.wqs.v1.HealthResponse\x12\x34\n\x05Stats\x12\x14.wqs.v1.StatsRequest\x1a\x15.wqs.v1.StatsResponse\x12=\n\x08NodeInfo\x12\x17.wqs.v1.NodeInfoRequest\x1a\x18.wqs.v1.NodeInfoResponse\x12\x34\n\x05\x44rain\x12\x14.wqs.v1.DrainRequest\x1a\x15.wqs.v1.DrainResponse\x12=\n\x08\x45victAll\x12\x17.wqs.v1.EvictAllRequest\x1a\x18.wqs.v1.EvictAllResponse\x12\x43\n\nClusterMap\x12\x19.wqs.v1.ClusterMapRequest\x1a\x1a.wqs.v1.ClusterMapResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15wqs/rpc/control.proto\x12\x06wqs.v1\"\x15\n\x13GetChallengeRequest\"X\n\x14GetChallengeResponse\x12\x14\n\x0cserver_nonce\x18\x01 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x01\x12\x15\n\rauth_required\x18\x03 \x01(\x08\"\x0f\n\rHealthRequest\"q\n\x0eHealthResponse\x12%\n\x06status\x18\x01 \x01(\x0e\x32\x15.wqs.v1.ServingStatus\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x0e\n\x0cStatsRequest\"\x8f\x01\n\x0eLatencySummary\x12\n\n\x02op\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x13\n\x0bsum_seconds\x18\x03 \x01(\x01\x12\x13\n\x0bp50_seconds\x18\x04 \x01(\x01\x12\x13\n\x0bp90_seconds\x18\x05 \x01(\x01\x12\x13\n\x0bp99_seconds\x18\x06 \x01(\x01\x12\x0e\n\x06\x65rrors\x18\x07 \x01(\x04\"\x99\x01\n\x0cProcessUsage\x12\x18\n\x10\x63pu_user_seconds\x18\x01 \x01(\x01\x12\x1a\n\x12\x63pu_system_seconds\x18\x02 \x01(\x01\x12\x1e\n\x16voluntary_ctx_switches\x18\x03 \x01(\x04\x12 \n\x18involuntary_ctx_switches\x18\x04 \x01(\x04\x12\x11\n\tprocesses\x18\x05 \x01(\r\"\xea\x01\n\rStatsResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x02 \x01(\x01\x12\x31\n\x06\x65ngine\x18\x03 \x03(\x0b\x32!.wqs.v1.StatsResponse.EngineEntry\x12\'\n\x07latency\x18\x04 \x03(\x0b\x32\x16.wqs.v1.LatencySummary\x12%\n\x07process\x18\x05 \x01(\x0b\x32\x14.wqs.v1.ProcessUsage\x1a-\n\x0b\x45ngineEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x11\n\x0fNodeInfoRequest\"\xda\x03\n\x10NodeInfoResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x61ta_address\x18\x02 \x01(\t\x12\x17\n\x0f\x63ontrol_address\x18\x03 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x16\n\x0e\x66ormat_version\x18\x05 \x01(\r\x12\x13\n\x0b\x64\x65vice_uuid\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65vice_path\x18\x07 \x01(\t\x12\x13\n\x0b\x64\x65vice_size\x18\x08 \x01(\x04\x12\x13\n\x0bregion_size\x18\t \x01(\x04\x12\x13\n\x0bnum_regions\x18\n \x01(\r\x12\x16\n\x0emax_block_size\x18\x0b \x01(\x04\x12\x18\n\x10software_version\x18\x0c \x01(\t\x12\x16\n\x0euptime_seconds\x18\r \x01(\x01\x12\x17\n\x0fstart_time_unix\x18\x0e \x01(\x01\x12%\n\x06status\x18\x0f \x01(\x0e\x32\x15.wqs.v1.ServingStatus\x12\x34\n\x06labels\x18\x10 \x03(\x0b\x32$.wqs.v1.NodeInfoResponse.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\'\n\x0c\x44rainRequest\x12\x17\n\x0ftimeout_seconds\x18\x01 \x01(\x01\"\x8d\x01\n\rDrainResponse\x12\x0f\n\x07\x64rained\x18\x01 \x01(\x08\x12\x1a\n\x12inflight_remaining\x18\x02 \x01(\x04\x12\x17\n\x0f\x65lapsed_seconds\x18\x03 \x01(\x01\x12%\n\x06status\x18\x04 \x01(\x0e\x32\x15.wqs.v1.ServingStatus\x12\x0f\n\x07message\x18\x05 \x01(\t\"\x11\n\x0f\x45victAllRequest\"*\n\x10\x45victAllResponse\x12\x16\n\x0e\x65victed_blocks\x18\x01 \x01(\x04\"\x13\n\x11\x43lusterMapRequest\"\xac\x01\n\x0b\x43lusterNode\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.wqs.v1.ServingStatus\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x12\n\nused_bytes\x18\x05 \x01(\x04\x12\x10\n\x08hit_rate\x18\x06 \x01(\x01\x12\x17\n\x0f\x63ontrol_address\x18\x07 \x01(\t\"H\n\x12\x43lusterMapResponse\x12\"\n\x05nodes\x18\x01 \x03(\x0b\x32\x13.wqs.v1.ClusterNode\x12\x0e\n\x06source\x18\x02 \x01(\t*\x88\x01\n\rServingStatus\x12\x1e\n\x1aSERVING_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16SERVING_STATUS_SERVING\x10\x01\x12\x1b\n\x17SERVING_STATUS_DRAINING\x10\x02\x12\x1e\n\x1aSERVING_STATUS_NOT_SERVING\x10\x03\x32\xbc\x03\n\x07\x43ontrol\x12I\n\x0cGetChallenge\x12\x1b.wqs.v1.GetChallengeRequest\x1a\x1c.wqs.v1.GetChallengeResponse\x12\x37\n\x06Health\x12\x15.wqs.v1.HealthRequest\x1a\x16.wqs.v1.HealthResponse\x12\x34\n\x05Stats\x12\x14.wqs.v1.StatsRequest\x1a\x15.wqs.v1.StatsResponse\x12=\n\x08NodeInfo\x12\x17.wqs.v1.NodeInfoRequest\x1a\x18.wqs.v1.NodeInfoResponse\x12\x34\n\x05\x44rain\x12\x14.wqs.v1.DrainRequest\x1a\x15.wqs.v1.DrainResponse\x12=\n\x08\x45victAll\x12\x17.wqs.v1.EvictAllRequest\x1a\x18.wqs.v1.EvictAllResponse\x12\x43\n\nClusterMap\x12\x19.wqs.v1.ClusterMapRequest\x1a\x1a.wqs.v1.ClusterMapResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATSRESPONSE_ENGINEENTRY']._serialized_options = b'8\001'
   _globals['_NODEINFORESPONSE_LABELSENTRY']._loaded_options = None
   _globals['_NODEINFORESPONSE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_SERVINGSTATUS']._serialized_start=1653
-  _globals['_SERVINGSTATUS']._serialized_end=1789
+  _globals['_SERVINGSTATUS']._serialized_start=1848
+  _globals['_SERVINGSTATUS']._serialized_end=1984
   _globals['_GETCHALLENGEREQUEST']._serialized_start=33
   _globals['_GETCHALLENGEREQUEST']._serialized_end=54
   _globals['_GETCHALLENGERESPONSE']._serialized_start=56
@@ -49,30 +49,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATSREQUEST']._serialized_end=292
   _globals['_LATENCYSUMMARY']._serialized_start=295
   _globals['_LATENCYSUMMARY']._serialized_end=438
-  _globals['_STATSRESPONSE']._serialized_start=441
-  _globals['_STATSRESPONSE']._serialized_end=636
-  _globals['_STATSRESPONSE_ENGINEENTRY']._serialized_start=591
-  _globals['_STATSRESPONSE_ENGINEENTRY']._serialized_end=636
-  _globals['_NODEINFOREQUEST']._serialized_start=638
-  _globals['_NODEINFOREQUEST']._serialized_end=655
-  _globals['_NODEINFORESPONSE']._serialized_start=658
-  _globals['_NODEINFORESPONSE']._serialized_end=1132
-  _globals['_NODEINFORESPONSE_LABELSENTRY']._serialized_start=1087
-  _globals['_NODEINFORESPONSE_LABELSENTRY']._serialized_end=1132
-  _globals['_DRAINREQUEST']._serialized_start=1134
-  _globals['_DRAINREQUEST']._serialized_end=1173
-  _globals['_DRAINRESPONSE']._serialized_start=1176
-  _globals['_DRAINRESPONSE']._serialized_end=1317
-  _globals['_EVICTALLREQUEST']._serialized_start=1319
-  _globals['_EVICTALLREQUEST']._serialized_end=1336
-  _globals['_EVICTALLRESPONSE']._serialized_start=1338
-  _globals['_EVICTALLRESPONSE']._serialized_end=1380
-  _globals['_CLUSTERMAPREQUEST']._serialized_start=1382
-  _globals['_CLUSTERMAPREQUEST']._serialized_end=1401
-  _globals['_CLUSTERNODE']._serialized_start=1404
-  _globals['_CLUSTERNODE']._serialized_end=1576
-  _globals['_CLUSTERMAPRESPONSE']._serialized_start=1578
-  _globals['_CLUSTERMAPRESPONSE']._serialized_end=1650
-  _globals['_CONTROL']._serialized_start=1792
-  _globals['_CONTROL']._serialized_end=2236
+  _globals['_PROCESSUSAGE']._serialized_start=441
+  _globals['_PROCESSUSAGE']._serialized_end=594
+  _globals['_STATSRESPONSE']._serialized_start=597
+  _globals['_STATSRESPONSE']._serialized_end=831
+  _globals['_STATSRESPONSE_ENGINEENTRY']._serialized_start=786
+  _globals['_STATSRESPONSE_ENGINEENTRY']._serialized_end=831
+  _globals['_NODEINFOREQUEST']._serialized_start=833
+  _globals['_NODEINFOREQUEST']._serialized_end=850
+  _globals['_NODEINFORESPONSE']._serialized_start=853
+  _globals['_NODEINFORESPONSE']._serialized_end=1327
+  _globals['_NODEINFORESPONSE_LABELSENTRY']._serialized_start=1282
+  _globals['_NODEINFORESPONSE_LABELSENTRY']._serialized_end=1327
+  _globals['_DRAINREQUEST']._serialized_start=1329
+  _globals['_DRAINREQUEST']._serialized_end=1368
+  _globals['_DRAINRESPONSE']._serialized_start=1371
+  _globals['_DRAINRESPONSE']._serialized_end=1512
+  _globals['_EVICTALLREQUEST']._serialized_start=1514
+  _globals['_EVICTALLREQUEST']._serialized_end=1531
+  _globals['_EVICTALLRESPONSE']._serialized_start=1533
+  _globals['_EVICTALLRESPONSE']._serialized_end=1575
+  _globals['_CLUSTERMAPREQUEST']._serialized_start=1577
+  _globals['_CLUSTERMAPREQUEST']._serialized_end=1596
+  _globals['_CLUSTERNODE']._serialized_start=1599
+  _globals['_CLUSTERNODE']._serialized_end=1771
+  _globals['_CLUSTERMAPRESPONSE']._serialized_start=1773
+  _globals['_CLUSTERMAPRESPONSE']._serialized_end=1845
+  _globals['_CONTROL']._serialized_start=1987
+  _globals['_CONTROL']._serialized_end=2431
 # @@protoc_insertion_point(module_scope)

@@ -70,8 +70,22 @@ class LatencySummary(_message.Message):
     errors: int
     def __init__(self, op: _Optional[str] = ..., count: _Optional[int] = ..., sum_seconds: _Optional[float] = ..., p50_seconds: _Optional[float] = ..., p90_seconds: _Optional[float] = ..., p99_seconds: _Optional[float] = ..., errors: _Optional[int] = ...) -> None: ...
 
+class ProcessUsage(_message.Message):
+    __slots__ = ("cpu_user_seconds", "cpu_system_seconds", "voluntary_ctx_switches", "involuntary_ctx_switches", "processes")
+    CPU_USER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CPU_SYSTEM_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    VOLUNTARY_CTX_SWITCHES_FIELD_NUMBER: _ClassVar[int]
+    INVOLUNTARY_CTX_SWITCHES_FIELD_NUMBER: _ClassVar[int]
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    cpu_user_seconds: float
+    cpu_system_seconds: float
+    voluntary_ctx_switches: int
+    involuntary_ctx_switches: int
+    processes: int
+    def __init__(self, cpu_user_seconds: _Optional[float] = ..., cpu_system_seconds: _Optional[float] = ..., voluntary_ctx_switches: _Optional[int] = ..., involuntary_ctx_switches: _Optional[int] = ..., processes: _Optional[int] = ...) -> None: ...
+
 class StatsResponse(_message.Message):
-    __slots__ = ("node_id", "uptime_seconds", "engine", "latency")
+    __slots__ = ("node_id", "uptime_seconds", "engine", "latency", "process")
     class EngineEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -83,11 +97,13 @@ class StatsResponse(_message.Message):
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     LATENCY_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     uptime_seconds: float
     engine: _containers.ScalarMap[str, int]
     latency: _containers.RepeatedCompositeFieldContainer[LatencySummary]
-    def __init__(self, node_id: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., engine: _Optional[_Mapping[str, int]] = ..., latency: _Optional[_Iterable[_Union[LatencySummary, _Mapping]]] = ...) -> None: ...
+    process: ProcessUsage
+    def __init__(self, node_id: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., engine: _Optional[_Mapping[str, int]] = ..., latency: _Optional[_Iterable[_Union[LatencySummary, _Mapping]]] = ..., process: _Optional[_Union[ProcessUsage, _Mapping]] = ...) -> None: ...
 
 class NodeInfoRequest(_message.Message):
     __slots__ = ()
