@@ -25,7 +25,7 @@ One invocation:
    since fio's random writes land on the engine's data, the engine is formatted afresh
    and filled before the gets;
 4. with --ceiling, runs every WQS point a second time on a RAM device of the same size
-   (bench/memdevice.py; rows marked "(RAM)"): the engine with no IO wait at all, bound
+   (wqs/nvme/memdevice.py; rows marked "(RAM)"): the engine with no IO wait at all, bound
    by its own CPU and the GIL. Its ratio to fio on the disk is the most the engine could
    reach on this machine with any disk: a goal above it is out of reach for the code,
    not for the disk;
@@ -252,7 +252,7 @@ class WqsBench:
         self.resident: list[bytes] = []
 
     def _format(self) -> None:
-        from bench.memdevice import MemoryDevice
+        from wqs.nvme.memdevice import MemoryDevice
         from wqs.engine.engine import Engine
         from wqs.nvme.device import DirectDevice
 

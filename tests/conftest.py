@@ -79,8 +79,7 @@ def run_concurrently(work: Callable[[int], None], n: int,
 
 def crash(engine: Engine) -> None:
     """Drop the engine as a killed process would: no checkpoint, device just closed."""
-    engine._closed = True
-    engine.device.close()
+    engine.abandon()
 
 
 def flip_bytes(path: str, offset: int, count: int = 8) -> None:

@@ -1,27 +1,35 @@
-"""Batches of device IO (read_many/write_many) through native AIO and through threads,
-on a real file with O_DIRECT, including the kernel's own errors."""
+"""IO rings on a real file with O_DIRECT (native AIO and the thread fallback) and on the
+memory device, driven by a real event loop, including the kernel's own errors."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
 
 import pytest
 
-from tests.conftest import MiB, run_concurrently
+from tests.conftest import MiB
 from wqs.config import EngineConfig
 from wqs.engine import Engine
 from wqs.errors import DeviceError
-from wqs.nvme import DirectDevice, aio, aligned_buffer
+from wqs.loop.reactor import Reactor
+from wqs.nvme import DirectDevice, aio
+from wqs.nvme.buffers import IoBuffer
+from wqs.nvme.device import DevicePart
+from wqs.nvme.memdevice import MemoryDevice
 
 BLOCK = 4096
 
 
-@pytest.fixture(params=["aio", "threads"])
+@pytest.fixture(params=["aio", "threads", "memory"])
 def device(request, tmp_path):
     if request.param == "aio" and (reason := aio.unavailable_reason()) is not None:
         pytest.skip(f"native AIO is not available here: {reason}")
+    if request.param == "memory":
+        yield MemoryDevice(8 * MiB)
+        return
     dev = DirectDevice.create_file(str(tmp_path / "dev"), 8 * MiB, io_engine=request.param,
                                    io_threads=4)
     assert dev.io_engine == request.param
@@ -29,81 +37,109 @@ def device(request, tmp_path):
     dev.close()
 
 
-def _buffers(n: int, size: int = BLOCK) -> list[memoryview]:
-    return [memoryview(aligned_buffer(size))[:size] for _ in range(n)]
+class Driver:
+    """A ring on a reactor, with every completion recorded as (tag, result)."""
+
+    def __init__(self, device, ring=None) -> None:
+        self.loop = Reactor()
+        self.ring = ring or device.open_ring()
+        self.loop.add_reader(self.ring.fd, self.ring.complete)
+        self.loop.on_turn_end(self.ring.submit)
+        self.done: list[tuple[object, int]] = []
+
+    def record(self, tag, res) -> None:
+        self.done.append((tag, res))
+
+    def run(self, n: int) -> None:
+        assert self.loop.run_until(lambda: len(self.done) >= n, timeout_s=20), self.done
+
+    def close(self) -> None:
+        self.ring.close()
+        self.loop.close()
 
 
-def test_many_round_trip_beyond_one_context(device):
-    # More requests than one AIO context holds (MAX_EVENTS): slots are recycled.
-    n = aio.MAX_EVENTS + 44
-    offsets = random.Random(1).sample(range(device.size // BLOCK), n)
-    offsets = [o * BLOCK for o in offsets]
-    out = _buffers(n)
-    for i, buf in enumerate(out):
-        buf[:] = os.urandom(BLOCK)
-    device.write_many(iter(list(zip(offsets, out))))  # any iterable, even a one-shot one
-    back = _buffers(n)
-    completed = []
-    device.read_many(list(zip(offsets, back)), completed.append)
-    assert sorted(completed) == list(range(n))
-    assert all(a == b for a, b in zip(out, back))
-    single = _buffers(1)[0]
-    device.read_into(offsets[7], single)
-    assert single == out[7]
+def _filled(n: int, size: int = BLOCK) -> list[IoBuffer]:
+    rng = random.Random(n)
+    bufs = [IoBuffer(size) for _ in range(n)]
+    for b in bufs:
+        b.view[:size] = rng.randbytes(size)
+    return bufs
 
 
-def test_a_misaligned_buffer_fails_with_the_kernels_error_and_the_rest_completes(device):
-    raw = bytearray(2 * BLOCK + 1)
-    misaligned = memoryview(raw)[1 : 1 + BLOCK]  # O_DIRECT refuses this address
-    try:
-        device.write(0, misaligned)
-    except DeviceError:
-        pass
-    else:
-        pytest.skip(f"{device.path}'s filesystem accepts unaligned O_DIRECT buffers, so the "
-                    "kernel returns no error to test")
-    good = _buffers(3)
-    for buf in good:
-        buf[:] = b"x" * BLOCK
-    with pytest.raises(DeviceError, match=r"write at 4096 failed: Invalid argument \(1 of 4 IOs"):
-        device.write_many([(0, good[0]), (BLOCK, misaligned), (2 * BLOCK, good[1]),
-                           (3 * BLOCK, good[2])])
-    back = _buffers(1)[0]
-    device.read_into(3 * BLOCK, back)
-    assert back == good[2]  # the batch's other writes were done, and waited for
-    device.write_many([(BLOCK, good[0])])  # and the device goes on working
-    done = []
-    with pytest.raises(DeviceError, match=r"read at 0 failed: Invalid argument"):
-        device.read_many([(0, misaligned), (BLOCK, back)], done.append)
-    assert done == [1]  # only a read that delivered all its bytes is handed over
+def test_round_trip_of_more_ios_than_the_ring_holds(device):
+    """IOs beyond the ring's depth wait and go out as earlier ones complete; every
+    callback runs once with the full length, and the bytes come back."""
+    drv = Driver(device)
+    n = aio.RING_DEPTH + 44
+    out = _filled(n)
+    for i, b in enumerate(out):
+        drv.ring.writev(i * BLOCK, [(b.addr, BLOCK)], drv.record, ("w", i))
+    drv.run(n)
+    assert sorted(drv.done) == [(("w", i), BLOCK) for i in range(n)]
+    back = [IoBuffer(BLOCK) for _ in range(n)]
+    drv.done.clear()
+    for i, b in enumerate(back):
+        drv.ring.read(i * BLOCK, b.addr, BLOCK, drv.record, ("r", i))
+    drv.run(n)
+    assert sorted(drv.done) == [(("r", i), BLOCK) for i in range(n)]
+    assert all(bytes(a.view) == bytes(b.view) for a, b in zip(out, back))
+    assert drv.ring.pending == 0
+    drv.close()
 
 
-def test_a_failing_completion_handler_is_raised_after_every_read_is_done(device):
-    bufs = _buffers(16)
-    seen = []
+def test_a_vectored_write_lands_back_to_back(device):
+    drv = Driver(device)
+    sizes = [BLOCK, 2 * BLOCK, BLOCK, 3 * BLOCK, BLOCK]
+    parts = [IoBuffer(n) for n in sizes]
+    rng = random.Random(3)
+    for p, n in zip(parts, sizes):
+        p.view[:n] = rng.randbytes(n)
+    drv.ring.writev(8 * BLOCK, [(p.addr, n) for p, n in zip(parts, sizes)], drv.record, "v",
+                    dsync=True)
+    drv.run(1)
+    assert drv.done == [("v", sum(sizes))]
+    whole = IoBuffer(sum(sizes))
+    drv.ring.read(8 * BLOCK, whole.addr, sum(sizes), drv.record, "r")
+    drv.run(2)
+    assert bytes(whole.view[: sum(sizes)]) == b"".join(bytes(p.view[:n])
+                                                       for p, n in zip(parts, sizes))
+    drv.close()
 
-    def handler(i):
-        seen.append(i)
-        if len(seen) == 1:
-            raise ValueError("handler broke")
 
-    with pytest.raises(ValueError, match="handler broke"):
-        device.read_many([(i * BLOCK, b) for i, b in enumerate(bufs)], handler)
-    assert len(seen) == 1  # not called again after it raised
-    device.read_many([(0, bufs[0])])  # the queue is sound afterwards
+@pytest.mark.parametrize("engine", ["aio", "threads"])
+def test_a_misaligned_buffer_fails_with_the_kernels_error_and_the_rest_complete(tmp_path,
+                                                                                engine):
+    if engine == "aio" and (reason := aio.unavailable_reason()) is not None:
+        pytest.skip(f"native AIO is not available here: {reason}")
+    dev = DirectDevice.create_file(str(tmp_path / "dev"), MiB, io_engine=engine, io_threads=2)
+    drv = Driver(dev)
+    good = _filled(2)
+    odd = IoBuffer(2 * BLOCK)
+    drv.ring.writev(0, [(good[0].addr, BLOCK)], drv.record, "a")
+    drv.ring.writev(BLOCK, [(odd.addr + 1, BLOCK)], drv.record, "odd")  # not aligned
+    drv.ring.writev(2 * BLOCK, [(good[1].addr, BLOCK)], drv.record, "b")
+    drv.run(3)
+    results = dict(drv.done)
+    assert results["a"] == BLOCK and results["b"] == BLOCK
+    assert results["odd"] == -errno.EINVAL
+    drv.done.clear()
+    back = IoBuffer(BLOCK)
+    drv.ring.read(2 * BLOCK, back.addr, BLOCK, drv.record, "r")  # and the ring goes on
+    drv.run(1)
+    assert drv.done == [("r", BLOCK)] and bytes(back.view) == bytes(good[1].view)
+    drv.close()
+    dev.close()
 
 
-def test_a_producer_that_fails_midway_leaves_nothing_in_flight(device):
-    bufs = _buffers(4)
-
-    def produce():
-        yield 0, bufs[0]
-        yield BLOCK, bufs[1]
-        raise RuntimeError("could not fill the next chunk")
-
-    with pytest.raises(RuntimeError, match="could not fill"):
-        device.write_many(produce())
-    device.write_many([(0, bufs[2]), (BLOCK, bufs[3])])
+def test_a_read_past_the_end_of_the_file_is_short(tmp_path):
+    dev = DirectDevice.create_file(str(tmp_path / "dev"), MiB, io_engine="threads")
+    drv = Driver(dev)
+    buf = IoBuffer(2 * BLOCK)
+    drv.ring.read(MiB - BLOCK, buf.addr, 2 * BLOCK, drv.record, "r")
+    drv.run(1)
+    assert drv.done == [("r", BLOCK)]  # callers compare against what they asked for
+    drv.close()
+    dev.close()
 
 
 def test_io_engine_choice(tmp_path, monkeypatch, caplog):
@@ -118,9 +154,19 @@ def test_io_engine_choice(tmp_path, monkeypatch, caplog):
         dev = DirectDevice(path)  # auto: says why it is not using AIO
     try:
         assert dev.io_engine == "threads"
-        assert "no AIO here; batches use 16 IO threads instead" in caplog.text
+        assert "no AIO here; IO rings use 16 threads instead" in caplog.text
     finally:
         dev.close()
+
+
+def test_a_second_opener_is_refused_unless_unlocked(tmp_path):
+    path = str(tmp_path / "dev")
+    first = DirectDevice.create_file(path, MiB)
+    with pytest.raises(DeviceError, match="in use by another process"):
+        DirectDevice(path)
+    shard = DirectDevice(path, lock=False)  # a shard of the daemon holding the lock
+    shard.close()
+    first.close()
 
 
 def test_engine_refuses_a_device_opened_with_another_io_engine(tmp_path):
@@ -136,39 +182,73 @@ def test_engine_refuses_a_device_opened_with_another_io_engine(tmp_path):
         device.close()
 
 
-def test_a_forked_child_can_use_the_device(device):
-    bufs = _buffers(4)
-    for i, buf in enumerate(bufs):
-        buf[:] = bytes([i + 1]) * BLOCK
-    device.write_many([(i * BLOCK, b) for i, b in enumerate(bufs)])  # contexts exist now
+def test_an_aio_ring_refuses_use_across_fork_and_a_child_opens_its_own(tmp_path):
+    if (reason := aio.unavailable_reason()) is not None:
+        pytest.skip(f"native AIO is not available here: {reason}")
+    dev = DirectDevice.create_file(str(tmp_path / "dev"), MiB, io_engine="aio")
+    drv = Driver(dev)
+    data = _filled(1)[0]
+    drv.ring.writev(0, [(data.addr, BLOCK)], drv.record, "w")
+    drv.run(1)
     pid = os.fork()
-    if pid == 0:  # the child: AIO contexts are not inherited, new ones must be made
+    if pid == 0:  # the child: the parent's ring is not ours, a new one is
         code = 1
         try:
-            back = _buffers(4)
-            device.read_many([(i * BLOCK, b) for i, b in enumerate(back)])
-            code = 0 if all(a == b for a, b in zip(bufs, back)) else 2
+            drv.ring.read(0, data.addr, BLOCK, drv.record, "x")
+            try:
+                drv.ring.submit()
+            except DeviceError as e:
+                if "cannot be used across fork" in str(e):
+                    code = 0
+            if code == 0:
+                child = Driver(dev)
+                back = IoBuffer(BLOCK)
+                child.ring.read(0, back.addr, BLOCK, child.record, "r")
+                child.run(1)
+                code = 0 if bytes(back.view) == bytes(data.view) else 2
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    device.read_many([(0, bufs[0])])  # and the parent's contexts still work
+    assert os.WEXITSTATUS(status) == 0
+    back = IoBuffer(BLOCK)
+    drv.ring.read(0, back.addr, BLOCK, drv.record, "r")  # and the parent's still works
+    drv.run(2)
+    assert bytes(back.view) == bytes(data.view)
+    drv.close()
+    dev.close()
 
 
-def test_concurrent_batches_share_a_bounded_number_of_contexts(tmp_path, monkeypatch):
-    if (reason := aio.unavailable_reason()) is not None:
-        pytest.skip(f"native AIO is not available here: {reason}")
-    monkeypatch.setattr(aio, "MAX_CONTEXTS", 2)
-    dev = DirectDevice.create_file(str(tmp_path / "dev"), 8 * MiB, io_engine="aio")
+def test_a_partition_shifts_every_offset_and_stays_inside(device):
+    part = DevicePart(device, 2 * MiB, MiB, index=1)
+    assert part.path.endswith("#1") and part.size == MiB
+    drv = Driver(part)
+    data = _filled(1)[0]
+    drv.ring.writev(BLOCK, [(data.addr, BLOCK)], drv.record, "w")
+    drv.run(1)
+    whole = IoBuffer(BLOCK)
+    device.read_into(2 * MiB + BLOCK, whole.view[:BLOCK])  # where it landed
+    assert bytes(whole.view) == bytes(data.view)
+    part.read_into(BLOCK, whole.view[:BLOCK])
+    assert bytes(whole.view) == bytes(data.view)
+    with pytest.raises(DeviceError, match="outside"):
+        part.write(MiB, whole.view[:BLOCK])
+    drv.close()
 
-    def reader(k):
-        bufs = _buffers(8)
-        for _ in range(50):
-            dev.read_many([(((k * 8 + i) % 2048) * BLOCK, b) for i, b in enumerate(bufs)])
 
-    errors = run_concurrently(reader, 6)
-    try:
-        assert not errors
-        assert 1 <= len(dev._aio._all) <= 2  # six threads waited their turn for two
-    finally:
-        dev.close()
+def test_the_memory_device_injects_write_failures_and_torn_writes():
+    dev = MemoryDevice(MiB)
+    drv = Driver(dev)
+    data = _filled(2, 2 * BLOCK)
+    dev.tear_write = BLOCK  # the next write keeps its first unit, then fails
+    drv.ring.writev(0, [(data[0].addr, 2 * BLOCK)], drv.record, "torn")
+    drv.run(1)
+    assert drv.done == [("torn", -errno.EIO)]
+    back = IoBuffer(2 * BLOCK)
+    dev.read_into(0, back.view)
+    assert bytes(back.view[:BLOCK]) == bytes(data[0].view[:BLOCK])
+    assert bytes(back.view[BLOCK:]) == bytes(BLOCK)
+    dev.fail_writes_after = dev.writes
+    drv.ring.writev(0, [(data[1].addr, 2 * BLOCK)], drv.record, "refused")
+    drv.run(2)
+    assert drv.done[-1] == ("refused", -errno.EIO)
+    drv.close()

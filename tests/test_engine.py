@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 
 from tests.conftest import MiB, block_id, crash, flip_bytes, run_concurrently
+from tests.rings import HookedRing
 from wqs.engine import Engine
-from wqs.engine import engine as engine_module
+from wqs.engine import recovery
+from wqs.engine import writer as writer_module
+from wqs.engine.regions import OPEN, SEALED
 from wqs.engine import format as fmt
 from wqs.engine.index import block_tag
 from wqs.errors import BlockTooLarge, FormatError
@@ -25,7 +28,7 @@ from wqs.nvme import DirectDevice
 def publish_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Publish a batch entry by entry, or (batch) every batch of two or more with numpy
     (a single entry, and so every tombstone, always goes entry by entry)."""
-    monkeypatch.setattr(engine_module, "SCALAR_PUBLISH_MAX",
+    monkeypatch.setattr(writer_module, "SCALAR_PUBLISH_MAX",
                         10**9 if request.param == "scalar" else 1)
     return request.param
 
@@ -72,7 +75,7 @@ def test_get_into_from_ssd_dram_and_segments_with_exact_counters(open_engine, sm
     engine.put_many(list(blocks.items()))
     engine.dram.clear()
     dev = str(tmp_path / "dev")
-    flip_bytes(dev, engine._device_offset(engine._lookup(block_id(3))[0])
+    flip_bytes(dev, engine.core.reader.device_offset(engine.core.reader._lookup(block_id(3))[0])
                + fmt.ENTRY_HEADER_SIZE + 100)
     out = np.zeros(3 * MiB, dtype=np.uint8)
     s0 = engine.stats()
@@ -175,64 +178,55 @@ def test_concurrent_puts_of_same_and_different_ids(open_engine, small_config, pu
 
 def test_a_failed_group_write_fails_every_put_in_it_and_publishes_none(open_engine,
                                                                        small_config):
-    """Concurrent puts are written as one group: when the device refuses the write, each
-    of them raises, none is readable, and the engine goes on once the device recovers."""
+    """Puts written as one group: when the device refuses the write, the call raises,
+    none of them is readable, and the engine goes on once the device recovers."""
     from wqs.errors import DeviceError
 
     engine = open_engine(dataclasses.replace(small_config, region_size=4 * MiB), size=64 * MiB)
-    real_write_many = engine.device.write_many
-    gate = threading.Event()
-
-    def failing_write_many(requests):
-        gate.wait(5)  # hold the first group until every writer has queued behind it
-        raise DeviceError("injected: device refused the write")
-
-    engine.device.write_many = failing_write_many
-    results: dict[int, object] = {}
-
-    def writer(t: int) -> None:
-        try:
-            engine.put(block_id(500 + t), bytes([t]) * 70_000)
-            results[t] = "ok"
-        except DeviceError as e:
-            results[t] = e
-
-    threads = [threading.Thread(target=writer, args=(t,)) for t in range(8)]
-    for t in threads:
-        t.start()
-    deadline = 50
-    while len(engine._commit_queue) < 8 - 2 and deadline:  # 2 committers hold 1 each
-        time.sleep(0.02)
-        deadline -= 1
-    gate.set()
-    for t in threads:
-        t.join()
-    assert all(isinstance(r, DeviceError) for r in results.values()), results
+    engine.put(block_id(1), b"first")  # the clean pool is filled: only entries fail below
+    ring = HookedRing.install(engine.core)
+    ring.fail_writes = True
+    with pytest.raises(DeviceError, match="device write failed: Input/output error"):
+        engine.put_many([(block_id(500 + t), bytes([t]) * 70_000) for t in range(8)])
+    assert engine.stats().write_errors == 8 and engine.stats().puts == 1
+    ring.fail_writes = False
     assert all(engine.get(block_id(500 + t)) is None for t in range(8))
-    engine.device.write_many = real_write_many
     engine.put(block_id(500), b"after")
     assert engine.get(block_id(500)) == b"after"
+    assert engine.core.regions.inflight.sum() == 0  # every pin came back
+
+
+def test_puts_fail_instead_of_hanging_when_no_region_can_be_prepared(open_engine,
+                                                                     small_config):
+    """The device refuses every write, region headers included: puts waiting for a clean
+    region fail with the reason instead of waiting for ever; the engine recovers."""
+    from wqs.errors import DeviceError
+
+    engine = open_engine(small_config)
+    ring = HookedRing.install(engine.core)
+    ring.fail_writes = True
+    with pytest.raises(DeviceError, match="no region could be prepared.*Input/output error"):
+        engine.put_many([(block_id(t), bytes(50_000)) for t in range(40)])
+    assert engine.get(block_id(0)) is None
+    ring.fail_writes = False
+    time.sleep(1.1)  # the failed regions' quarantine
+    engine.put(block_id(0), b"back")
+    assert engine.get(block_id(0)) == b"back"
 
 
 def test_large_batches_are_written_in_parallel_chunks(open_engine, small_config):
-    from wqs.engine import engine as engine_mod
+    """A group's back-to-back entries go out as vectored writes of at most WRITE_CHUNK,
+    several in one submission, and land back to back (a scan finds every entry)."""
+    from wqs.engine import writer as writer_mod
 
     engine = open_engine(dataclasses.replace(small_config, region_size=8 * MiB), size=64 * MiB)
-    batches = []
-    real_write_many = engine.device.write_many
-
-    def recording_write_many(requests):
-        sizes = []
-        batches.append(sizes)
-        real_write_many((sizes.append(len(buf)) or (offset, buf) for offset, buf in requests))
-
-    engine.device.write_many = recording_write_many
+    ring = HookedRing.install(engine.core)
     blocks = [(block_id(900 + i), os.urandom(64 * 1024)) for i in range(64)]  # ~4.3 MiB
     engine.put_many(blocks)
-    sizes = [n for batch in batches for n in batch]
-    assert max(sizes) <= engine_mod.WRITE_CHUNK and len(sizes) > 4
-    assert max(len(batch) for batch in batches) > 4  # several chunks in flight at once
-    crash(engine)  # chunks land back to back: the scan finds every entry
+    sizes = [n for _, n, _ in ring.writes if n > fmt.UNIT]  # not the region headers
+    assert max(sizes) <= writer_mod.WRITE_CHUNK and len(sizes) > 4
+    assert max(writes for _, writes in ring.submits) > 4  # several chunks in flight at once
+    crash(engine)
     engine = open_engine(dataclasses.replace(small_config, region_size=8 * MiB), size=64 * MiB)
     assert all(engine.get(b) == data for b, data in blocks)
 
@@ -277,35 +271,28 @@ def test_reclaim_finds_a_regions_entries_from_its_tags_across_recovery(open_engi
 def test_a_large_get_many_is_read_in_windows(open_engine, small_config, monkeypatch):
     from wqs.engine import engine as engine_mod
 
-    monkeypatch.setattr(engine_mod, "READ_WINDOW", 256 * 1024)
+    monkeypatch.setattr(engine_mod, "READ_WINDOW_BLOCKS", 4)
     engine = open_engine(small_config)
     blocks = {block_id(i): os.urandom(60_000 + i) for i in range(20)}  # 64 KiB entries
     engine.put_many(list(blocks.items()))
-    batches = []
-    real_read_many = engine.device.read_many
-
-    def recording_read_many(requests, on_complete=None):
-        batches.append(sum(len(buf) for _, buf in requests))
-        real_read_many(requests, on_complete)
-
-    engine.device.read_many = recording_read_many
+    ring = HookedRing.install(engine.core)
     assert engine.get_many(list(blocks)) == list(blocks.values())
-    assert len(batches) == 5 and max(batches) <= 256 * 1024  # 4 entries per window
+    assert [reads for reads, _ in ring.submits] == [4] * 5  # one device batch per window
 
 
-def test_sync_flushes_before_a_put_returns(open_engine, small_config):
+def test_sync_writes_are_durable_before_a_put_returns(open_engine, small_config):
+    """engine.sync: every write carries RWF_DSYNC (durable when it completes, without a
+    blocking flush), and the device accepts it."""
     engine = open_engine(dataclasses.replace(small_config, sync=True))
-    flushes = []
-    real_flush = engine.device.flush
-    engine.device.flush = lambda: (flushes.append(len(written)), real_flush())
-    written = []
+    ring = HookedRing.install(engine.core)
     for i in range(5):
         engine.put(block_id(i), bytes([i]) * 10_000)
-        written.append(i)
-        assert len(flushes) == i + 1 and flushes[-1] == i  # flushed before put returned
-    engine.put_many([(block_id(10 + i), os.urandom(70_000)) for i in range(20)])
-    assert len(flushes) >= 6
-    assert all(engine.get(block_id(i)) == bytes([i]) * 10_000 for i in range(5))
+    assert ring.writes and all(dsync for _, _, dsync in ring.writes)
+    assert [engine.get(block_id(i)) for i in range(5)] == [bytes([i]) * 10_000 for i in range(5)]
+    plain = open_engine(small_config, name="plain")
+    ring = HookedRing.install(plain.core)
+    plain.put(block_id(1), b"x" * 10_000)
+    assert not any(dsync for _, _, dsync in ring.writes)
 
 
 def test_full_device_evicts_and_never_fails_a_put(open_engine, small_config):
@@ -345,8 +332,8 @@ def test_lru_never_lets_a_crash_bring_back_an_overwritten_version(open_engine, s
     warm = [block_id(i) for i in range(20)]  # v1's region (31 entries fit in one)
     for i in range(60):  # and 40 more, so that v2 starts in a region of its own
         engine.put(block_id(i), rng.randbytes(30_000))
-    assert engine._lookup(key)[0] // engine.units_per_region == \
-        engine._lookup(warm[-1])[0] // engine.units_per_region
+    assert engine.core.reader._lookup(key)[0] // engine.units_per_region == \
+        engine.core.reader._lookup(warm[-1])[0] // engine.units_per_region
     engine.put(key, v2)  # v1 is superseded where it lies
     i = 60
     while block_tag(key) in engine.index:  # until v2's region is reclaimed
@@ -417,7 +404,7 @@ def test_lru_with_superseded_entries_everywhere_still_makes_room(open_engine, sm
         engine.put(block_id(i % 7), rng.randbytes(30_000))
         if i % 3 == 0:
             engine.get(block_id(rng.randrange(7)))
-    live = engine.regions.state != 0
+    live = np.isin(engine.regions.state, (OPEN, SEALED))  # regions holding entries
     assert np.all(engine.regions.superseded[live] > 0)
     big = rng.randbytes(5 * MiB)  # six regions' worth of segments
     errors = run_concurrently(lambda _: engine.put(block_id(999), big), 1, timeout=30)
@@ -463,7 +450,7 @@ def test_corrupted_blocks_are_misses_and_the_rest_intact(open_engine, small_conf
         engine.put(k, v)
     victims = rng.sample(sorted(blocks), 15)
     for k in victims:
-        found = engine._lookup(k)
+        found = engine.core.reader._lookup(k)
         region, unit = divmod(found[0], engine.units_per_region)
         entry_offset = engine.sb.region_offset(region) + unit * fmt.UNIT
         # Hit the payload of some, the header of others.
@@ -496,11 +483,12 @@ def test_get_many_mixes_hits_misses_segments_and_corruption(open_engine, small_c
     dev = str(tmp_path / "dev")
 
     def payload_offset(entry_id):
-        loc = engine._lookup(entry_id)[0]
-        return engine._device_offset(loc) + fmt.ENTRY_HEADER_SIZE
+        loc = engine.core.reader._lookup(entry_id)[0]
+        return engine.core.reader.device_offset(loc) + fmt.ENTRY_HEADER_SIZE
 
     flip_bytes(dev, payload_offset(block_id(3)) + 10)
-    head = engine._read_verified(block_id(101), *engine._lookup(block_id(101))[:3])[0]
+    head = fmt.unpack_entry_header(recovery.read_unit(
+        engine.device, payload_offset(block_id(101)) - fmt.ENTRY_HEADER_SIZE))
     flip_bytes(dev, payload_offset(fmt.segment_id(block_id(101), head.seq, 2)) + 999)
     flip_bytes(dev, payload_offset(block_id(102)) - 30)  # the head's own header
     wanted = list(small) + list(big) + [block_id(7), block_id(555), block_id(556)]
@@ -533,8 +521,8 @@ def test_a_corrupt_newest_version_never_lets_a_crash_serve_an_older_one(open_eng
         engine.put(block_id(100 + i), bytes(30_000))
     for k in keys:
         engine.put(k, b"new" * 3000)
-        loc = engine._lookup(k)[0]
-        flip_bytes(str(tmp_path / "dev"), engine._device_offset(loc) + fmt.ENTRY_HEADER_SIZE + 5)
+        loc = engine.core.reader._lookup(k)[0]
+        flip_bytes(str(tmp_path / "dev"), engine.core.reader.device_offset(loc) + fmt.ENTRY_HEADER_SIZE + 5)
     assert engine.get(keys[0]) is None
     assert engine.get_many([keys[1], block_id(100)]) == [None, bytes(30_000)]
     assert engine.stats().checksum_failures == 2
@@ -552,11 +540,12 @@ def test_a_corrupt_entry_tombstone_spares_versions_written_after_it(open_engine,
     key = block_id(5)
     engine.put(key, b"v1" * 500)
     engine.put(key, b"v2" * 500)
-    loc, _, gen, _ = engine._lookup(key)
+    loc, _, gen, _ = engine.core.reader._lookup(key)
     engine.put(key, b"v3" * 500)
-    engine._corrupt.append((key, gen, loc))  # v2 found corrupt by a read that raced v3
-    engine._bury_corrupt()
+    # v2 found corrupt by a read that raced v3: the next call buries it before returning.
+    engine.core.reader.corrupt.append((key, gen, loc))
     assert engine.get(key) == b"v3" * 500
+    assert not engine.core.reader.corrupt
     crash(engine)
     engine = open_engine(small_config)
     assert engine.get(key) == b"v3" * 500
@@ -566,7 +555,7 @@ def test_torn_header_mid_region_is_skipped_by_the_scan(open_engine, small_config
     engine = open_engine(small_config)
     for i in range(10):
         engine.put(block_id(i), bytes([i]) * 9000)
-    found = engine._lookup(block_id(4))
+    found = engine.core.reader._lookup(block_id(4))
     region, unit = divmod(found[0], engine.units_per_region)
     crash(engine)
     # Tear entry 4's header: the scan must resynchronise on entry 5.
@@ -753,29 +742,24 @@ def test_get_many_serves_the_dram_tier_first_and_refills_it(open_engine, small_c
 
 
 def test_dram_tier_never_serves_an_overwritten_version(open_engine, small_config):
-    # A get reads v1 from the device slowly; meanwhile a put publishes v2. The get must
-    # not then put v1 into the DRAM tier over v2.
+    """A get's read of v1 is still in flight when a put of v2 publishes: the get answers
+    v1 (the newest when it looked) but must not put v1 into the DRAM tier over v2."""
     engine = open_engine(dataclasses.replace(small_config, dram_cache_bytes=4 * MiB))
+    core, loop = engine.core, engine._reactor
     key = block_id(1)
     engine.put(key, b"v1" * 100)
     engine.dram.clear()
-    read_into = engine.device.read_into
-    reading, release = threading.Event(), threading.Event()
-
-    def slow_read(offset, buf):
-        read_into(offset, buf)
-        reading.set()
-        release.wait(5)
-
-    engine.device.read_into = slow_read
-    got = []
-    reader = threading.Thread(target=lambda: got.append(engine.get(key)))
-    reader.start()
-    assert reading.wait(5)
-    engine.device.read_into = read_into
-    engine.put(key, b"v2" * 100)
-    release.set()
-    reader.join()
-    assert got == [b"v1" * 100]  # what it read was the newest when it looked
+    ring = HookedRing.install(core)
+    ring.hold_reads = True
+    got, put_done = [], []
+    core.get([key], got.append)
+    loop.run_until(lambda: bool(ring.held))  # v1 is read, its completion held back
+    core.put(key, b"v2" * 100, put_done.append)
+    loop.run_until(lambda: bool(put_done))
+    assert put_done[0].error is None and engine.dram.get(key) == b"v2" * 100
+    ring.release()
+    assert got[0].results[0].tobytes() == b"v1" * 100
+    core.release(got[0].results[0])
+    assert engine.dram.get(key) == b"v2" * 100
     assert engine.get(key) == b"v2" * 100
     assert engine.delete(key) and engine.get(key) is None

@@ -51,7 +51,7 @@ def test_ceiling_rows_run_the_engine_in_ram(tmp_path, capsys):
 
 
 def test_memory_device_holds_an_engine():
-    from bench.memdevice import MemoryDevice
+    from wqs.nvme.memdevice import MemoryDevice
     from wqs.config import EngineConfig
     from wqs.engine.engine import Engine
 

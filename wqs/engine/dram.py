@@ -4,11 +4,12 @@ Two policies: S3-FIFO (the default; Yang et al., SOSP '23) and plain LRU for com
 S3-FIFO keeps new blocks in a small FIFO (10 % of the bytes) and promotes only those
 read again before they leave it, so one-hit wonders (a prompt seen once) never push the
 reused prefix blocks out of the main FIFO. bench/dram_policy.py measures both.
+
+A tier has one owner (a shard's loop, or the engine facade under its lock): no lock.
 """
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 from typing import Protocol
 
@@ -32,6 +33,8 @@ class DramTier(Protocol):
 
     def clear(self) -> None: ...
 
+    def admits(self, nbytes: int) -> bool: ...
+
     def __len__(self) -> int: ...
 
 
@@ -43,45 +46,43 @@ class LRUTier:
         self.capacity = capacity
         self.used = 0
         self._items: OrderedDict[bytes, bytes] = OrderedDict()
-        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def admits(self, nbytes: int) -> bool:
+        return nbytes <= self.capacity * MAX_ITEM_FRACTION
 
     def __contains__(self, key: object) -> bool:
         return key in self._items  # a probe is not an access: it must not keep a block
 
     def get(self, key: bytes) -> bytes | None:
-        with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
 
     def put(self, key: bytes, value: bytes) -> None:
         if len(value) > self.capacity * MAX_ITEM_FRACTION:
             self.remove(key)
             return
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self.used -= len(old)
-            self._items[key] = value
-            self.used += len(value)
-            while self.used > self.capacity:
-                _, evicted = self._items.popitem(last=False)
-                self.used -= len(evicted)
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.used -= len(old)
+        self._items[key] = value
+        self.used += len(value)
+        while self.used > self.capacity:
+            _, evicted = self._items.popitem(last=False)
+            self.used -= len(evicted)
 
     def remove(self, key: bytes) -> None:
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self.used -= len(old)
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.used -= len(old)
 
     def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self.used = 0
+        self._items.clear()
+        self.used = 0
 
 
 class S3FIFOTier:
@@ -100,43 +101,43 @@ class S3FIFOTier:
         # Bounded by count, as a ghost holds no bytes.
         self._ghost: OrderedDict[bytes, None] = OrderedDict()
         self._ghost_max = 1024
-        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._small) + len(self._main)
+
+    def admits(self, nbytes: int) -> bool:
+        return nbytes <= self.capacity * MAX_ITEM_FRACTION
 
     def __contains__(self, key: object) -> bool:
         return key in self._small or key in self._main  # a probe is not an access
 
     def get(self, key: bytes) -> bytes | None:
-        with self._lock:
-            value = self._small.get(key)
-            if value is None:
-                value = self._main.get(key)
-            if value is not None:
-                self._freq[key] = min(self._freq[key] + 1, MAX_FREQ)
-            return value
+        value = self._small.get(key)
+        if value is None:
+            value = self._main.get(key)
+        if value is not None:
+            self._freq[key] = min(self._freq[key] + 1, MAX_FREQ)
+        return value
 
     def put(self, key: bytes, value: bytes) -> None:
         if len(value) > self.capacity * MAX_ITEM_FRACTION:
             self.remove(key)
             return
-        with self._lock:
-            if key in self._small or key in self._main:
-                self._replace(key, value)
-                return
-            if key in self._ghost:
-                del self._ghost[key]
-                self._main[key] = value
-            else:
-                self._small[key] = value
-                self._small_used += len(value)
-            self._freq[key] = 0
-            self.used += len(value)
-            # Keep the ghost about as long (in items) as main, as the paper suggests.
-            self._ghost_max = max(1024, len(self._main))
-            while self.used > self.capacity:
-                self._evict()
+        if key in self._small or key in self._main:
+            self._replace(key, value)
+            return
+        if key in self._ghost:
+            del self._ghost[key]
+            self._main[key] = value
+        else:
+            self._small[key] = value
+            self._small_used += len(value)
+        self._freq[key] = 0
+        self.used += len(value)
+        # Keep the ghost about as long (in items) as main, as the paper suggests.
+        self._ghost_max = max(1024, len(self._main))
+        while self.used > self.capacity:
+            self._evict()
 
     def _replace(self, key: bytes, value: bytes) -> None:
         table = self._small if key in self._small else self._main
@@ -182,23 +183,21 @@ class S3FIFOTier:
             return
 
     def remove(self, key: bytes) -> None:
-        with self._lock:
-            for table in (self._small, self._main):
-                value = table.pop(key, None)
-                if value is not None:
-                    self.used -= len(value)
-                    if table is self._small:
-                        self._small_used -= len(value)
-                    del self._freq[key]
-            self._ghost.pop(key, None)
+        for table in (self._small, self._main):
+            value = table.pop(key, None)
+            if value is not None:
+                self.used -= len(value)
+                if table is self._small:
+                    self._small_used -= len(value)
+                del self._freq[key]
+        self._ghost.pop(key, None)
 
     def clear(self) -> None:
-        with self._lock:
-            self._small.clear()
-            self._main.clear()
-            self._freq.clear()
-            self._ghost.clear()
-            self.used = self._small_used = 0
+        self._small.clear()
+        self._main.clear()
+        self._freq.clear()
+        self._ghost.clear()
+        self.used = self._small_used = 0
 
 
 def make_dram_tier(capacity: int, policy: str) -> DramTier | None:

@@ -1,4 +1,4 @@
-"""Engine counters and gauges. Plain integers; the engine updates them under its lock."""
+"""Engine counters and gauges. Plain integers, owned by the engine core's loop."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ class EngineStats:
     misses: int = 0
     checksum_failures: int = 0  # entry read back with a bad header or payload checksum
     stale_reads: int = 0  # entry overwritten by eviction between lookup and read
+    read_errors: int = 0  # device reads that failed (served as misses)
+    write_errors: int = 0  # puts that failed because a device write failed
     deletes: int = 0
     evicted_blocks: int = 0
     evicted_regions: int = 0

@@ -1,16 +1,20 @@
-"""Batches of O_DIRECT reads or writes through Linux native AIO (io_submit/io_getevents).
+"""O_DIRECT reads and writes through Linux native AIO, completed on an event loop.
 
-Why: the engine reads and writes a batch of blocks at once (get_many, a commit group).
-Handing each IO to a pool thread costs tens of µs of interpreter time per IO on a busy
-process (every hand-off fights for the GIL), more than the IO itself. Here a batch is
-one io_submit and a few io_getevents calls, which block without the GIL, whatever the
-queue depth. This is what fio's libaio engine does.
+One `AioRing` is one kernel AIO context, owned by one loop thread. IOs are prepared
+during a turn and go to the kernel together in one io_submit at the turn's end
+(`submit`); every iocb carries IOCB_FLAG_RESFD, so each completion bumps an eventfd the
+loop watches, and `complete` reaps whatever finished without waiting and runs each IO's
+callback. Nothing blocks and no thread is involved: this is CacheLib Navy's
+AsyncIoContext on an epoll loop, and fio's libaio engine's submit/reap split.
 
-Why by hand: the calls are four system calls on two fixed kernel structs (stable ABI
-since Linux 2.6), filled here with one numpy operation per field. python-libaio builds
-a ctypes object graph per IO (about 2x the CPU per 64 KiB read in our measurement) and
-needs the libaio shared library; the io_uring binding on PyPI accepts only bytearray
-buffers, which are not aligned for O_DIRECT.
+Why by hand: these are four system calls on two fixed kernel structs (stable ABI since
+Linux 2.6), packed here with struct. python-libaio builds a ctypes object graph per IO
+(about 2x the CPU per 64 KiB read in our measurement); PyPI's io_uring binding takes
+only bytearray buffers, which are not aligned for O_DIRECT, and `liburing` dies with an
+illegal instruction on some CPUs.
+
+Buffers are given as (address, length): the caller keeps their memory alive until the
+callback has run (the engine's buffer pool does).
 """
 
 from __future__ import annotations
@@ -19,18 +23,23 @@ import ctypes
 import errno
 import os
 import platform
-import threading
+import struct
+from array import array
+from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Sequence
-
-import numpy as np
+from typing import Any, Callable
 
 from wqs.errors import DeviceError
 
 IOCB_CMD_PREAD = 0
 IOCB_CMD_PWRITE = 1
-MAX_EVENTS = 256  # IOs in flight per context; a larger batch goes in rounds
-MAX_CONTEXTS = 8  # contexts per device: 256 events each count against fs.aio-max-nr
+IOCB_CMD_PWRITEV = 8
+IOCB_FLAG_RESFD = 1
+RWF_DSYNC = 2  # per-IO O_DSYNC (Linux 4.13+): `engine.sync` without a blocking flush
+RING_DEPTH = 512  # IOs in flight per ring; counted against the system's fs.aio-max-nr
+IOV_MAX = 1024  # buffers in one vectored write (Linux's UIO_MAXIOV)
+
+Callback = Callable[[Any, int], None]  # callback(arg, result): bytes moved, or -errno
 
 
 @dataclass(frozen=True)
@@ -47,18 +56,15 @@ _SYSCALLS = {
     "aarch64": _Syscalls(0, 1, 2, 4),
 }
 
-# struct iocb and struct io_event from <linux/aio_abi.h>, little-endian layout.
-_IOCB = np.dtype([
-    ("data", "<u8"), ("key", "<u4"), ("rw_flags", "<i4"), ("opcode", "<u2"), ("prio", "<i2"),
-    ("fd", "<u4"), ("buf", "<u8"), ("nbytes", "<u8"), ("offset", "<i8"), ("reserved2", "<u8"),
-    ("flags", "<u4"), ("resfd", "<u4"),
-])
-_EVENT = np.dtype([("data", "<u8"), ("obj", "<u8"), ("res", "<i8"), ("res2", "<i8")])
-assert _IOCB.itemsize == 64 and _EVENT.itemsize == 32
+# struct iocb from <linux/aio_abi.h>, little-endian: data, key, rw_flags, opcode, prio,
+# fd, buf, nbytes, offset, reserved2, flags, resfd.
+_IOCB = struct.Struct("<QIiHhIQQqQII")
+_EVENT_SIZE = 32  # struct io_event: data, obj, res, res2 (four 64-bit words)
+assert _IOCB.size == 64
 
 
-def _libc_syscall() -> ctypes._CFuncPtr:
-    fn = ctypes.CDLL(None, use_errno=True).syscall  # CDLL calls release the GIL
+def _libc_syscall() -> Any:
+    fn = ctypes.CDLL(None, use_errno=True).syscall
     fn.restype = ctypes.c_long
     fn.argtypes = [ctypes.c_long] * 6
     return fn
@@ -66,215 +72,164 @@ def _libc_syscall() -> ctypes._CFuncPtr:
 
 def unavailable_reason() -> str | None:
     """Why native AIO cannot be used here, or None if it can."""
-    if platform.machine() not in _SYSCALLS or not np.little_endian:
+    if platform.machine() not in _SYSCALLS or struct.pack("=H", 1) != b"\1\0":
         return f"native AIO system call numbers are not known for {platform.machine()}"
-    try:
-        ctx = _Context(_libc_syscall(), _SYSCALLS[platform.machine()], 1)
-    except OSError as e:
-        return f"io_setup failed: {e.strerror} (fs.aio-max-nr, or a sandbox without AIO)"
-    ctx.destroy()
+    syscall, nums = _libc_syscall(), _SYSCALLS[platform.machine()]
+    ctx = ctypes.c_ulong(0)
+    if syscall(nums.setup, 1, ctypes.addressof(ctx), 0, 0, 0) < 0:
+        err = ctypes.get_errno()
+        return f"io_setup failed: {os.strerror(err)} (fs.aio-max-nr, or a sandbox without AIO)"
+    syscall(nums.destroy, ctx.value, 0, 0, 0, 0)
     return None
 
 
-def _address(buf: memoryview) -> int:
-    """Where a buffer's memory starts (for the kernel to read or write it)."""
-    try:
-        return ctypes.addressof(ctypes.c_char.from_buffer(buf))  # writable: the quick way
-    except TypeError:
-        return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data)
+class AioRing:
+    """An AIO context with its iocbs, completion events and eventfd, for one loop.
 
-
-class _Context:
-    """One kernel AIO context with its iocb and event arrays; used by one batch at a time."""
-
-    def __init__(self, syscall: ctypes._CFuncPtr, nums: _Syscalls, nr_events: int) -> None:
-        self._syscall = syscall
-        self._nums = nums
-        ctx_id = ctypes.c_ulong(0)
-        if syscall(nums.setup, nr_events, ctypes.addressof(ctx_id), 0, 0, 0) < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-        self.id = ctx_id.value
-        self.iocbs = np.zeros(nr_events, dtype=_IOCB)
-        self.iocbs["data"] = np.arange(nr_events)  # a completion names its iocb slot
-        self.iocb_ptrs = (self.iocbs.ctypes.data
-                          + np.arange(nr_events, dtype=np.uint64) * _IOCB.itemsize)
-        self.events = np.zeros(nr_events, dtype=_EVENT)
-
-    def submit(self, ptrs: np.ndarray) -> int:
-        """io_submit the iocbs `ptrs` points at; how many the kernel took, or -errno."""
-        n = self._syscall(self._nums.submit, self.id, len(ptrs), ptrs.ctypes.data, 0, 0)
-        return n if n >= 0 else -ctypes.get_errno()
-
-    def reap(self, min_nr: int, max_nr: int) -> np.ndarray:
-        """Wait for at least min_nr completions (at most max_nr); their events."""
-        while True:
-            n = self._syscall(self._nums.getevents, self.id, min_nr, max_nr,
-                              self.events.ctypes.data, 0)
-            if n >= 0:
-                return self.events[:n]
-            err = ctypes.get_errno()
-            if err != errno.EINTR:
-                raise OSError(err, os.strerror(err))
-
-    def destroy(self) -> None:
-        # io_destroy waits for the context's IOs in flight before it returns.
-        self._syscall(self._nums.destroy, self.id, 0, 0, 0, 0)
-
-
-class AioQueue:
-    """Batches of reads or writes on one file descriptor. Thread-safe: each batch takes
-    a context of its own, so concurrent batches never see each other's completions.
-
-    Contexts are made as concurrent batches need them, up to MAX_CONTEXTS; beyond that
-    (or when the kernel's fs.aio-max-nr is used up) a batch waits for one to be free.
+    `fd` becomes readable when completions wait; the loop then calls `complete`. IOs
+    beyond RING_DEPTH wait in a queue and go out as earlier ones complete.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, base: int = 0, depth: int = RING_DEPTH) -> None:
         reason = unavailable_reason()
         if reason is not None:
             raise DeviceError(reason)
-        self._fd = fd
+        self._dev_fd = fd
+        self._base = base  # added to every offset (a partition of a larger device)
+        self.depth = depth
         self._syscall = _libc_syscall()
         self._nums = _SYSCALLS[platform.machine()]
-        self._free: list[_Context] = []
-        self._all: list[_Context] = []
+        ctx = ctypes.c_ulong(0)
+        if self._syscall(self._nums.setup, depth, ctypes.addressof(ctx), 0, 0, 0) < 0:
+            err = ctypes.get_errno()
+            raise DeviceError(f"io_setup({depth}) failed: {os.strerror(err)} (fs.aio-max-nr "
+                              "is system-wide; raise it, or set io_engine: threads)")
+        self._ctx = ctx.value
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._iocbs = ctypes.create_string_buffer(depth * _IOCB.size)
+        self._iocb_base = ctypes.addressof(self._iocbs)
+        self._events = ctypes.create_string_buffer(depth * _EVENT_SIZE)
+        self._event_words = memoryview(self._events).cast("B").cast("q")
+        self._no_wait = ctypes.create_string_buffer(16)  # struct timespec {0, 0}
+        self._free = list(range(depth))
+        # Per slot while in flight: (callback, arg, iovec array kept alive).
+        self._slots: list[tuple[Callback, Any, Any] | None] = [None] * depth
+        self._queued: deque[tuple] = deque()
         self._pid = os.getpid()
-        self._changed = threading.Condition(threading.Lock())
+        self.in_flight = 0  # submitted to the kernel, not yet completed
+        self._closed = False
 
-    def batch(self, opcode: int) -> "AioBatch":
-        with self._changed:
-            if os.getpid() != self._pid:
-                # A forked child does not inherit AIO contexts: start afresh (the
-                # parent's are not the child's to destroy).
-                self._free, self._all, self._pid = [], [], os.getpid()
-            ctx = None
-            while ctx is None:
-                if self._free:
-                    ctx = self._free.pop()
-                elif len(self._all) < MAX_CONTEXTS and (ctx := self._new_context()):
-                    self._all.append(ctx)
-                else:
-                    self._changed.wait()  # until another batch gives its context back
-        return AioBatch(self, ctx, opcode, self._fd)
+    @property
+    def pending(self) -> int:
+        """IOs prepared or in flight: what must complete before the ring is idle."""
+        return self.in_flight + len(self._queued)
 
-    def _new_context(self) -> _Context | None:
-        """A new context, or None if the system is out of AIO events but this queue
-        has contexts of its own that will come free."""
+    # ---- preparing -----------------------------------------------------------------
+
+    def read(self, offset: int, addr: int, nbytes: int, callback: Callback, arg: Any) -> None:
+        """Read nbytes at offset into the memory at addr; callback(arg, result) later."""
+        self._queued.append((IOCB_CMD_PREAD, offset, addr, nbytes, None, 0, callback, arg))
+
+    def writev(self, offset: int, iov: list[tuple[int, int]], callback: Callback, arg: Any,
+               dsync: bool = False) -> None:
+        """Write the buffers (address, length) back to back from offset (a gather write)."""
+        assert 0 < len(iov) <= IOV_MAX
+        flags = RWF_DSYNC if dsync else 0
+        if len(iov) == 1:
+            addr, n = iov[0]
+            self._queued.append((IOCB_CMD_PWRITE, offset, addr, n, None, flags, callback, arg))
+            return
+        vec = array("Q")
+        for addr, n in iov:
+            vec.append(addr)
+            vec.append(n)
+        self._queued.append((IOCB_CMD_PWRITEV, offset, vec.buffer_info()[0], len(iov), vec,
+                             flags, callback, arg))
+
+    # ---- submitting and completing -------------------------------------------------
+
+    def submit(self) -> None:
+        """Hand every prepared IO that fits in the ring to the kernel, in one io_submit."""
+        if not self._queued or not self._free:
+            return
+        self._check_owner()
+        take = min(len(self._queued), len(self._free))
+        slots = [self._free.pop() for _ in range(take)]
+        ptrs = array("Q")
+        pack, iocbs, base, resfd = _IOCB.pack_into, self._iocbs, self._iocb_base, self.fd
+        queued = self._queued
+        for k in range(take):
+            op, offset, addr, nbytes, keep, rw_flags, cb, arg = queued[k]
+            slot = slots[k]
+            pack(iocbs, slot * 64, slot, 0, rw_flags, op, 0, self._dev_fd, addr, nbytes,
+                 offset + self._base, 0, IOCB_FLAG_RESFD, resfd)
+            self._slots[slot] = (cb, arg, keep)
+            ptrs.append(base + slot * 64)
+        taken = self._syscall(self._nums.submit, self._ctx, take, ptrs.buffer_info()[0], 0, 0)
+        failed_errno = 0
+        if taken < 0:
+            failed_errno = ctypes.get_errno()
+            taken = 0
+        for _ in range(taken):
+            queued.popleft()
+        self.in_flight += taken
+        for slot in slots[taken:]:
+            self._slots[slot] = None
+            self._free.append(slot)
+        if failed_errno and failed_errno != errno.EAGAIN:
+            # The kernel refused the first IO it did not take (EINVAL, EBADF, ...): fail
+            # that one, so the rest are not held behind it for ever.
+            op, _, _, _, _, _, cb, arg = queued.popleft()
+            cb(arg, -failed_errno)
+            self.submit()
+
+    def complete(self) -> int:
+        """Run the callbacks of every IO that has completed; how many. Never waits."""
+        self._check_owner()
         try:
-            return _Context(self._syscall, self._nums, MAX_EVENTS)
-        except OSError as e:
-            if e.errno == errno.EAGAIN and self._all:
-                return None
-            raise DeviceError(f"io_setup failed: {e.strerror} (fs.aio-max-nr is system-wide; "
-                              "raise it, or set io_engine: threads)") from None
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
+        done = 0
+        words = self._event_words
+        while self.in_flight:
+            n = self._syscall(self._nums.getevents, self._ctx, 0, self.depth,
+                              ctypes.addressof(self._events), ctypes.addressof(self._no_wait))
+            if n < 0:
+                err = ctypes.get_errno()
+                if err == errno.EINTR:
+                    continue
+                raise DeviceError(f"io_getevents failed: {os.strerror(err)}")
+            if n == 0:
+                break
+            self.in_flight -= n
+            finished = []
+            for i in range(n):
+                slot = words[4 * i]
+                entry = self._slots[slot]
+                self._slots[slot] = None
+                self._free.append(slot)
+                finished.append((entry, words[4 * i + 2]))
+            # Callbacks after the bookkeeping: one may prepare (not submit) more IO.
+            for (cb, arg, _), res in finished:
+                cb(arg, res)
+            done += n
+            if n < self.depth:
+                break
+        return done
 
-    def _give_back(self, ctx: _Context, sound: bool) -> None:
-        with self._changed:
-            if sound:
-                self._free.append(ctx)
-            else:
-                ctx.destroy()  # waits for its IOs, so no buffer is in use after this
-                self._all.remove(ctx)
-            self._changed.notify()
+    def _check_owner(self) -> None:
+        if os.getpid() != self._pid:
+            raise DeviceError("an AIO ring cannot be used across fork(): open the device "
+                              "in the child")
 
     def close(self) -> None:
-        with self._changed:
-            for ctx in self._all if os.getpid() == self._pid else []:
-                ctx.destroy()
-            self._all.clear()
-            self._free.clear()
-
-
-class AioBatch:
-    """One batch: add() submits requests at once, finish() waits for all of them.
-
-    Requests are numbered in the order they were added; `results[i]` ends up as the
-    bytes request i transferred, or -errno. Up to MAX_EVENTS are in flight; add() waits
-    for completions when the context is full.
-    """
-
-    def __init__(self, queue: AioQueue, ctx: _Context, opcode: int, fd: int) -> None:
-        self._queue = queue
-        self._ctx = ctx
-        self._opcode = opcode
-        self._fd = fd
-        self._free_slots = list(range(MAX_EVENTS))
-        self._slot_request = np.zeros(MAX_EVENTS, dtype=np.int64)
-        self._sizes: list[int] = []
-        self._completed: list[int] = []  # finished requests not yet handed over
-        self._submit_error = 0  # once io_submit fails, nothing more is submitted
-        self.results: list[int] = []
-
-    def add(self, requests: Sequence[tuple[int, memoryview]]) -> None:
-        first = len(self.results)
-        self.results.extend([0] * len(requests))
-        self._sizes.extend(len(buf) for _, buf in requests)
-        pos = 0
-        while pos < len(requests):
-            if self._submit_error:
-                for i in range(first + pos, first + len(requests)):
-                    self.results[i] = -self._submit_error
-                return
-            if not self._free_slots:
-                self._reap(1)
-                continue
-            k = min(len(self._free_slots), len(requests) - pos)
-            slots = np.array([self._free_slots.pop() for _ in range(k)], dtype=np.int64)
-            part = requests[pos : pos + k]
-            iocbs = self._ctx.iocbs
-            iocbs["opcode"][slots] = self._opcode
-            iocbs["fd"][slots] = self._fd
-            iocbs["offset"][slots] = [off for off, _ in part]
-            iocbs["nbytes"][slots] = [len(buf) for _, buf in part]
-            # The caller keeps the buffers alive until finish() returns.
-            iocbs["buf"][slots] = [_address(buf) for _, buf in part]
-            self._slot_request[slots] = np.arange(first + pos, first + pos + k)
-            taken = self._ctx.submit(self._ctx.iocb_ptrs[slots])
-            if taken < 0 and taken == -errno.EAGAIN and len(self._free_slots) + k < MAX_EVENTS:
-                taken = 0  # the kernel is out of room: wait for some IOs, then go on
-            elif taken < 0:
-                self._submit_error = -taken
-                taken = 0
-            self._free_slots.extend(slots[taken:].tolist())  # not submitted: free again
-            pos += taken
-            if taken < k and not self._submit_error:
-                self._reap(1)
-
-    def finish(self, on_complete: Callable[[int], None] | None = None) -> list[int]:
-        """Wait for every request; call on_complete(i) for each one that transferred all
-        its bytes, as it completes (so the caller's work overlaps the rest of the IO).
-        An exception from on_complete is raised once every IO has completed."""
-        error: BaseException | None = None
-        sound = True
-        try:
-            while True:
-                while self._completed:
-                    i = self._completed.pop()
-                    if on_complete is not None and error is None and \
-                            self.results[i] == self._sizes[i]:
-                        try:
-                            on_complete(i)
-                        except BaseException as e:
-                            error = e
-                if len(self._free_slots) == MAX_EVENTS:
-                    break
-                self._reap(1)
-        except OSError as e:
-            sound = False
-            raise DeviceError(f"io_getevents failed: {e.strerror}") from None
-        finally:
-            self._queue._give_back(self._ctx, sound)
-        if error is not None:
-            raise error
-        return self.results
-
-    def _reap(self, min_nr: int) -> None:
-        in_flight = MAX_EVENTS - len(self._free_slots)
-        events = self._ctx.reap(min_nr, in_flight)
-        slots = events["data"].astype(np.int64)
-        requests = self._slot_request[slots].tolist()
-        for i, res in zip(requests, events["res"].tolist()):
-            self.results[i] = res
-        self._completed.extend(requests)
-        self._free_slots.extend(slots.tolist())
+        """Destroy the context: io_destroy waits for IOs in flight, so no buffer is in
+        use by the kernel afterwards. Their callbacks never run."""
+        if self._closed:
+            return
+        self._closed = True
+        if os.getpid() == self._pid:
+            self._syscall(self._nums.destroy, self._ctx, 0, 0, 0, 0)
+        os.close(self.fd)
+        self._queued.clear()

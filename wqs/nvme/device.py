@@ -1,14 +1,17 @@
-"""Block devices opened with O_DIRECT: a raw block device or one preallocated file.
+"""Block devices opened with O_DIRECT: a raw block device, one preallocated file, or a
+partition (a byte range) of either.
 
-The engine sees only the small `BlockDevice` interface below, so an io_uring or an SPDK
-backend can replace `DirectDevice` without touching it. Every offset and length handed
-to a device is a multiple of its `align`, and every buffer starts on a page boundary
-(see `aligned_buffer`): that is what O_DIRECT demands.
+The engine sees only the small `BlockDevice` interface below, so an SPDK backend can
+replace `DirectDevice` without touching it. Every offset and length handed to a device
+is a multiple of its `align`, and every buffer starts on a page boundary (see
+`aligned_buffer`): that is what O_DIRECT demands.
 
-Single reads and writes are plain preadv/pwritev in the calling thread. Batches
-(`read_many`, `write_many`) go to the device's IO engine: Linux native AIO (one
-io_submit for the batch, see aio.py) or, where AIO is unavailable or not wanted, a pool
-of threads each doing one IO at a time.
+Two ways to do IO:
+* `read_into` / `write`: plain preadv/pwritev in the calling thread, for start-up
+  (recovery, checkpoints) and administration, where nothing else waits;
+* `open_ring()`: an IO ring owned by one event loop, for the data path: Linux native AIO
+  with eventfd completions (aio.py) or, where AIO is unavailable or not wanted, the
+  same interface over a few threads (threadring.py).
 """
 
 from __future__ import annotations
@@ -16,16 +19,16 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
-import mmap
 import os
 import stat
 import struct
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Protocol
 
 from wqs.errors import DeviceError
 from wqs.nvme import aio
+from wqs.nvme.buffers import PAGE_SIZE, aligned_buffer, round_up  # noqa: F401 - re-exported
+from wqs.nvme.threadring import ThreadRing
 
 log = logging.getLogger("wqs.nvme")
 
@@ -37,7 +40,33 @@ BLKGETSIZE64 = 0x80081272  # size in bytes, u64
 
 # Files on a filesystem: 4 KiB satisfies O_DIRECT on every Linux filesystem we target.
 FILE_ALIGN = 4096
-PAGE_SIZE = mmap.PAGESIZE
+
+
+class IoRing(Protocol):
+    """Asynchronous IO for one event loop (aio.AioRing, threadring.ThreadRing, ...).
+
+    read/writev prepare an IO; submit() hands what was prepared to the device; when `fd`
+    is readable, complete() runs callback(arg, result) for each finished IO, result
+    being the bytes moved or -errno. The caller keeps buffers alive until then.
+    """
+
+    fd: int
+    in_flight: int
+
+    @property
+    def pending(self) -> int: ...
+
+    def read(self, offset: int, addr: int, nbytes: int,
+             callback: Callable[[Any, int], None], arg: Any) -> None: ...
+
+    def writev(self, offset: int, iov: list[tuple[int, int]],
+               callback: Callable[[Any, int], None], arg: Any, dsync: bool = False) -> None: ...
+
+    def submit(self) -> None: ...
+
+    def complete(self) -> int: ...
+
+    def close(self) -> None: ...
 
 
 class BlockDevice(Protocol):
@@ -46,40 +75,21 @@ class BlockDevice(Protocol):
     path: str
     size: int
     align: int
-    io_engine: str  # how batches are done: "aio" or "threads"
+    io_engine: str  # how its rings do IO: "aio", "threads" or "memory"
 
     def read_into(self, offset: int, buf: memoryview) -> None: ...
 
     def write(self, offset: int, buf: memoryview) -> None: ...
 
-    def read_many(self, requests: Sequence[tuple[int, memoryview]],
-                  on_complete: Callable[[int], None] | None = None) -> None:
-        """Fill every buffer from its offset, in parallel. on_complete(i) runs in the
-        calling thread as soon as request i has its bytes, while others are still in
-        flight. Returns (or raises, if any read failed) once none is in flight."""
-
-    def write_many(self, requests: Iterable[tuple[int, memoryview]]) -> None:
-        """Write every buffer at its offset, in parallel; each request is started as
-        soon as the iterable yields it, so the caller can prepare the next one meanwhile.
-        Returns (or raises, if any write failed) once none is in flight."""
+    def open_ring(self) -> IoRing:
+        """A new IO ring on this device, for one event loop."""
 
     def flush(self) -> None: ...
 
     def close(self) -> None: ...
 
 
-def aligned_buffer(nbytes: int) -> mmap.mmap:
-    """A zero-filled, page-aligned buffer, usable for O_DIRECT IO.
-
-    Anonymous mmap memory is page aligned by construction, which is why it is used
-    rather than bytearray (whose address alignment is not guaranteed).
-    """
-    assert nbytes > 0
-    return mmap.mmap(-1, round_up(nbytes, PAGE_SIZE))
-
-
-def _transfer(call: Callable[[int, list[memoryview], int], int], fd: int, offset: int,
-              buf: memoryview) -> int:
+def _transfer(call: Callable[..., int], fd: int, offset: int, buf: memoryview) -> int:
     """os.preadv or os.pwritev until buf is done: the bytes transferred (fewer at the end
     of the device), or -errno as AIO reports it."""
     done = 0
@@ -94,46 +104,9 @@ def _transfer(call: Callable[[int, list[memoryview], int], int], fd: int, offset
     return done
 
 
-def _why(what: str, res: int) -> str:
+def describe_io_result(what: str, res: int) -> str:
     """A failed IO's result (-errno, or a short count) in words."""
     return os.strerror(-res) if res < 0 else f"short {what} of {res} B"
-
-
-class _ThreadBatch:
-    """AioBatch's interface over a thread pool: one pool task (a _transfer) per IO."""
-
-    def __init__(self, pool: ThreadPoolExecutor, fd: int, opcode: int) -> None:
-        self._pool = pool
-        self._fd = fd
-        self._call = os.preadv if opcode == aio.IOCB_CMD_PREAD else os.pwritev
-        self._futures: dict[Future[int], int] = {}
-        self._sizes: list[int] = []
-        self.results: list[int] = []
-
-    def add(self, requests: Sequence[tuple[int, memoryview]]) -> None:
-        for offset, buf in requests:
-            future = self._pool.submit(_transfer, self._call, self._fd, offset, buf)
-            self._futures[future] = len(self.results)
-            self.results.append(0)
-            self._sizes.append(len(buf))
-
-    def finish(self, on_complete: Callable[[int], None] | None = None) -> list[int]:
-        error: BaseException | None = None
-        for f in as_completed(self._futures):  # all of them: the buffers are in use
-            i = self._futures[f]
-            self.results[i] = f.result()
-            if on_complete is not None and error is None and self.results[i] == self._sizes[i]:
-                try:
-                    on_complete(i)
-                except BaseException as e:
-                    error = e
-        if error is not None:
-            raise error
-        return self.results
-
-
-def round_up(n: int, align: int) -> int:
-    return (n + align - 1) // align * align
 
 
 @dataclass(frozen=True)
@@ -157,63 +130,58 @@ def probe_geometry(fd: int) -> DeviceGeometry:
 class DirectDevice:
     """A block device or regular file opened with O_DIRECT.
 
-    os.preadv/os.pwritev release the GIL, so single IOs from many threads overlap too.
-    `io_engine` picks how batches run: "aio" (Linux native AIO; an error if it is not
-    available), "threads" (a pool of `io_threads`), or "auto" (AIO where available,
-    else threads, with a warning that says why).
+    `io_engine` picks how its rings do IO: "aio" (Linux native AIO; an error if it is not
+    available), "threads" (`io_threads` threads per ring), or "auto" (AIO where
+    available, else threads, with a warning that says why). `lock`: take an exclusive
+    flock, so a second daemon or `wqs format` cannot write under this one; the shard
+    processes of one daemon open the device unlocked while their supervisor holds it.
     """
 
-    def __init__(self, path: str, *, sync_writes: bool = False, io_engine: str = "auto",
-                 io_threads: int = 16) -> None:
+    def __init__(self, path: str, *, io_engine: str = "auto", io_threads: int = 16,
+                 lock: bool = True) -> None:
         if io_engine not in IO_ENGINES:
             raise DeviceError(
                 f"io_engine must be one of {', '.join(IO_ENGINES)}, not {io_engine!r}")
         assert io_threads >= 1
         self.path = path
-        flags = os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC
-        if sync_writes:
-            flags |= os.O_DSYNC
+        self.io_threads = io_threads
         try:
-            self._fd = os.open(path, flags)
+            self._fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
         except FileNotFoundError:
             raise DeviceError(f"{path}: no such device or file") from None
         except OSError as e:
             raise DeviceError(f"{path}: cannot open with O_DIRECT: {e.strerror}") from None
         try:
-            # One owner at a time: a second daemon, or `wqs format` while a daemon runs,
-            # must not write under the first one.
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            raise DeviceError(f"{path} is in use by another process (a running wqsd?)") from None
-        try:
+            if lock:
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise DeviceError(
+                        f"{path} is in use by another process (a running wqsd?)") from None
             geometry = probe_geometry(self._fd)
+            reason = aio.unavailable_reason() if io_engine != "threads" else None
+            if io_engine == "aio" and reason is not None:
+                raise DeviceError(f"{path}: io_engine aio is not available: {reason}")
         except Exception:
             os.close(self._fd)
             raise
         self.size = geometry.size
         self.align = geometry.align
         self.is_block_device = geometry.is_block_device
-        self._aio: aio.AioQueue | None = None
-        self._pool: ThreadPoolExecutor | None = None
-        reason = aio.unavailable_reason() if io_engine != "threads" else None
-        if io_engine == "aio" and reason is not None:
-            os.close(self._fd)
-            raise DeviceError(f"{path}: io_engine aio is not available: {reason}")
         if io_engine != "threads" and reason is None:
-            self._aio = aio.AioQueue(self._fd)
             self.io_engine = "aio"
         else:
             if io_engine == "auto":
-                log.warning("%s: %s; batches use %d IO threads instead", path, reason,
-                            io_threads)
-            self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="wqs-io")
+                log.warning("%s: %s; IO rings use %d threads instead", path, reason, io_threads)
             self.io_engine = "threads"
         self._closed = False
 
+    @property
+    def fd(self) -> int:
+        return self._fd
+
     @classmethod
-    def create_file(cls, path: str, size: int, *, io_engine: str = "auto",
-                    io_threads: int = 16) -> "DirectDevice":
+    def create_file(cls, path: str, size: int, **options: Any) -> "DirectDevice":
         """Create and preallocate a regular file of `size` bytes (the embedded default)."""
         if size <= 0 or size % FILE_ALIGN:
             raise DeviceError(f"device size {size} must be a positive multiple of {FILE_ALIGN}")
@@ -225,9 +193,9 @@ class DirectDevice:
             os.unlink(path)
             raise DeviceError(f"{path}: cannot preallocate {size} bytes: {e.strerror}") from None
         os.close(fd)
-        return cls(path, io_engine=io_engine, io_threads=io_threads)
+        return cls(path, **options)
 
-    def _check(self, offset: int, length: int) -> None:
+    def check_io(self, offset: int, length: int) -> None:
         assert not self._closed, "device is closed"
         assert offset % self.align == 0, f"unaligned offset {offset}"
         assert length % self.align == 0, f"unaligned length {length}"
@@ -235,53 +203,24 @@ class DirectDevice:
             raise DeviceError(f"IO [{offset}, {offset + length}) outside device of {self.size} B")
 
     def read_into(self, offset: int, buf: memoryview) -> None:
-        self._check(offset, len(buf))
+        self.check_io(offset, len(buf))
         res = _transfer(os.preadv, self._fd, offset, buf)
         if res != len(buf):
-            raise DeviceError(f"{self.path}: read at {offset} failed: {_why('read', res)}")
+            raise DeviceError(f"{self.path}: read at {offset} failed: "
+                              f"{describe_io_result('read', res)}")
 
     def write(self, offset: int, buf: memoryview) -> None:
-        self._check(offset, len(buf))
+        self.check_io(offset, len(buf))
         res = _transfer(os.pwritev, self._fd, offset, buf)
         if res != len(buf):
-            raise DeviceError(f"{self.path}: write at {offset} failed: {_why('write', res)}")
+            raise DeviceError(f"{self.path}: write at {offset} failed: "
+                              f"{describe_io_result('write', res)}")
 
-    def read_many(self, requests: Sequence[tuple[int, memoryview]],
-                  on_complete: Callable[[int], None] | None = None) -> None:
-        for offset, buf in requests:
-            self._check(offset, len(buf))
-        batch = self._batch(aio.IOCB_CMD_PREAD)
-        try:
-            batch.add(requests)
-        finally:
-            results = batch.finish(on_complete)
-        self._raise_failures("read", requests, results)
-
-    def write_many(self, requests: Iterable[tuple[int, memoryview]]) -> None:
-        done: list[tuple[int, memoryview]] = []
-        batch = self._batch(aio.IOCB_CMD_PWRITE)
-        try:
-            for offset, buf in requests:  # each one is submitted as soon as it exists
-                self._check(offset, len(buf))
-                done.append((offset, buf))
-                batch.add([(offset, buf)])
-        finally:
-            results = batch.finish()
-        self._raise_failures("write", done, results)
-
-    def _batch(self, opcode: int) -> aio.AioBatch | _ThreadBatch:
-        if self._aio is not None:
-            return self._aio.batch(opcode)
-        assert self._pool is not None
-        return _ThreadBatch(self._pool, self._fd, opcode)
-
-    def _raise_failures(self, what: str, requests: Sequence[tuple[int, memoryview]],
-                        results: list[int]) -> None:
-        bad = [i for i, (res, (_, buf)) in enumerate(zip(results, requests)) if res != len(buf)]
-        if bad:
-            offset, res = requests[bad[0]][0], results[bad[0]]
-            raise DeviceError(f"{self.path}: {what} at {offset} failed: {_why(what, res)} "
-                              f"({len(bad)} of {len(requests)} IOs in the batch failed)")
+    def open_ring(self, base: int = 0) -> IoRing:
+        assert not self._closed, "device is closed"
+        if self.io_engine == "aio":
+            return aio.AioRing(self._fd, base)
+        return ThreadRing(self._fd, base, self.io_threads)
 
     def flush(self) -> None:
         os.fdatasync(self._fd)
@@ -289,8 +228,41 @@ class DirectDevice:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            if self._aio is not None:
-                self._aio.close()
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
             os.close(self._fd)
+
+
+class DevicePart:
+    """Bytes [offset, offset + size) of another device, seen as a device of its own:
+    one shard's partition. Closing it leaves the device open."""
+
+    def __init__(self, device: Any, offset: int, size: int, index: int) -> None:
+        assert offset % device.align == 0 and size % device.align == 0
+        assert 0 <= offset and offset + size <= device.size
+        self.device = device
+        self.offset = offset
+        self.size = size
+        self.align = device.align
+        self.io_engine = device.io_engine
+        self.path = f"{device.path}#{index}"
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or offset + length > self.size:
+            raise DeviceError(f"IO [{offset}, {offset + length}) outside {self.path} "
+                              f"of {self.size} B")
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        self._check(offset, len(buf))
+        self.device.read_into(self.offset + offset, buf)
+
+    def write(self, offset: int, buf: memoryview) -> None:
+        self._check(offset, len(buf))
+        self.device.write(self.offset + offset, buf)
+
+    def open_ring(self) -> IoRing:
+        return self.device.open_ring(self.offset)
+
+    def flush(self) -> None:
+        self.device.flush()
+
+    def close(self) -> None:
+        pass

@@ -372,7 +372,7 @@ class _Connection:
                 elif isinstance(ev, p.PayloadStart):
                     buf = self.server.rx_buffers.acquire(ev.length)
                     rx.append(buf)
-                    view = memoryview(buf)[: ev.length]
+                    view = buf.view[: ev.length]
                     put_items[ev.index] = (ev.block_id, view)
                     dec.read_payload_into(view, self.sock.recv_into)
                 elif isinstance(ev, p.FrameEnd):

@@ -1,0 +1,1 @@
+"""The event loop each shard (and the synchronous engine facade) runs on."""
