@@ -251,6 +251,23 @@ class DaemonProcess:
                                  f"{self.stderr_text()}") from None
         return self.returncode
 
+    def signal_all(self, sig: int) -> None:
+        """Send sig to the daemon and to its shard processes (SIGSTOP freezes the node)."""
+        self.send_signal(sig)
+        for pid in self.shard_pids():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def shard_pids(self) -> list[int]:
+        """The daemon's shard processes (its children)."""
+        try:
+            with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
+                return [int(x) for x in f.read().split()]
+        except OSError:
+            return []
+
     def send_signal(self, sig: int) -> None:
         if self.running:
             self.proc.send_signal(sig)

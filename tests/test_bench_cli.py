@@ -14,6 +14,8 @@ import subprocess
 import numpy as np
 import pytest
 
+import wqs
+
 from bench import cli
 from bench.blocks import MAGIC, block_id, check, content
 from bench.fioparse import (FioOptionError, assign_groups, build_jobs, parse_job_file,
@@ -345,7 +347,8 @@ def test_cpu_per_request_of_client_and_daemon(daemon, capsys):
     _assert_measured(client, ios)
     assert client["scope"] == "job" and client["processes"] == 1
     _assert_measured(srv, ios)
-    assert srv["processes"] == 1
+    with wqs.Client([daemon.address]) as c:  # the supervisor and one process per shard
+        assert srv["processes"] == 1 + c.shards(daemon.address)
     host, port = daemon.address.rsplit(":", 1)
     (only,) = srv["servers"].items()
     assert only[0] == daemon.address and only[1]["via"] == f"control {host}:{int(port) + 1}"
@@ -361,7 +364,7 @@ def test_cpu_per_request_of_client_and_daemon(daemon, capsys):
     counted = int(issued.group(1)) + int(issued.group(2))
     assert f"per request ({counted} requests)" in client_line
     assert re.search(r"usr=\d+\.\d\dus, sys=\d+\.\d\dus, ctx=\d+\.\d\d per", client_line)
-    assert f"per request ({counted} requests, 1 server)" in daemon_line
+    assert f"per request ({counted} requests, 1 server" in daemon_line
 
 
 def test_unreachable_control_plane_is_reported_not_zero(daemon, capsys):

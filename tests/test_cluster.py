@@ -82,13 +82,13 @@ class Cluster:
         if self.hosts is not None:
             self.hosts.cut(i)
         else:
-            self.nodes[i].send_signal(signal.SIGSTOP)
+            self.nodes[i].signal_all(signal.SIGSTOP)
 
     def heal(self, i: int) -> None:
         if self.hosts is not None:
             self.hosts.heal(i)
         else:
-            self.nodes[i].send_signal(signal.SIGCONT)
+            self.nodes[i].signal_all(signal.SIGCONT)
 
     def engine_stats(self, i: int) -> dict:
         with ControlClient(self.nodes[i].control_address, timeout=5.0) as cc:
@@ -228,7 +228,7 @@ def test_slow_node_does_not_serialise_the_others(daemon_factory, hosts):
     client = cluster.client()
     ids = ids_of(300, seed=9)
     assert all(client.put_many([(b, b) for b in ids]))
-    cluster.nodes[0].send_signal(signal.SIGSTOP)  # alive but not answering
+    cluster.nodes[0].signal_all(signal.SIGSTOP)  # alive but not answering
     try:
         started = time.monotonic()
         got = client.get_many(ids)
@@ -242,7 +242,7 @@ def test_slow_node_does_not_serialise_the_others(daemon_factory, hosts):
         client.get_many(ids)
         assert time.monotonic() - started < TIMEOUT_S
     finally:
-        cluster.nodes[0].send_signal(signal.SIGCONT)
+        cluster.nodes[0].signal_all(signal.SIGCONT)
     client.close()
 
 

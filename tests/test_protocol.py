@@ -53,6 +53,7 @@ EXAMPLES = [
     HelloResponse(2, bytes(range(32)), True, Limits()),
     HelloResponse(3, b"\xff" * 32, False, Limits(max_body=1 << 20, max_items=16, max_block=4096,
                                                   max_error=100)),
+    HelloResponse(9, bytes(32), False, Limits(), shard=2, shard_ports=(7070, 7073, 7074)),
     AuthRequest(4, b"n" * 32, b"p" * 32),
     AuthResponse(5, b"q" * 32),
     PingRequest(6),
@@ -128,7 +129,7 @@ def test_header_layout_matches_the_spec():
     assert HEADER.size == FrameHeader.SIZE == 32 and ITEM.size == 24
     assert p.HELLO_BODY.size == 56 and p.ID_LEN == BLOCK_ID_BYTES
     raw = frame(PingRequest(0x0102030405060708))
-    assert raw.hex() == ("57515331" "01" "03" "0000" "0807060504030201" "0000" "0000"
+    assert raw.hex() == ("57515331" "02" "03" "0000" "0807060504030201" "0000" "0000"
                          "00000000" "0000000000000000")
     assert raw[:4] == b"WQS1"
 
@@ -136,7 +137,7 @@ def test_header_layout_matches_the_spec():
 def test_put_frame_known_answer():
     raw = frame(PutRequest(1, [(bid(0xAB), b"xyz")]))
     hdr, table, payload = raw[:32], raw[32:56], raw[56:]
-    assert hdr.hex() == "57515331" "01" "04" "0000" + "01" + "00" * 7 + "0000" "0000" \
+    assert hdr.hex() == "57515331" "02" "04" "0000" + "01" + "00" * 7 + "0000" "0000" \
         "01000000" + "1b" + "00" * 7  # body 24 + 3 = 27
     assert table == bid(0xAB) + b"\x03\x00\x00\x00" + b"\x00\x00" + b"\x00\x00"
     assert payload == b"xyz"
@@ -351,7 +352,7 @@ def test_stream_ending_inside_a_payload():
 
 def test_wrong_magic_version_opcode_flags():
     good = frame(PingRequest(1))
-    for bad, match in [(header(magic=0x31535158), "magic"), (header(version=2), "version"),
+    for bad, match in [(header(magic=0x31535158), "magic"), (header(version=1), "version"),
                        (header(opcode=0), "opcode"), (header(opcode=9), "opcode"),
                        (header(opcode=255), "opcode"), (header(flags=2), "flags"),
                        (header(status=99), "status"), (b"GET / HTTP/1.1\r\n" * 2, "magic")]:
@@ -436,12 +437,35 @@ def test_get_miss_must_not_carry_a_payload():
 def test_bitmap_padding_and_hello_limits_are_checked():
     with pytest.raises(ProtocolError, match="padding"):
         decode_response(header(Opcode.EXISTS, flags=1, count=3, body_len=1) + b"\x08")
-    bad = p.HELLO_BODY.pack(bytes(32), 0, 0, 4096, 100, 1 << 30)
+    unsharded = p.HELLO_SHARD.pack(0, 0)
+    bad = p.HELLO_BODY.pack(bytes(32), 0, 0, 4096, 100, 1 << 30) + unsharded
     with pytest.raises(ProtocolError, match="limits"):
-        decode_response(header(Opcode.HELLO, flags=1, body_len=56) + bad)
-    bad = p.HELLO_BODY.pack(bytes(32), 2, 16, 4096, 100, 1 << 30)
+        decode_response(header(Opcode.HELLO, flags=1, body_len=60) + bad)
+    bad = p.HELLO_BODY.pack(bytes(32), 2, 16, 4096, 100, 1 << 30) + unsharded
     with pytest.raises(ProtocolError, match="flags"):
-        decode_response(header(Opcode.HELLO, flags=1, body_len=56) + bad)
+        decode_response(header(Opcode.HELLO, flags=1, body_len=60) + bad)
+
+
+@pytest.mark.parametrize("shard, ports, match", [
+    (2, (7070, 7071), "names shard 2 of ports"),  # past the list
+    (0, (7070, 0), "names shard 0 of ports"),  # a zero port
+    (1, (), "shard 1 of an unsharded node"),
+])
+def test_hello_shard_lists_are_checked(shard, ports, match):
+    limits = p.HELLO_BODY.pack(bytes(32), 0, 16, 4096, 100, 1 << 30)
+    body = limits + p.HELLO_SHARD.pack(shard, 0) + struct.pack(f"<{len(ports)}H", *ports)
+    with pytest.raises(ProtocolError, match=match):
+        decode_response(header(Opcode.HELLO, flags=1, count=len(ports), body_len=len(body))
+                        + body)
+    with pytest.raises(ProtocolError, match="bad shard list"):
+        encode_response(HelloResponse(1, bytes(32), False, Limits(), shard, ports))
+
+
+def test_a_hello_lists_the_shards_and_this_connections_one():
+    msg = HelloResponse(5, bytes(32), True, Limits(), shard=1, shard_ports=(7070, 7073))
+    raw = encode_response(msg)
+    assert raw[20:24] == (2).to_bytes(4, "little") and len(raw) == 32 + 56 + 4 + 4
+    assert decode_response(raw) == msg
 
 
 @pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: type(m).__name__)

@@ -18,7 +18,7 @@ import wqs
 from tests.daemons import DaemonFactory, DaemonProcess
 from wqs.config import parse_hostport
 from wqs.rpc import protocol as p
-from wqs.rpc.server import ServerOptions
+from wqs.server.shard import ShardOptions
 
 MiB = 1 << 20
 MAX_BLOCK = 4 * MiB  # the daemons' engine.max_block_size: bounds what one item may claim
@@ -28,7 +28,7 @@ TOKEN = "badinput-token-7f3a9c"
 
 CONFIG = {"engine": {"region_size": "1M", "max_block_size": "4M", "dram_cache_bytes": "4M",
                      "io_threads": 4},
-          "workers": 4, "log_level": "warning"}
+          "workers": 1, "log_level": "warning"}
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +229,7 @@ def test_table_that_disagrees_with_body_len_is_refused(daemon):
                                    "response_flag", "body_len"])
 def test_bad_header_fields(daemon, field):
     good = dict(opcode=p.Opcode.PING, rid=47)
-    bad = {"magic": dict(magic=0x31535158), "version": dict(version=2),
+    bad = {"magic": dict(magic=0x31535158), "version": dict(version=p.VERSION + 1),
            "opcode": dict(opcode=99), "flags": dict(flags=0x8000),
            "status": dict(status=3), "reserved": dict(reserved=1),
            "response_flag": dict(flags=p.FLAG_RESPONSE), "body_len": dict(body_len=5)}[field]
@@ -261,7 +261,7 @@ def test_disconnect_mid_put_returns_the_memory_budget(daemon):
     connections); a connection that dies mid-PUT must give its claim back, or the budget
     runs dry and every later put stalls. Two abandoned claims add up to the whole budget
     exactly, so one leaked byte would stall the put below."""
-    budget = ServerOptions().max_inflight_bytes
+    budget = ShardOptions().max_inflight_bytes
     n_first = budget * 3 // 4 // MAX_BLOCK
     n_second = budget // MAX_BLOCK - n_first
     assert (n_first + n_second) * MAX_BLOCK == budget

@@ -1,38 +1,39 @@
 """The Python SDK: `wqs.Client`, a store of KV blocks spread over storage nodes.
 
 Placement is client-side: a consistent-hash ring over the nodes maps each block ID to
-its node (and `replicas - 1` more). A batch call splits its IDs by node, sends one
-request to every node at once, and puts the answers back in the caller's order; no
-metadata server sits on the data path.
+its node (and `replicas - 1` more), and within a node to the shard that owns it (the
+node's HELLO lists its shards). A batch call sends every node's and shard's share at
+once, back to back, and reads the answers in the calling thread (wqs/rpc/pipeline.py);
+no metadata server and no IO thread sits on the data path.
 
-A node that cannot be reached makes its blocks misses (get, exists), failed puts
-(put returns False for them) and ends lookups at the first block it holds, within
-`timeout_s`; the client retries its connection at most once per `retry_interval_s`.
+A batch never fails as a whole for one block's trouble: that block's result is None
+(get) or False (put), and `results.errors[i]` says why: BlockTooLarge (larger than the
+node accepts, or than its out buffer), NodeUnavailable (its node is down), RemoteError.
+A node that cannot be reached makes its blocks misses and its puts False within
+`timeout_s`; the client tries it again at most once per `retry_interval_s`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from wqs.config import ClientConfig, load_client_config
-from wqs.errors import AuthError, BlockTooLarge, NodeUnavailable, ProtocolError, RemoteError
+from wqs.errors import BlockTooLarge, NodeUnavailable, RemoteError, WQSError
 from wqs.ids import BlockIdLike, to_block_id
-from wqs.ring import HashRing, weight_unit_for
+from wqs.ring import HashRing, shard_of, weight_unit_for
 from wqs.rpc import protocol as p
-from wqs.rpc.tcp import TcpTransport
+from wqs.rpc.pipeline import Call, NodeDown, Pipeline, _GetAnswer, _Request
 
 log = logging.getLogger("wqs.client")
 
-RETRY_INTERVAL_S = 1.0
+__all__ = ["AsyncClient", "BatchResult", "Client", "NodeDown", "Pending"]
 
 
-def _buffer(data: Any) -> Any:
+def _buffer(data: Any) -> memoryview:
     """Bytes-like view of a block: bytes, bytearray, memoryview, numpy array, torch tensor."""
     if hasattr(data, "detach") and hasattr(data, "numpy"):  # a torch tensor, on the CPU
         if getattr(data, "device", None) is not None and str(data.device) != "cpu":
@@ -48,76 +49,39 @@ def _buffer(data: Any) -> Any:
 
 
 def _writable(out: Any) -> memoryview:
-    view = memoryview(_buffer(out))
+    view = _buffer(out)
     if view.readonly:
         raise TypeError("out buffer is read-only")
     return view
 
 
-class NodeDown(NodeUnavailable):
-    """A node failed recently and is skipped until its retry interval has passed."""
+class BatchResult(list):
+    """A batch's results in the order asked, plus `errors`: index -> why that block has
+    no value (only for blocks that failed, not for plain misses)."""
+
+    def __init__(self, values: Iterable[Any], errors: dict[int, WQSError]) -> None:
+        super().__init__(values)
+        self.errors = errors
 
 
-class _Node:
-    """Connections to one node, opened lazily, with a back-off after a failure."""
+class Pending:
+    """A batch call in flight (Client.start_get_many / start_put_many): wait() for it
+    with Client.wait or Client.wait_any, then result()."""
 
-    def __init__(self, address: str, config: ClientConfig) -> None:
-        self.address = address
-        self.config = config
-        self._conns: list[TcpTransport | None] = [None] * config.connections_per_node
-        self._next = itertools.count()
-        self._lock = threading.Lock()
-        self._down_until = 0.0
-        self.last_error: str | None = None
+    def __init__(self, call: Call, finish: Callable[[], BatchResult]) -> None:
+        self.call = call
+        self._finish = finish
+        self._result: BatchResult | None = None
 
-    def transport(self) -> TcpTransport:
-        """The next connection (round robin), opened if needed; NodeDown while the node
-        is in its back-off after a failure."""
-        i = next(self._next) % len(self._conns)
-        conn = self._conns[i]
-        if conn is not None and not conn.closed:
-            return conn
-        with self._lock:
-            conn = self._conns[i]
-            if conn is not None and not conn.closed:
-                return conn
-            if time.monotonic() < self._down_until:
-                raise NodeDown(f"{self.address}: down ({self.last_error})")
-            try:
-                conn = TcpTransport(self.address, auth_token=self.config.auth_token,
-                                    timeout_s=self.config.timeout_s,
-                                    connect_timeout_s=self.config.connect_timeout_s)
-            except NodeUnavailable as e:
-                self.mark_down(str(e))
-                raise
-            except (AuthError, ProtocolError) as e:
-                # Misconfiguration rather than an outage: raise it, naming the node.
-                kind = AuthError if isinstance(e, AuthError) else ProtocolError
-                raise kind(f"{self.address}: {e}") from None
-            self._conns[i] = conn
-            return conn
+    @property
+    def done(self) -> bool:
+        return self.call.done
 
-    def mark_up(self) -> None:
-        if self.last_error is not None:
-            log.info("node %s is back", self.address)
-            self.last_error = None
-            self._down_until = 0.0
-
-    def mark_down(self, reason: str) -> None:
-        """The node failed a request: its other connections are as dead as this one was,
-        so close them and answer for it at once until the retry interval has passed."""
-        self._down_until = time.monotonic() + RETRY_INTERVAL_S
-        for conn in self._conns:
-            if conn is not None:
-                conn.close()
-        if self.last_error is None:
-            log.warning("node %s unavailable: %s", self.address, reason)
-        self.last_error = reason
-
-    def close(self) -> None:
-        for conn in self._conns:
-            if conn is not None:
-                conn.close()
+    def result(self) -> BatchResult:
+        if self._result is None:
+            assert self.call.done, "wait for the call first"
+            self._result = self._finish()
+        return self._result
 
 
 class Client:
@@ -130,14 +94,9 @@ class Client:
         elif servers or options:
             raise TypeError("pass either a config or servers and options, not both")
         self.config = config
-        self._nodes: dict[str, _Node] = {}
-        self._nodes_lock = threading.Lock()
-        # Two pools: node calls of one fan-out never wait behind *_async callers that
-        # are themselves waiting for node calls (which could deadlock one pool).
-        self._fanout_pool = ThreadPoolExecutor(16, thread_name_prefix="wqs-fanout")
-        self._executor = ThreadPoolExecutor(16, thread_name_prefix="wqs-async")
-        self._failures = itertools.count()
-        self.failed_requests = 0  # requests that met a down or failing node
+        self._pipe = Pipeline(config)
+        self._members_lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None  # only for the *_async calls
         self._watcher = None
         if config.etcd is not None:
             self._watch_etcd(config)
@@ -147,14 +106,10 @@ class Client:
 
     def _set_members(self, weights: dict[str, float]) -> None:
         """Swap in a ring over these nodes; callers already running keep the old one."""
-        with self._nodes_lock:
-            for address in weights:
-                if address not in self._nodes:
-                    self._nodes[address] = _Node(address, self.config)
+        with self._members_lock:
             self.ring = HashRing(weights, weight_unit=weight_unit_for(weights.values()))
-            gone = [a for a in self._nodes if a not in weights]
-            for address in gone:  # left the cluster: drop its connections
-                self._nodes.pop(address).close()
+            for address in [a for a in self._pipe.nodes if a not in weights]:
+                self._pipe.forget_node(address)  # left the cluster: drop its connections
         log.info("ring: %d nodes", len(weights))
 
     def _watch_etcd(self, config: ClientConfig) -> None:
@@ -176,10 +131,9 @@ class Client:
     def close(self) -> None:
         if self._watcher is not None:
             self._watcher.stop()
-        for node in list(self._nodes.values()):
-            node.close()
-        self._executor.shutdown(wait=False)
-        self._fanout_pool.shutdown(wait=False)
+        self._pipe.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
 
     def __enter__(self) -> "Client":
         return self
@@ -191,21 +145,41 @@ class Client:
     def nodes(self) -> tuple[str, ...]:
         return self.ring.nodes
 
+    @property
+    def failed_requests(self) -> int:
+        """Requests that met a down or failing node since the client started."""
+        return self._pipe.failed_requests
+
     def node_errors(self) -> dict[str, str | None]:
         """Per node, the last error that made it unavailable (None: it is healthy)."""
-        return {a: n.last_error for a, n in self._nodes.items() if a in self.ring}
+        return {a: (n.last_error if (n := self._pipe.nodes.get(a)) else None)
+                for a in self.ring.nodes}
+
+    def shards(self, address: str) -> int:
+        """How many shards the node at `address` has (connecting to it if need be)."""
+        return self._pipe.node(address).layout(self._pipe)
 
     # ---- single-block calls ----------------------------------------------------------
 
     def put(self, block_id: BlockIdLike, data: Any, *, replicas: int | None = None) -> bool:
-        """Store a block. False if its node(s) could not take it (reported, not raised)."""
-        return self.put_many([(block_id, data)], replicas=replicas)[0]
+        """Store a block. False if its node(s) could not take it; BlockTooLarge if it is
+        larger than they accept."""
+        results = self.put_many([(block_id, data)], replicas=replicas)
+        error = results.errors.get(0)
+        if isinstance(error, BlockTooLarge):
+            raise error
+        return results[0]
 
     def get(self, block_id: BlockIdLike, out: Any = None) -> bytes | bool | None:
-        """The block's bytes, or None on a miss. With `out`, fill it and return True/False."""
+        """The block's bytes, or None on a miss. With `out`, fill it and return True/False
+        (BlockTooLarge if the block does not fit in it)."""
         if out is None:
             return self.get_many([block_id])[0]
-        return self.get_many([block_id], outs=[out])[0] is not None
+        results = self.get_many([block_id], outs=[out])
+        error = results.errors.get(0)
+        if isinstance(error, BlockTooLarge):
+            raise error
+        return results[0] is not None
 
     def exists(self, block_id: BlockIdLike) -> bool:
         return self.exists_many([block_id])[0]
@@ -216,58 +190,92 @@ class Client:
     # ---- batches ---------------------------------------------------------------------
 
     def put_many(self, items: Iterable[tuple[BlockIdLike, Any]], *,
-                 replicas: int | None = None) -> list[bool]:
+                 replicas: int | None = None) -> BatchResult:
         """Store blocks; per block True once every replica acknowledged it."""
+        pending = self.start_put_many(items, replicas=replicas)
+        self.wait(pending)
+        return pending.result()
+
+    def start_put_many(self, items: Iterable[tuple[BlockIdLike, Any]], *,
+                       replicas: int | None = None) -> Pending:
+        """put_many, sent but not waited for: wait(pending), then pending.result()."""
         ids, bufs = [], []
         for block_id, data in items:
             ids.append(to_block_id(block_id))
             bufs.append(_buffer(data))
-        n_rep = replicas or self.config.replicas
-        ring = self.ring
-        if not len(ring):
-            return [False] * len(ids)
-        plan: dict[str, list[int]] = {}
-        for i, b in enumerate(ids):
-            for node in ring.nodes_for(b, n_rep):
-                plan.setdefault(node, []).append(i)
-        ok = [True] * len(ids)
-        for node, idx, result in self._fan_out(
-            plan, lambda t, idx: t.put_many([(ids[i], bufs[i]) for i in idx])
-        ):
-            for i, status in zip(idx, result if result is not None else [None] * len(idx)):
-                if status != p.Status.OK:
-                    if status == p.Status.TOO_LARGE:
-                        raise BlockTooLarge(f"block {ids[i].hex()} is larger than {node} accepts")
-                    ok[i] = False
-        return ok
+        ok = [bool(self.ring)] * len(ids)
+        errors: dict[int, WQSError] = {}
+        call = self._pipe.start()
+        if len(self.ring):
+            plan: dict[str, list[int]] = {}
+            for i, b in enumerate(ids):
+                for node in self.ring.nodes_for(b, replicas or self.config.replicas):
+                    plan.setdefault(node, []).append(i)
+            for node, idx in plan.items():
+                self._send_puts(call, node, idx, ids, bufs, ok, errors)
+        self._pipe.release(call)
+        return Pending(call, lambda: BatchResult(ok, errors))
 
     def get_many(self, block_ids: Iterable[BlockIdLike],
-                 outs: Sequence[Any] | None = None) -> list[Any]:
+                 outs: Sequence[Any] | None = None) -> BatchResult:
         """Blocks in the order asked; None for a miss. With `outs`, each hit is received
         straight into outs[i] and returned as a memoryview of it."""
+        pending = self.start_get_many(block_ids, outs)
+        self.wait(pending)
+        return pending.result()
+
+    def start_get_many(self, block_ids: Iterable[BlockIdLike],
+                       outs: Sequence[Any] | None = None) -> Pending:
+        """get_many, sent but not waited for: wait(pending), then pending.result() (which
+        asks the other replicas of the missed blocks, if there are replicas)."""
         ids = [to_block_id(b) for b in block_ids]
         views = [_writable(o) for o in outs] if outs is not None else None
         if views is not None and len(views) != len(ids):
             raise ValueError(f"{len(ids)} ids but {len(views)} out buffers")
         results: list[Any] = [None] * len(ids)
+        errors: dict[int, WQSError] = {}
         ring = self.ring
-        todo = list(range(len(ids))) if len(ring) else []
-        for attempt in range(self.config.replicas):
-            plan: dict[str, list[int]] = {}
-            for i in todo:
-                replicas = ring.nodes_for(ids[i], self.config.replicas)
-                plan.setdefault(replicas[attempt % len(replicas)], []).append(i)
-            for _, idx, result in self._fan_out(
-                plan, lambda t, idx: t.get_many([ids[i] for i in idx],
-                                                [views[i] for i in idx] if views else None)
-            ):
-                if result is not None:
-                    for i, value in zip(idx, result):
-                        results[i] = value
-            todo = [i for i in todo if results[i] is None]
-            if not todo:
-                break
-        return results
+        call = self._send_get_round(ids, views, list(range(len(ids))) if len(ring) else [],
+                                    0, results, errors, ring)
+
+        def finish() -> BatchResult:
+            for attempt in range(1, self.config.replicas):
+                todo = [i for i in range(len(ids))
+                        if results[i] is None and not isinstance(errors.get(i), BlockTooLarge)]
+                if not todo:
+                    break
+                for i in todo:
+                    errors.pop(i, None)
+                self._pipe.wait(self._send_get_round(ids, views, todo, attempt, results,
+                                                     errors, ring))
+            return BatchResult(results, errors)
+
+        return Pending(call, finish)
+
+    def _send_get_round(self, ids: list[bytes], views: list[memoryview] | None,
+                        todo: list[int], attempt: int, results: list[Any],
+                        errors: dict[int, WQSError], ring: HashRing) -> Call:
+        call = self._pipe.start()
+        plan: dict[str, list[int]] = {}
+        for i in todo:
+            owners = ring.nodes_for(ids[i], self.config.replicas)
+            plan.setdefault(owners[attempt % len(owners)], []).append(i)
+        for node, idx in plan.items():
+            self._send_gets(call, node, idx, ids, views, results, errors)
+        self._pipe.release(call)
+        return call
+
+    def wait(self, pending: Pending) -> None:
+        """Until the call is complete (or has timed out: its blocks then failed)."""
+        self._pipe.wait(pending.call)
+
+    def wait_any(self, pendings: Sequence[Pending], timeout_s: float | None = None) -> None:
+        """Until at least one of the calls is complete (or timeout_s passes): what an
+        engine keeping N calls in flight from one thread waits with (fio's iodepth)."""
+        import time
+
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self._pipe.wait_any([x.call for x in pendings], deadline)
 
     def exists_many(self, block_ids: Iterable[BlockIdLike]) -> list[bool]:
         """Whether each block is stored; a block its owner lacks is asked of its replicas."""
@@ -276,20 +284,15 @@ class Client:
         ring = self.ring
         todo = list(range(len(ids))) if len(ring) else []
         for attempt in range(self.config.replicas):
-            if attempt == 0:
-                plan = {n: [todo[k] for k in ks]
-                        for n, ks in ring.group([ids[i] for i in todo]).items()} if todo else {}
-            else:
-                plan = {}
-                for i in todo:
-                    owners = ring.nodes_for(ids[i], self.config.replicas)
-                    plan.setdefault(owners[attempt % len(owners)], []).append(i)
-            for _, idx, result in self._fan_out(
-                plan, lambda t, idx: t.exists_many([ids[i] for i in idx])
-            ):
-                if result is not None:
-                    for i, hit in zip(idx, result):
-                        found[i] = hit
+            call = self._pipe.start()
+            plan: dict[str, list[int]] = {}
+            for i in todo:
+                owners = ring.nodes_for(ids[i], self.config.replicas)
+                plan.setdefault(owners[attempt % len(owners)], []).append(i)
+            for node, idx in plan.items():
+                self._send_ids(call, node, idx, ids, p.Opcode.EXISTS, found)
+            self._pipe.release(call)
+            self._pipe.wait(call)
             todo = [i for i in todo if not found[i]]
             if not todo:
                 break
@@ -304,16 +307,17 @@ class Client:
             for node in ring.nodes_for(b, self.config.replicas):
                 plan.setdefault(node, []).append(i)
         deleted = [False] * len(ids)
-        for _, idx, result in self._fan_out(plan, lambda t, idx: t.delete_many([ids[i] for i in idx])):
-            if result is not None:
-                for i, hit in zip(idx, result):
-                    deleted[i] = deleted[i] or hit
+        call = self._pipe.start()
+        for node, idx in plan.items():
+            self._send_ids(call, node, idx, ids, p.Opcode.DELETE, deleted)
+        self._pipe.release(call)
+        self._pipe.wait(call)
         return deleted
 
     def lookup_prefix(self, block_ids: Iterable[BlockIdLike]) -> int:
         """How many leading blocks of a chain (e.g. from prefix_block_ids) are stored.
 
-        One parallel round trip: every node answers for its share of the chain at once.
+        One parallel round trip: every node (and shard) answers for its share at once.
         """
         ids = [to_block_id(b) for b in block_ids]
         ring = self.ring
@@ -321,70 +325,226 @@ class Client:
             return 0
         plan = ring.group(ids)
         if len(plan) == 1 and self.config.replicas == 1:
-            # One node holds the whole chain: it counts in one request.
-            return self._fan_out(plan, lambda t, idx: t.lookup_prefix(ids))[0][2] or 0
+            node = next(iter(plan))
+            try:
+                one_shard = self._pipe.node(node).layout(self._pipe) == 1
+            except (NodeUnavailable, WQSError):
+                one_shard = False
+            if one_shard:  # one shard holds the whole chain: it counts in one request
+                count = [0]
+                call = self._pipe.start()
+                self._send_ids(call, node, list(range(len(ids))), ids,
+                               p.Opcode.LOOKUP_PREFIX, count)
+                self._pipe.release(call)
+                self._pipe.wait(call)
+                return count[0]
         found = self.exists_many(ids)
         return next((i for i, hit in enumerate(found) if not hit), len(ids))
 
     def ping(self) -> dict[str, float | None]:
-        """Round-trip time per node in seconds; None where the node is down."""
-        plan = {node: [] for node in self.nodes}
-        return {node: result for node, _, result in self._fan_out(plan, lambda t, idx: t.ping())}
+        """Round-trip time per node (to its first shard) in seconds; None where down."""
+        import time
+
+        out: dict[str, float | None] = {}
+        for node in self.nodes:
+            started = time.perf_counter()
+            answered: list[Any] = []
+            call = self._pipe.start()
+            try:
+                conn = self._pipe.connection(self._pipe.node(node), 0)
+                req = _Request(call, conn, p.Opcode.PING, lambda r, m: answered.append(m))
+                self._pipe.send(req, [p.encode_request(p.PingRequest(0))])
+            except (NodeUnavailable, WQSError) as e:
+                answered.append(e)
+            self._pipe.release(call)
+            self._pipe.wait(call)
+            ok = answered and isinstance(answered[0], p.PingResponse)
+            out[node] = time.perf_counter() - started if ok else None
+        return out
 
     # ---- futures and asyncio ---------------------------------------------------------
 
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(8, thread_name_prefix="wqs-async")
+        return self._executor
+
     def get_many_async(self, block_ids: Sequence[BlockIdLike],
                        outs: Sequence[Any] | None = None) -> Future:
-        """get_many in the background: a Future, so a caller can overlap loads with compute."""
-        return self._executor.submit(self.get_many, list(block_ids), outs)
+        """get_many in the background: a Future, so a caller can overlap loads with
+        compute without driving the IO itself (a pool thread drives it)."""
+        return self._pool().submit(self.get_many, list(block_ids), outs)
 
     def put_many_async(self, items: Sequence[tuple[BlockIdLike, Any]]) -> Future:
-        return self._executor.submit(self.put_many, list(items))
+        return self._pool().submit(self.put_many, list(items))
 
     def lookup_prefix_async(self, block_ids: Sequence[BlockIdLike]) -> Future:
-        return self._executor.submit(self.lookup_prefix, list(block_ids))
+        return self._pool().submit(self.lookup_prefix, list(block_ids))
 
-    # ---- fan-out ---------------------------------------------------------------------
+    # ---- sending a node's share -------------------------------------------------------
 
-    def _fan_out(self, plan: dict[str, list[int]], call) -> list[tuple[str, list[int], Any]]:
-        """Run call(transport, indices) for every node of the plan at once.
-
-        Returns (node, indices, result) with result None where the node failed: the
-        caller turns that into misses. Errors are logged, never raised, except for
-        programming errors and blocks too large for the node.
-        """
-        if not plan:
-            return []
-        items = list(plan.items())
-        # Every node but the first on the pool, the first on this thread meanwhile.
-        futures = [(node, idx, self._fanout_pool.submit(self._call_node, node, idx, call))
-                   for node, idx in items[1:]]
-        node, idx = items[0]
-        results = [(node, idx, self._call_node(node, idx, call))]
-        return results + [(node, idx, fut.result()) for node, idx, fut in futures]
-
-    def _call_node(self, address: str, idx: list[int], call) -> Any:
-        node = self._nodes.get(address)
-        if node is None:  # left the cluster since the plan was made
-            self.failed_requests = next(self._failures) + 1
-            return None
+    def _shard_groups(self, address: str, idx: list[int], ids: list[bytes],
+                      fail: Callable[[list[int], WQSError], None]) -> list[tuple[Any, list[int]]]:
+        """idx split by the node's shard that owns each block, with a connection to
+        each; the blocks of a node or shard that cannot be reached go to fail()."""
+        pipe = self._pipe
         try:
-            result = call(node.transport(), idx)
-            node.mark_up()
-            return result
-        except (NodeUnavailable, RemoteError, ConnectionError, OSError) as e:
-            self.failed_requests = next(self._failures) + 1
-            if isinstance(e, NodeDown):
-                log.debug("skipping %s: %s", address, e)  # mark_down already warned once
-            elif isinstance(e, NodeUnavailable):
-                node.mark_down(str(e))
+            node = pipe.node(address)
+            n = node.layout(pipe)
+        except NodeUnavailable as e:
+            pipe.failed_requests += 1
+            fail(idx, e)
+            return []
+        groups: dict[int, list[int]] = {}
+        for i in idx:
+            groups.setdefault(shard_of(ids[i], n), []).append(i)
+        out = []
+        for shard, sidx in groups.items():
+            try:
+                out.append((pipe.connection(node, shard), sidx))
+            except NodeUnavailable as e:
+                pipe.failed_requests += 1
+                fail(sidx, e)
+        return out
+
+    def _chunks(self, idx: list[int], conn: Any, size: Callable[[int], int]) -> list[list[int]]:
+        """idx cut so that every frame fits the shard's max_items and max_body."""
+        lim = conn.limits
+        chunks, cur, body = [], [], 0
+        for i in idx:
+            n = p.ITEM.size + size(i)
+            if cur and (len(cur) >= lim.max_items or body + n > lim.max_body):
+                chunks.append(cur)
+                cur, body = [], 0
+            cur.append(i)
+            body += n
+        if cur:
+            chunks.append(cur)
+        return chunks
+
+    def _send_puts(self, call: Call, address: str, idx: list[int], ids: list[bytes],
+                   bufs: list[memoryview], ok: list[bool], errors: dict[int, WQSError]) -> None:
+        def fail(which: list[int], error: WQSError) -> None:
+            for i in which:
+                ok[i] = False
+                errors.setdefault(i, error)
+
+        for conn, sidx in self._shard_groups(address, idx, ids, fail):
+            max_block = conn.limits.max_block
+            too_large = [i for i in sidx if bufs[i].nbytes > max_block]
+            for i in too_large:
+                fail([i], BlockTooLarge(f"block {ids[i].hex()} of {bufs[i].nbytes} B exceeds "
+                                        f"the {max_block} B {address} accepts"))
+            sidx = [i for i in sidx if bufs[i].nbytes <= max_block]
+            for chunk in self._chunks(sidx, conn, lambda i: bufs[i].nbytes):
+                head = p.frame_put_head(0, [(ids[i], bufs[i].nbytes) for i in chunk])
+                frame = [head, *(bufs[i] for i in chunk if bufs[i].nbytes)]
+                req = _Request(call, conn, p.Opcode.PUT,
+                               lambda r, msg, chunk=chunk: self._put_answer(r, msg, chunk, ids,
+                                                                            fail))
+                self._pipe.send(req, frame)
+
+    def _put_answer(self, req: _Request, msg: Any, chunk: list[int], ids: list[bytes],
+                    fail: Callable[[list[int], WQSError], None]) -> None:
+        if not isinstance(msg, p.PutResponse):
+            fail(chunk, self._request_error(req, msg))
+            return
+        self._pipe.mark_up(req.conn.node)
+        for i, status in zip(chunk, msg.statuses):
+            if status == p.Status.OK:
+                continue
+            if status == p.Status.TOO_LARGE:
+                fail([i], BlockTooLarge(f"block {ids[i].hex()} is larger than "
+                                        f"{req.conn.address} accepts"))
             else:
-                log.warning("request to %s failed: %s", address, e)
-            return None
+                fail([i], RemoteError(f"{req.conn.address}: {status.name}"))
+
+    def _send_gets(self, call: Call, address: str, idx: list[int], ids: list[bytes],
+                   views: list[memoryview] | None, results: list[Any],
+                   errors: dict[int, WQSError]) -> None:
+        def fail(which: list[int], error: WQSError) -> None:
+            for i in which:
+                results[i] = None
+                errors.setdefault(i, error)
+
+        for conn, sidx in self._shard_groups(address, idx, ids, fail):
+            for chunk in self._chunks(sidx, conn, lambda i: 0):
+                self._send_get_chunk(call, conn, chunk, ids, views, results, errors, fail)
+
+    def _send_get_chunk(self, call: Call, conn: Any, chunk: list[int], ids: list[bytes],
+                        views: list[memoryview] | None, results: list[Any],
+                        errors: dict[int, WQSError],
+                        fail: Callable[[list[int], WQSError], None]) -> None:
+        chunk_ids = [ids[i] for i in chunk]
+        outs = [views[i] for i in chunk] if views is not None else None
+
+        def answer(req: _Request, msg: Any) -> None:
+            if not isinstance(msg, _GetAnswer):  # the request failed as a whole
+                fail(chunk, self._request_error(req, msg))
+                return
+            self._pipe.mark_up(req.conn.node)
+            again = []
+            for k, (i, row) in enumerate(zip(chunk, msg.rows)):
+                if row.status == p.Status.OK:
+                    if k in msg.too_small:
+                        fail([i], BlockTooLarge(
+                            f"block {ids[i].hex()} is {msg.too_small[k]} B, its out buffer "
+                            f"holds {outs[k].nbytes} B"))
+                    elif outs is not None:
+                        results[i] = msg.values[k]
+                    else:
+                        results[i] = bytes(msg.values[k])
+                elif row.status == p.Status.BUSY:
+                    again.append(i)  # did not fit the answer: ask again
+                elif row.status != p.Status.NOT_FOUND:
+                    fail([i], RemoteError(f"{req.conn.address}: {row.status.name}"))
+            if again:
+                self._send_get_chunk(call, req.conn, again, ids, views, results, errors, fail)
+
+        self._pipe.send(_Request(call, conn, p.Opcode.GET, answer, chunk_ids, outs),
+                        [p.frame_get_request(0, chunk_ids)])
+
+    def _send_ids(self, call: Call, address: str, idx: list[int], ids: list[bytes],
+                  opcode: p.Opcode, out: list[Any]) -> None:
+        """EXISTS and DELETE (a bit per block into out), LOOKUP_PREFIX (out[0])."""
+        def fail(which: list[int], error: WQSError) -> None:
+            log.debug("%s to %s failed: %s", opcode.name, address, error)
+
+        for conn, sidx in self._shard_groups(address, idx, ids, fail):
+            for chunk in self._chunks(sidx, conn, lambda i: p.ID_LEN - p.ITEM.size):
+                def answer(req: _Request, msg: Any, chunk: list[int] = chunk) -> None:
+                    if isinstance(msg, p.LookupPrefixResponse):
+                        out[0] = msg.count
+                    elif isinstance(msg, (p.ExistsResponse, p.DeleteResponse)):
+                        for i, bit in zip(chunk, msg.bits):
+                            out[i] = out[i] or bit
+                    else:
+                        self._request_error(req, msg)
+                        return
+                    self._pipe.mark_up(req.conn.node)
+
+                frame = p.frame_ids_request(opcode, 0, [ids[i] for i in chunk])
+                self._pipe.send(_Request(call, conn, opcode, answer), [frame])
+
+    def _request_error(self, req: _Request, msg: Any) -> WQSError:
+        """What a failed request's blocks report; a changed shard layout is re-learnt."""
+        if isinstance(msg, p.ErrorResponse):
+            self._pipe.failed_requests += 1
+            if msg.status == p.Status.WRONG_SHARD:
+                # The node was restarted cut into other shards: learn them again.
+                node = req.conn.node
+                node.ports = None
+                self._pipe._close_node(node, NodeUnavailable(f"{node.address}: shards changed"))
+            log.warning("request to %s failed: %s: %s", req.conn.address, msg.status.name,
+                        msg.message)
+            return RemoteError(f"{req.conn.address}: {msg.status.name}: {msg.message}")
+        if isinstance(msg, WQSError):
+            return msg
+        return RemoteError(f"{req.conn.address}: unexpected answer {type(msg).__name__}")
 
 
 class AsyncClient:
-    """The same calls as awaitables, for asyncio engines."""
+    """The same calls as awaitables, for asyncio engines (a pool thread drives the IO)."""
 
     def __init__(self, client: Client) -> None:
         self.client = client

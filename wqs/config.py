@@ -180,6 +180,16 @@ def _str_list(key: str, v: Any) -> list[str]:
     return [_str(f"{key}[{i}]", s).strip() for i, s in enumerate(v)]
 
 
+def _list(key: str, v: Any) -> list[Any]:
+    if v is None:
+        return []
+    if isinstance(v, str):
+        v = [s.strip() for s in v.split(",") if s.strip()]  # "7073,7074" from a command line
+    if not isinstance(v, (list, tuple)):
+        raise _fail(key, "must be a list", v)
+    return list(v)
+
+
 def _fmt_size(n: int) -> str:
     for name, unit in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
         if n >= unit and n % unit == 0:
@@ -284,8 +294,17 @@ class DaemonConfig:
     auth_token_file: str | None = None  # read at load time (see load_daemon_config)
     node_id: str | None = None  # None: <hostname>:<data port>
     log_level: str = "info"
-    workers: int = 16
-    max_connections: int = 1024
+    # Shard processes, each with its own event loop, partition of the device and data
+    # port. "auto": as the device is cut, or one per core for a new device.
+    workers: int | str = "auto"
+    # Data ports of shards 1.. (shard 0 uses `listen`); empty: ports the kernel picks.
+    # Clients learn them from shard 0's HELLO; set them to open fixed firewall ports.
+    shard_ports: list[int] = field(default_factory=list)
+    max_connections: int = 1024  # per shard
+    # Payload bytes a shard holds for requests in flight (PUT payloads received, GET
+    # answers not yet sent): per connection and in all. Past either, reading pauses.
+    max_connection_bytes: int = 64 * MiB
+    max_inflight_bytes: int = 512 * MiB
     frame_timeout_s: float = 30.0  # a client stalled mid-request this long is dropped
     etcd: EtcdConfig | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -319,7 +338,17 @@ class DaemonConfig:
         self.node_id = _str("node_id", self.node_id, optional=True)
         self.node_id = self.node_id or f"{socket.gethostname()}:{port}"
         self.log_level = _choice("log_level", self.log_level, _LOG_LEVELS)
-        self.workers = _int("workers", self.workers, 1, 4096)
+        if isinstance(self.workers, str) and self.workers.lower() == "auto":
+            self.workers = "auto"
+        else:
+            self.workers = _int("workers", self.workers, 1, 253)
+        self.shard_ports = [_int(f"shard_ports[{i}]", v, 1, 65535)
+                            for i, v in enumerate(_list("shard_ports", self.shard_ports))]
+        if len(set(self.shard_ports)) != len(self.shard_ports) or port in self.shard_ports:
+            raise _fail("shard_ports", "lists a port twice, or the listen port", self.shard_ports)
+        self.max_connection_bytes = _size("max_connection_bytes", self.max_connection_bytes,
+                                          MiB)
+        self.max_inflight_bytes = _size("max_inflight_bytes", self.max_inflight_bytes, MiB)
         self.max_connections = _int("max_connections", self.max_connections, 1, 1 << 20)
         self.frame_timeout_s = _float("frame_timeout_s", self.frame_timeout_s)
         self.etcd = _nested("etcd", self.etcd, EtcdConfig)
@@ -330,6 +359,11 @@ class DaemonConfig:
     @property
     def listen_addr(self) -> tuple[str, int]:
         return parse_hostport(self.listen)
+
+    @property
+    def shard_count(self) -> int | None:
+        """workers as a number, or None for auto."""
+        return None if self.workers == "auto" else int(self.workers)
 
     @property
     def control_addr(self) -> tuple[str, int]:

@@ -1,10 +1,17 @@
-"""`wqsd`: one storage daemon serving one device.
+"""`wqsd`: the supervisor of one storage node's shards.
 
-Start-up: load and validate the config, open the device (creating and formatting the
-embedded default file on first start; recovering an existing WQS device; refusing
-anything else), then start the data plane, the gRPC control plane and the metrics
-endpoint, and tell systemd READY=1. SIGTERM/SIGINT drain in-flight requests, write the
-clean-shutdown checkpoint and exit 0.
+Start-up: load and validate the config, open (and lock) the device, creating and
+formatting the embedded default file on first start, read how it is cut into shards,
+make each shard's listening socket, and fork one process per shard (wqs/server/worker.py:
+its own event loop, engine and partition; it recovers its partition in parallel with
+the others). Then the gRPC control plane, the metrics endpoint and the etcd registration
+start here, in the supervisor, the shards are told to accept connections, and systemd
+hears READY=1. Nothing on the data path passes through the supervisor.
+
+SIGTERM/SIGINT drain every shard's in-flight requests, stop the shards (each writes its
+clean-shutdown checkpoint) and exit 0. A shard that dies on its own takes the daemon
+down with exit status 1, after the other shards stopped cleanly: systemd restarts it,
+and only the failed shard's partition is scanned.
 """
 
 from __future__ import annotations
@@ -13,17 +20,16 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 from typing import Sequence
 
 from wqs import __version__
-from wqs.config import DaemonConfig, load_daemon_config
-from wqs.engine import Engine, open_or_create
-from wqs.errors import WQSError
+from wqs.config import DaemonConfig, format_hostport, load_daemon_config
+from wqs.errors import ConfigError, WQSError
 from wqs.notify import Notifier
-from wqs.rpc.server import DataServer, ServerOptions
 
 log = logging.getLogger("wqs.daemon")
 
@@ -36,11 +42,12 @@ _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERRO
 
 class _JournalFormatter(logging.Formatter):
     """Under systemd (JOURNAL_STREAM set): '<6>wqs.engine: message', journald adds the
-    time. Elsewhere: a timestamped line."""
+    time. Elsewhere: a timestamped line. `tag` (a shard's) goes before the message."""
 
-    def __init__(self, journal: bool) -> None:
-        fmt = "%(name)s: %(message)s" if journal else \
-            "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    def __init__(self, journal: bool, tag: str | None = None) -> None:
+        prefix = f"{tag}: " if tag else ""
+        fmt = f"%(name)s: {prefix}%(message)s" if journal else \
+            f"%(asctime)s %(levelname)s %(name)s: {prefix}%(message)s"
         super().__init__(fmt)
         self.journal = journal
 
@@ -80,72 +87,105 @@ class Daemon:
 
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
-        self.engine: Engine | None = None
-        self.data: DataServer | None = None
+        self.device = None
+        self.node = None  # NodeView over the shards, once they run
+        self.shards: list = []
+        self.data_address: str | None = None
         self.control = None
         self.metrics_server = None
         self.registrar = None
         self.notifier = Notifier.from_env()
         self._stop = threading.Event()
+        self.failed: str | None = None  # why the daemon stops on its own
         self.started_at = time.time()
 
     def start(self) -> None:
+        from wqs.engine.node import open_node_device
         from wqs.metrics import make_registry, start_metrics_server
         from wqs.rpc.control import DrainResult, start_control_server
+        from wqs.server.shards import NodeView, start_shards
 
         cfg = self.config
         self.notifier.status("opening device")
-        self.engine = open_or_create(cfg.device, cfg.device_size, cfg.engine)
-        registry, request_metrics = make_registry(lambda: self.engine,
+        self.device, table = open_node_device(cfg.device, cfg.device_size, cfg.engine,
+                                              cfg.shard_count)
+        socks = self._listen(len(table.partitions))
+        self.notifier.status(f"recovering {len(socks)} shard(s)")
+        try:
+            self.shards = start_shards(cfg, self.device, table, socks)
+        finally:
+            for sock in socks:
+                sock.close()  # each shard process holds its own
+        self.node = NodeView(self.shards, cfg.device, table, cfg.engine)
+        host, _ = cfg.listen_addr
+        self.data_address = format_hostport(host, self.shards[0].spec.ports[0])
+        registry, request_metrics = make_registry(lambda: self.node,
                                                   node_labels={"node": cfg.node_id})
-
-        def observe(op: str, seconds: float, error: str | None) -> None:
-            request_metrics.observe(op, seconds)
-            if error is not None:
-                request_metrics.error(op, error)
-
-        host, port = cfg.listen_addr
-        self.data = DataServer(self.engine, ServerOptions(
-            host=host, port=port, auth_token=cfg.auth_token, workers=cfg.workers,
-            max_connections=cfg.max_connections, frame_timeout_s=cfg.frame_timeout_s),
-            observe=observe)
+        request_metrics.sources = [s.requests_snapshot for s in self.shards]
 
         def on_drain(timeout_s: float) -> DrainResult:
-            assert self.data is not None
-            drained, remaining = self.data.drain(timeout_s)
+            assert self.node is not None
+            drained, remaining = self.node.drain(timeout_s)
             return DrainResult(drained, remaining)
 
+        info = self.node.info()
         self.control = start_control_server(
-            lambda: self.engine, cfg.control_listen,
-            {"node_id": cfg.node_id, "data_address": self.data.address, "version": __version__,
-             "start_time": self.started_at, "transport": "tcp"},
+            lambda: self.node, cfg.control_listen,
+            {"node_id": cfg.node_id, "data_address": self.data_address, "version": __version__,
+             "start_time": self.started_at, "transport": "tcp",
+             "shards": str(info["shards"]), "shard_ports": str(info["shard_ports"])},
             cfg.auth_token, on_drain, request_metrics=request_metrics,
-            cluster_provider=self._cluster_map if cfg.etcd is not None else None)
+            cluster_provider=self._cluster_map if cfg.etcd is not None else None,
+            usage_provider=self.node.usage)
         if cfg.metrics_addr is not None:
             self.metrics_server = start_metrics_server(registry, *cfg.metrics_addr)
         if cfg.etcd is not None:
-            # The socket already listens: clients that see the record and connect at
-            # once wait in its backlog until the accept loop starts below.
+            # The shards already listen: clients that see the record and connect at
+            # once wait in the backlog until they accept, just below.
             self._register(cfg)
-        self.data.start()
         from wqs.rdma import probe
 
         rdma = probe()
         log.info("data-plane transport: tcp (RDMA transport not built yet; %s)", rdma.reason)
-        info = self.engine.info()
-        log.info("wqsd %s serving %s (%s, %d MiB in %d regions) on %s, control %s, metrics %s",
-                 __version__, cfg.device, info["uuid"], info["capacity_bytes"] >> 20,
-                 info["num_regions"], self.data.address, cfg.control_listen,
-                 cfg.metrics_listen or "off")
-        self.notifier.ready(f"serving {self.data.address}")
+        log.info("wqsd %s serving %s (%s, %d MiB in %d regions, %d shard%s on ports %s) on "
+                 "%s, control %s, metrics %s", __version__, cfg.device, info["uuid"],
+                 int(info["capacity_bytes"]) >> 20, info["num_regions"], info["shards"],
+                 "s" if int(info["shards"]) > 1 else "", info["shard_ports"],
+                 self.data_address, cfg.control_listen, cfg.metrics_listen or "off")
+        self.node.serve()
+        self.notifier.ready(f"serving {self.data_address}")
+
+    def _listen(self, n: int) -> list[socket.socket]:
+        """One listening socket per shard: shard 0 on `listen`, the others on
+        `shard_ports` or on ports the kernel picks."""
+        cfg = self.config
+        host, port = cfg.listen_addr
+        if cfg.shard_ports and len(cfg.shard_ports) < n - 1:
+            raise ConfigError(f"shard_ports: lists {len(cfg.shard_ports)} ports, the device's "
+                              f"{n} shards need {n - 1} (shard 0 uses listen)")
+        ports = [port] + [cfg.shard_ports[k - 1] if cfg.shard_ports else 0
+                          for k in range(1, n)]
+        socks: list[socket.socket] = []
+        try:
+            for p in ports:
+                try:
+                    socks.append(socket.create_server((host, p), backlog=512))
+                except OSError as e:
+                    raise OSError(f"data plane cannot listen on "
+                                  f"{format_hostport(host, p)}: {e.strerror}") from None
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+        return socks
 
     def _register(self, cfg: DaemonConfig) -> None:
         from wqs.membership import EtcdClient, NodeRecord, Registrar
 
-        assert self.data is not None and self.engine is not None and cfg.etcd is not None
-        record = NodeRecord(node_id=cfg.node_id, address=self.data.address,
+        assert self.node is not None and self.data_address is not None and cfg.etcd is not None
+        record = NodeRecord(node_id=cfg.node_id, address=self.data_address,
                             control_address=cfg.control_listen,
-                            capacity_bytes=int(self.engine.info()["capacity_bytes"]),
+                            capacity_bytes=int(self.node.info()["capacity_bytes"]),
                             version=__version__)
         self.registrar = Registrar(EtcdClient(cfg.etcd), record)
         self.registrar.start()
@@ -172,9 +212,11 @@ class Daemon:
         return rows
 
     def wait(self) -> None:
-        # Wait in short slices: Python runs signal handlers only in the main thread, and
-        # a SIGTERM the kernel hands to another thread (gRPC's, a pool's) does not wake
-        # the main thread from a lock wait, so one long wait could miss it for an hour.
+        """Until a stop is requested or a shard dies.
+
+        Waits in short slices: Python runs signal handlers only in the main thread, and
+        a SIGTERM the kernel hands to another thread (gRPC's, a pool's) does not wake
+        the main thread from a lock wait, so one long wait could miss it for an hour."""
         interval = self.notifier.watchdog_interval_s()
         next_ping = time.monotonic() + interval if interval else None
         while True:
@@ -183,6 +225,13 @@ class Daemon:
                 slice_s = max(0.0, min(slice_s, next_ping - time.monotonic()))
             if self._stop.wait(slice_s):
                 return
+            for shard in self.shards:
+                if shard.dead.is_set() and not shard.stopping:
+                    shard.process.join(1)
+                    self.failed = (f"shard {shard.index} exited unexpectedly (code "
+                                   f"{shard.process.exitcode})")
+                    log.error("%s; stopping the other shards", self.failed)
+                    return
             if next_ping is not None and time.monotonic() >= next_ping:
                 self.notifier.watchdog()
                 next_ping = time.monotonic() + interval
@@ -191,23 +240,29 @@ class Daemon:
         self._stop.set()
 
     def stop(self) -> None:
-        """Drain, stop serving, checkpoint the engine."""
+        """Drain, stop the shards (each checkpoints its partition), stop the rest."""
         self.notifier.stopping()
         if self.registrar is not None:
             self.registrar.stop()  # leave the ring first, so clients stop sending here
-        if self.data is not None:
-            drained, remaining = self.data.drain(DRAIN_TIMEOUT_S)
-            if not drained:
-                log.warning("%d requests still in flight after %.0fs; stopping anyway",
-                            remaining, DRAIN_TIMEOUT_S)
-            self.data.stop()
+        if self.node is not None:
+            if self.failed is None:
+                try:
+                    drained, remaining = self.node.drain(DRAIN_TIMEOUT_S)
+                    if not drained:
+                        log.warning("%d requests still in flight after %.0fs; stopping "
+                                    "anyway", remaining, DRAIN_TIMEOUT_S)
+                except WQSError as e:
+                    log.warning("drain failed: %s", e)
+            self.node.stop(DRAIN_TIMEOUT_S)
         if self.control is not None:
             self.control.stop(1.0)
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
-        if self.engine is not None:
-            self.engine.close()
-            log.info("clean shutdown: index checkpointed")
+        if self.device is not None:
+            self.device.close()
+            self.device = None
+        if self.node is not None and self.failed is None:
+            log.info("clean shutdown: every shard checkpointed")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -236,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     daemon.wait()
     log.info("stopping")
     daemon.stop()
-    return 0
+    return 1 if daemon.failed else 0
 
 
 if __name__ == "__main__":

@@ -6,13 +6,15 @@ share or double-register metrics.
 
 * `EngineCollector` reads `engine.stats()` when Prometheus scrapes, so the engine keeps
   plain integer counters on its hot path and pays nothing between scrapes.
-* `RequestMetrics` holds the data-plane latency histograms and error counters, which the
-  transport updates per request.
+* `RequestRecorder` counts data-plane latencies and errors in plain lists, in each
+  shard's loop; `RequestMetrics` exports the merged counts of every recorder at scrape
+  time, so the request path never calls into prometheus_client.
 * `start_metrics_server` serves /metrics over HTTP and returns a handle that can stop it.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import math
 import socket
@@ -24,10 +26,12 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
-    CollectorRegistry, Counter, GCCollector, Histogram, PlatformCollector, ProcessCollector,
-    make_wsgi_app,
+    CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, make_wsgi_app,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric,
+)
+from prometheus_client.utils import floatToGoString
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -148,40 +152,74 @@ class LatencySummary:
     errors: int
 
 
-class RequestMetrics:
-    """Data-plane request latency and errors, registered in one registry.
+class RequestRecorder:
+    """Request latencies and errors counted in plain lists: what a shard's loop updates
+    per request (a bisect and two additions, no lock, no prometheus_client call).
+    `snapshot()` hands a copy to whoever exports it; snapshots of several shards merge."""
 
-    The transport calls `observe(op, seconds)` for each request (or uses `track(op)`),
-    and `error(op, status)` for each request that failed.
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.buckets = buckets
+        # op -> [count per bucket ..., count above the last bound], and the sum
+        self.counts: dict[str, list[int]] = {op: [0] * (len(buckets) + 1) for op in OPS}
+        self.sums: dict[str, float] = {op: 0.0 for op in OPS}
+        self.errors: dict[tuple[str, str], int] = {}
+
+    def observe(self, op: str, seconds: float) -> None:
+        counts = self.counts.get(op)
+        if counts is None:
+            counts = self.counts[op] = [0] * (len(self.buckets) + 1)
+            self.sums[op] = 0.0
+        counts[bisect.bisect_left(self.buckets, seconds)] += 1
+        self.sums[op] += seconds
+
+    def error(self, op: str, status: str) -> None:
+        key = (op, status)
+        self.errors[key] = self.errors.get(key, 0) + 1
+
+    def snapshot(self) -> dict:
+        return {"buckets": self.buckets, "counts": {op: list(c) for op, c in self.counts.items()},
+                "sums": dict(self.sums), "errors": dict(self.errors)}
+
+    @staticmethod
+    def merge(snapshots: Iterable[dict]) -> dict:
+        out: dict = {"buckets": LATENCY_BUCKETS, "counts": {}, "sums": {}, "errors": {}}
+        for snap in snapshots:
+            assert tuple(snap["buckets"]) == tuple(out["buckets"]), "bucket bounds differ"
+            for op, counts in snap["counts"].items():
+                have = out["counts"].setdefault(op, [0] * len(counts))
+                out["counts"][op] = [a + b for a, b in zip(have, counts)]
+                out["sums"][op] = out["sums"].get(op, 0.0) + snap["sums"][op]
+            for key, n in snap["errors"].items():
+                out["errors"][key] = out["errors"].get(key, 0) + n
+        return out
+
+
+class RequestMetrics(Collector):
+    """Data-plane request latency and errors, exported from recorders at scrape time.
+
+    The shards of a daemon each keep a RequestRecorder; `sources` are callables that
+    return their snapshots (asked at scrape time, like the engine's stats). `observe`,
+    `error` and `track` record into this object's own recorder, for callers in the
+    daemon's own process.
     """
 
     def __init__(self, registry: CollectorRegistry,
-                 buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
-        self.latency = Histogram(
-            "wqs_request_seconds", "Data-plane request latency, by operation.",
-            labelnames=["op"], buckets=buckets, registry=registry,
-        )
-        self.errors = Counter(
-            "wqs_request_errors", "Data-plane requests that failed, by operation and status.",
-            labelnames=["op", "status"], registry=registry,
-        )
-        # prometheus_client does not expose per-op error sums cheaply; keep our own for
-        # `summaries()` (the Stats RPC).
-        self._error_counts: dict[str, int] = {}
-        self._lock = threading.Lock()
-        # Label lookups cost more than the observation: resolve each op's child once.
-        self._by_op = {op: self.latency.labels(op=op) for op in OPS}
+                 sources: Iterable[Callable[[], dict]] = ()) -> None:
+        self.local = RequestRecorder()
+        self._lock = threading.Lock()  # observe() may come from several threads here
+        self.sources = list(sources)
+        registry.register(self)
+
+    def describe(self) -> Iterable[Metric]:
+        return []
 
     def observe(self, op: str, seconds: float) -> None:
-        child = self._by_op.get(op)
-        if child is None:
-            child = self._by_op.setdefault(op, self.latency.labels(op=op))
-        child.observe(seconds)
+        with self._lock:
+            self.local.observe(op, seconds)
 
     def error(self, op: str, status: str) -> None:
-        self.errors.labels(op=op, status=status).inc()
         with self._lock:
-            self._error_counts[op] = self._error_counts.get(op, 0) + 1
+            self.local.error(op, status)
 
     @contextlib.contextmanager
     def track(self, op: str) -> Iterator[None]:
@@ -195,31 +233,64 @@ class RequestMetrics:
         finally:
             self.observe(op, time.perf_counter() - start)
 
+    def snapshot(self) -> dict:
+        """Every recorder's counts, merged (a source that fails is left out)."""
+        with self._lock:
+            snaps = [self.local.snapshot()]
+        for source in self.sources:
+            try:
+                snaps.append(source())
+            except Exception:  # noqa: BLE001 - a shard that cannot answer: scrape the rest
+                continue
+        return RequestRecorder.merge(snaps)
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.snapshot()
+        bounds = snap["buckets"]
+        hist = HistogramMetricFamily("wqs_request_seconds",
+                                     "Data-plane request latency, by operation.",
+                                     labels=["op"])
+        for op in sorted(snap["counts"]):
+            counts = snap["counts"][op]
+            cumulative, total = [], 0
+            for bound, n in zip([*map(_le, bounds), "+Inf"], counts):
+                total += n
+                cumulative.append((bound, total))
+            hist.add_metric([op], cumulative, sum_value=snap["sums"][op])
+        yield hist
+        errors = CounterMetricFamily("wqs_request_errors",
+                                     "Data-plane requests that failed, by operation and status.",
+                                     labels=["op", "status"])
+        for (op, status), n in sorted(snap["errors"].items()):
+            errors.add_metric([op, status], n)
+        yield errors
+
     def summaries(self) -> list[LatencySummary]:
         """Per-op count, sum and p50/p90/p99, for the control plane's Stats RPC."""
-        buckets: dict[str, list[tuple[float, float]]] = {}
-        counts: dict[str, float] = {}
-        sums: dict[str, float] = {}
-        for metric in self.latency.collect():
-            for s in metric.samples:
-                op = s.labels.get("op", "")
-                if s.name.endswith("_bucket"):
-                    buckets.setdefault(op, []).append((float(s.labels["le"]), s.value))
-                elif s.name.endswith("_count"):
-                    counts[op] = s.value
-                elif s.name.endswith("_sum"):
-                    sums[op] = s.value
-        with self._lock:
-            errors = dict(self._error_counts)
+        snap = self.snapshot()
+        bounds = [*snap["buckets"], math.inf]
+        errors: dict[str, int] = {}
+        for (op, _), n in snap["errors"].items():
+            errors[op] = errors.get(op, 0) + n
         out = []
-        for op in sorted(counts.keys() | errors.keys()):
-            b = sorted(buckets.get(op, []))
+        for op in sorted(snap["counts"].keys() | errors.keys()):
+            counts = snap["counts"].get(op, [0] * len(bounds))
+            cumulative, total = [], 0
+            for bound, n in zip(bounds, counts):
+                total += n
+                cumulative.append((bound, total))
             out.append(LatencySummary(
-                op=op, count=int(counts.get(op, 0)), sum_seconds=sums.get(op, 0.0),
-                p50_seconds=bucket_quantile(0.50, b), p90_seconds=bucket_quantile(0.90, b),
-                p99_seconds=bucket_quantile(0.99, b), errors=errors.get(op, 0),
+                op=op, count=total, sum_seconds=snap["sums"].get(op, 0.0),
+                p50_seconds=bucket_quantile(0.50, cumulative),
+                p90_seconds=bucket_quantile(0.90, cumulative),
+                p99_seconds=bucket_quantile(0.99, cumulative), errors=errors.get(op, 0),
             ))
         return out
+
+
+def _le(bound: float) -> str:
+    """A bucket bound as prometheus_client writes it (floatToGoString)."""
+    return floatToGoString(bound)
 
 
 def bucket_quantile(q: float, buckets: list[tuple[float, float]]) -> float:

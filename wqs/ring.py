@@ -200,3 +200,15 @@ class HashRing:
     def _check_nonempty(self) -> None:
         if not self._weights:
             raise NodeUnavailable("hash ring is empty: no storage nodes are configured")
+
+
+# Within a node, a block belongs to one shard (one process with its own partition of the
+# device): XXH3_64 of its ID with this seed, modulo the node's shard count. Another seed
+# than the ring's key, so the shards of a node share its blocks evenly. Part of the
+# contract between clients and daemons.
+SHARD_SEED = 0x5348415244  # "SHARD"
+
+
+def shard_of(block_id: bytes, shards: int) -> int:
+    """The shard of a node with `shards` shards that holds block_id."""
+    return xxhash.xxh3_64_intdigest(block_id, seed=SHARD_SEED) % shards if shards > 1 else 0

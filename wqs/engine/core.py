@@ -27,7 +27,7 @@ from wqs.engine.allocator import Allocator
 from wqs.engine.dram import make_dram_tier
 from wqs.engine.index import block_tag
 from wqs.engine.policy import make_policy
-from wqs.engine.reader import GetOp, Reader, ReadResult
+from wqs.engine.reader import DEFERRED, GetOp, Reader, ReadResult
 from wqs.engine.reclaim import Reclaimer
 from wqs.engine.regions import CLEAN, FREE, PREPARING
 from wqs.engine.stats import EngineStats
@@ -151,11 +151,12 @@ class EngineCore:
     # ---- reads --------------------------------------------------------------------
 
     def get(self, ids: list[bytes], callback: Callable[[GetOp], None] | None,
-            arg: Any = None) -> GetOp:
-        """Read a batch; callback(op) with op.results (ReadResult or None per ID) once all
-        are verified. Give each hit back with release() after using its views."""
+            arg: Any = None, max_bytes: int | None = None) -> GetOp:
+        """Read a batch; callback(op) with op.results (ReadResult or None per ID; DEFERRED
+        past max_bytes) once all are verified. Give each hit back with release() after
+        using its views."""
         self._check_open()
-        return self.reader.get(ids, callback, arg)
+        return self.reader.get(ids, callback, arg, max_bytes)
 
     def release(self, result: ReadResult) -> None:
         self.reader.release(result)

@@ -52,8 +52,11 @@ def check_formattable(device: BlockDevice, force: bool) -> None:
         return
     view = recovery.read_unit(device, 0)
     sb = fmt.unpack_superblock(view)
-    if sb is not None or fmt.has_superblock_magic(view):
-        ident = sb.uuid_str() if sb else "damaged superblock"
+    table = fmt.unpack_shard_table(view)
+    if sb is not None or table is not None or fmt.has_superblock_magic(view) \
+            or bytes(view[:8]) == fmt.SHARDS_MAGIC:
+        ident = (sb.uuid_str() if sb else table.uuid_str() if table else
+                 "damaged superblock")
         raise FormatError(
             f"{device.path} already holds a WQS device ({ident}); pass force to reformat"
         )
@@ -342,18 +345,29 @@ class Engine:
         self.close()
 
 
-def open_or_create(path: str, size: int, config: EngineConfig) -> Engine:
-    """The embedded default: open the device at `path`, creating and formatting a file
-    of `size` bytes there first if nothing exists yet."""
+def open_or_create_device(path: str, size: int, config: EngineConfig, *,
+                          lock: bool = True) -> BlockDevice:
+    """The embedded default: the device at `path`, creating and formatting a file of
+    `size` bytes there first if nothing exists yet."""
     from wqs.nvme.device import DirectDevice
 
     engine, threads = config.io_engine, config.io_threads
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        device = DirectDevice.create_file(path, size, io_engine=engine, io_threads=threads)
-        format_device(device, config, force=True)  # a file we just created holds nothing
-    else:
-        device = DirectDevice(path, io_engine=engine, io_threads=threads)
+        device = DirectDevice.create_file(path, size, io_engine=engine, io_threads=threads,
+                                          lock=lock)
+        try:
+            format_device(device, config, force=True)  # a file we just created holds nothing
+        except Exception:
+            device.close()
+            raise
+        return device
+    return DirectDevice(path, io_engine=engine, io_threads=threads, lock=lock)
+
+
+def open_or_create(path: str, size: int, config: EngineConfig) -> Engine:
+    """open_or_create_device, then the synchronous facade over it."""
+    device = open_or_create_device(path, size, config)
     try:
         return Engine.open(device, config)
     except Exception:

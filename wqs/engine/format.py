@@ -24,6 +24,7 @@ UNIT = 4096
 SUPERBLOCK_SIZE = 4096
 
 SUPERBLOCK_MAGIC = b"WQS-DEV\0"
+SHARDS_MAGIC = b"WQS-SHD\0"
 CHECKPOINT_MAGIC = b"WQS-CKP\0"
 REGION_MAGIC = 0x52535157  # b"WQSR" little-endian
 ENTRY_MAGIC = 0x45535157  # b"WQSE" little-endian
@@ -268,3 +269,56 @@ def segment_id(head_id: bytes, head_seq: int, index: int) -> bytes:
     two versions: the old segments simply become unreachable.
     """
     return xxhash.xxh3_128_digest(head_id + struct.pack("<QI", head_seq, index))
+
+
+# ---- the shard table: one device cut into independent engine partitions --------------
+
+# A daemon with N shards keeps one engine per shard, each on its own byte range of the
+# device. The table sits in the device's first unit; every partition is a whole engine
+# layout of its own (superblock at its start). A device whose first unit is an engine
+# superblock instead is one partition spanning the device (as formatted before shards).
+_SHARDS = struct.Struct("<8sIHH16sQ")  # magic version count reserved uuid created_unix
+_SHARD_ENTRY = struct.Struct("<QQ")  # offset size
+SHARD_ALIGN = 1 << 20  # partitions start on 1 MiB boundaries (the table's unit before)
+MAX_SHARDS = (UNIT - _SHARDS.size - _CHECKSUM.size) // _SHARD_ENTRY.size  # 253
+
+
+@dataclass(frozen=True)
+class ShardTable:
+    uuid: bytes  # of the node's device (each partition's superblock has its own too)
+    partitions: tuple[tuple[int, int], ...]  # (offset, size) per shard
+    created_unix: int = 0
+
+    def uuid_str(self) -> str:
+        return str(uuidlib.UUID(bytes=self.uuid))
+
+
+def pack_shard_table(t: ShardTable) -> bytes:
+    assert 1 <= len(t.partitions) <= MAX_SHARDS
+    body = _SHARDS.pack(SHARDS_MAGIC, FORMAT_VERSION, len(t.partitions), 0, t.uuid,
+                        t.created_unix)
+    body += b"".join(_SHARD_ENTRY.pack(o, n) for o, n in t.partitions)
+    raw = body + _CHECKSUM.pack(checksum(body))
+    return raw + b"\0" * (UNIT - len(raw))
+
+
+def unpack_shard_table(raw: bytes | memoryview) -> ShardTable | None:
+    """The shard table in `raw`, or None if it is absent or damaged."""
+    if len(raw) < _SHARDS.size or bytes(raw[:8]) != SHARDS_MAGIC:
+        return None
+    _, version, count, _, uid, created = _SHARDS.unpack_from(raw)
+    if version != FORMAT_VERSION or not 1 <= count <= MAX_SHARDS:
+        return None
+    end = _SHARDS.size + count * _SHARD_ENTRY.size
+    if _CHECKSUM.unpack_from(raw, end)[0] != checksum(raw[:end]):
+        return None
+    parts = tuple(_SHARD_ENTRY.unpack_from(raw, _SHARDS.size + i * _SHARD_ENTRY.size)
+                  for i in range(count))
+    return ShardTable(uid, parts, created)
+
+
+def split_device(device_size: int, shards: int) -> tuple[tuple[int, int], ...]:
+    """Equal partitions after the table's first SHARD_ALIGN bytes, each aligned."""
+    assert shards >= 1
+    each = (device_size - SHARD_ALIGN) // shards // SHARD_ALIGN * SHARD_ALIGN
+    return tuple((SHARD_ALIGN + k * each, each) for k in range(shards))

@@ -40,7 +40,9 @@ HEADER = fmt.ENTRY_HEADER_SIZE
 
 class ReadResult:
     """A hit: its payload as views (one; several for a segmented block) into `bufs`,
-    which stay out of the pool until Reader.release. A DRAM hit has no bufs."""
+    which stay out of the pool until Reader.release. A DRAM hit has no bufs.
+    `DEFERRED` (nbytes -1) marks a hit not read because the batch's byte limit was
+    reached: the caller asks for it again."""
 
     __slots__ = ("views", "bufs", "nbytes")
 
@@ -53,6 +55,9 @@ class ReadResult:
         return bytes(self.views[0]) if len(self.views) == 1 else b"".join(self.views)
 
 
+DEFERRED = ReadResult([], [], -1)
+
+
 @dataclass(eq=False)
 class GetOp:
     """One get batch: results[i] is a ReadResult or None; callback(op) once all are in."""
@@ -62,6 +67,8 @@ class GetOp:
     callback: Callable[["GetOp"], None] | None
     arg: Any = None
     remaining: int = 0  # reads (and segmented blocks) still outstanding
+    reserved: int = 0  # payload bytes of the hits being served (what max_bytes bounds)
+    deferred: int = 0
     dram_hits: int = 0
     ssd_hits: int = 0
     nbytes: int = 0
@@ -132,17 +139,24 @@ class Reader:
     # ---- get --------------------------------------------------------------------------
 
     def get(self, ids: list[bytes], callback: Callable[[GetOp], None] | None,
-            arg: Any = None) -> GetOp:
+            arg: Any = None, max_bytes: int | None = None) -> GetOp:
         """Start reading a batch; callback(op) runs once every result is in (at once,
-        before this returns, if nothing needed the device)."""
+        before this returns, if nothing needed the device). With max_bytes, hits past
+        that many payload bytes (the first always goes) come back DEFERRED, unread."""
         op = GetOp(ids, [None] * len(ids), callback, arg)
         op.remaining = 1  # held until every read is prepared, so no early finish
         dram = self.dram
+        limit = max_bytes if max_bytes is not None else 1 << 62
         for i, block_id in enumerate(ids):
             assert len(block_id) == 16, "block IDs are 16 bytes"
             if dram is not None:
                 value = dram.get(block_id)
                 if value is not None:
+                    if op.reserved and op.reserved + len(value) > limit:
+                        op.results[i] = DEFERRED
+                        op.deferred += 1
+                        continue
+                    op.reserved += len(value)
                     op.results[i] = ReadResult([memoryview(value)], [], len(value))
                     op.dram_hits += 1
                     op.nbytes += len(value)
@@ -151,6 +165,11 @@ class Reader:
             if found is None:
                 continue
             loc, plen, gen, head = found
+            if op.reserved and op.reserved + plen > limit:
+                op.results[i] = DEFERRED
+                op.deferred += 1
+                continue
+            op.reserved += plen
             op.remaining += 1
             if head:
                 self._start_segmented(_Segmented(op, i, block_id, loc, plen, gen))
@@ -185,10 +204,10 @@ class Reader:
             return
         s = self.stats
         hits = op.dram_hits + op.ssd_hits
-        s.gets += len(op.ids)
+        s.gets += len(op.ids) - op.deferred
         s.hits_dram += op.dram_hits
         s.hits_ssd += op.ssd_hits
-        s.misses += len(op.ids) - hits
+        s.misses += len(op.ids) - op.deferred - hits
         s.get_bytes += op.nbytes
         if op.callback is not None:
             op.callback(op)

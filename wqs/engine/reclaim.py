@@ -41,7 +41,10 @@ from wqs.nvme.device import IoRing, describe_io_result
 log = logging.getLogger("wqs.engine")
 
 UNIT = fmt.UNIT
-CLEAN_TARGET = 2  # clean regions kept ready beyond what the writer waits for
+# Clean regions kept ready (beyond what the writer waits for): one is enough for the
+# writer never to wait while the next is reclaimed, and each costs a region of capacity
+# per shard, which a small device feels.
+CLEAN_TARGET = 1
 REINSERT_FRACTION = 0.5  # at most this share of a region is copied forward per reclaim
 RETRY_AFTER_S = 1.0  # a region whose header write failed is not tried again before this
 

@@ -1,0 +1,603 @@
+"""The SDK's IO: connections to every shard of every node, pipelined, driven by callers.
+
+A call (a get_many, a put_many, ...) is cut into requests, one per shard and frame; the
+calling thread sends them back to back, without waiting, on the connections of the
+shards that own the blocks, and then reads the answers itself. There is no IO thread:
+whichever caller is waiting drives the connections (epoll over all of them), completes
+every answer it decodes, by request id, whoever it belongs to, and wakes another
+caller only when that caller's whole call is complete; when it leaves with work still
+in flight it hands the driving to a caller still waiting (leader/follower). A single
+thread, the common case, never wakes anybody.
+
+GET payloads are received straight into the caller's `outs` buffers (recvmsg_into, many
+at once), PUT payloads are sent straight from the caller's buffers (sendmsg).
+
+Requests sent are answered in any order; a whole call is bounded by its deadline, and a
+connection that misses it is closed, failing what else was in flight on it (the node is
+then down for its back-off interval, so a stuck node never holds a caller twice).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import select
+import socket
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+from wqs.config import ClientConfig, parse_hostport
+from wqs.errors import AuthError, NodeUnavailable, ProtocolError
+from wqs.rpc import protocol as p
+from wqs.rpc.session import ClientSession
+
+log = logging.getLogger("wqs.client")
+
+RX_BUFFER = 256 << 10  # holds any response frame without payloads
+IOV_MAX = 1024
+RECV_IOV = 64  # out buffers filled by one recvmsg_into
+RETRY_INTERVAL_S = 1.0  # a node that failed is not tried again before this
+
+
+class Call:
+    """One caller's operation: the requests it is waiting for."""
+
+    __slots__ = ("pending", "deadline", "event", "done", "started")
+
+    def __init__(self, timeout_s: float) -> None:
+        self.pending = 0  # requests outstanding
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout_s
+        self.event: threading.Event | None = None  # set when a follower waits on it
+        self.done = False
+
+
+class _Request:
+    """One frame in flight: what to do with its answer."""
+
+    __slots__ = ("call", "rid", "conn", "on_answer", "ids", "outs", "opcode")
+
+    def __init__(self, call: Call, conn: "_Conn", opcode: p.Opcode,
+                 on_answer: Callable[["_Request", Any], None], ids: Sequence[bytes] = (),
+                 outs: Sequence[Any] | None = None) -> None:
+        self.call = call
+        self.conn = conn
+        self.opcode = opcode
+        self.on_answer = on_answer  # (request, response message or exception)
+        self.ids = ids
+        self.outs = outs
+        self.rid = 0
+
+
+class _GetAnswer:
+    """A GET response being received: its rows, and where each OK payload goes."""
+
+    __slots__ = ("req", "rows", "values", "targets", "ti", "too_small")
+
+    def __init__(self, req: _Request | None, rows: tuple[p.ItemEntry, ...]) -> None:
+        self.req = req
+        self.rows = rows
+        self.values: list[Any] = [None] * len(rows)
+        self.targets: list[memoryview] = []
+        self.ti = 0
+        self.too_small: dict[int, int] = {}  # item -> block length, out buffer too small
+
+
+class _Conn:
+    """One connection to one shard, past the handshake; non-blocking from then on."""
+
+    def __init__(self, node: "_Node", shard: int, host: str, port: int,
+                 config: ClientConfig) -> None:
+        self.node = node
+        self.shard = shard
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            self.sock = socket.create_connection((host, port), timeout=config.connect_timeout_s)
+        except OSError as e:
+            raise NodeUnavailable(f"{self.address}: cannot connect: {e}") from None
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.hello = self._handshake(config)
+        except BaseException:
+            self.sock.close()
+            raise
+        self.limits = self.hello.limits
+        self.sock.setblocking(False)
+        self.fd = self.sock.fileno()
+        self.send_lock = threading.Lock()
+        self.out: list[Any] = []  # request bytes the socket has not taken yet
+        self.inflight: dict[int, _Request] = {}
+        self.rx = bytearray(RX_BUFFER)
+        self.rxv = memoryview(self.rx)
+        self.rstart = self.rend = 0
+        self.header: p.FrameHeader | None = None
+        self.answer: _GetAnswer | None = None  # a GET payload being received
+        self.closed = False
+        self.error: Exception | None = None
+
+    def _handshake(self, config: ClientConfig) -> p.HelloResponse:
+        """HELLO (and AUTH), blocking, before the connection is used for anything else."""
+        session = ClientSession(config.auth_token, self.address)
+        self.sock.settimeout(config.connect_timeout_s)
+        try:
+            nxt = session.on_hello(self._roundtrip(session.hello(1)), 2)
+            if nxt is not None:
+                session.on_auth(self._roundtrip(nxt))
+        except (socket.timeout, ConnectionError) as e:
+            raise NodeUnavailable(f"{self.address}: handshake failed: {e}") from None
+        assert session.hello_response is not None
+        return session.hello_response
+
+    def _roundtrip(self, msg: p.Request) -> p.Response:
+        self.sock.sendall(p.encode_request(msg))
+        dec = p.FrameDecoder(response=True)
+        while True:
+            resp = dec.next_message()
+            if resp is not None:
+                return resp
+            data = self.sock.recv(max(dec.needed, 1))
+            if not data:
+                raise ConnectionError("connection closed during the handshake")
+            dec.feed(data)
+
+
+class _Node:
+    """A node's shards and the connections to each, opened lazily, with a back-off
+    after a failure."""
+
+    def __init__(self, address: str, config: ClientConfig) -> None:
+        self.address = address
+        self.config = config
+        self.host, self.port = parse_hostport(address)
+        self.ports: tuple[int, ...] | None = None  # every shard's port, once known
+        self.conns: list[list[_Conn | None]] = []
+        self.next = itertools.count()
+        self.lock = threading.Lock()
+        self.down_until = 0.0
+        self.last_error: str | None = None
+
+    @property
+    def shards(self) -> int:
+        return len(self.ports) if self.ports else 1
+
+    def layout(self, pipe: "Pipeline") -> int:
+        """The node's shard count (connecting to shard 0 to learn it, if need be)."""
+        if self.ports is None:
+            pipe.connection(self, 0)
+        return self.shards
+
+
+class Pipeline:
+    """Every connection of one client, and who drives them. Thread-safe."""
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self.nodes: dict[str, _Node] = {}
+        self._lock = threading.Lock()  # requests in flight, the driver role, waiters
+        self._epoll = select.epoll()
+        self._by_fd: dict[int, _Conn] = {}
+        self._ids = itertools.count(1)
+        self._driver: int | None = None
+        self._waiters: list[tuple[Call, threading.Event]] = []
+        self.failed_requests = 0  # requests that met a down or failing node
+        self._closed = False
+
+    # ---- nodes and connections ------------------------------------------------------
+
+    def node(self, address: str) -> _Node:
+        node = self.nodes.get(address)
+        if node is None:
+            with self._lock:
+                node = self.nodes.setdefault(address, _Node(address, self.config))
+        return node
+
+    def forget_node(self, address: str) -> None:
+        node = self.nodes.pop(address, None)
+        if node is not None:
+            self._close_node(node, NodeUnavailable(f"{address}: left the cluster"))
+
+    def connection(self, node: _Node, shard: int) -> _Conn:
+        """A connection to one shard of the node (round robin over connections_per_node),
+        opened if needed; NodeUnavailable while the node is in its back-off."""
+        per = self.config.connections_per_node
+        if node.ports is not None and shard < len(node.conns):
+            conn = node.conns[shard][next(node.next) % per]
+            if conn is not None and not conn.closed:
+                return conn
+        with node.lock:
+            if time.monotonic() < node.down_until:
+                raise NodeDown(f"{node.address}: down ({node.last_error})")
+            try:
+                if node.ports is None:
+                    first = _Conn(node, 0, node.host, node.port, self.config)
+                    ports = first.hello.shard_ports or (node.port,)
+                    node.ports = ports
+                    node.conns = [[None] * per for _ in ports]
+                    node.conns[0][0] = first
+                    self._register(first)
+                slots = node.conns[shard]
+                k = next(node.next) % per
+                conn = slots[k]
+                if conn is None or conn.closed:
+                    port = node.port if shard == 0 else node.ports[shard]
+                    conn = _Conn(node, shard, node.host, port, self.config)
+                    if conn.hello.shard_ports and conn.hello.shard != shard:
+                        conn.sock.close()
+                        raise ProtocolError(f"{conn.address} is shard {conn.hello.shard}, "
+                                            f"expected shard {shard}")
+                    slots[k] = conn
+                    self._register(conn)
+                return conn
+            except NodeUnavailable as e:
+                self._mark_down(node, str(e))
+                raise
+            except (AuthError, ProtocolError) as e:
+                # Misconfiguration rather than an outage: raise it, naming the node.
+                raise type(e)(f"{node.address}: {e}") from None
+
+    def _register(self, conn: _Conn) -> None:
+        with self._lock:
+            self._by_fd[conn.fd] = conn
+            self._epoll.register(conn.fd, select.EPOLLIN)
+
+    def _mark_down(self, node: _Node, reason: str) -> None:
+        """The node failed: its other connections are as dead as this one was; answer
+        for it at once until the retry interval has passed."""
+        node.down_until = time.monotonic() + RETRY_INTERVAL_S
+        if node.last_error is None:
+            log.warning("node %s unavailable: %s", node.address, reason)
+        node.last_error = reason
+        node.ports = None  # learn the shards again: the node may come back cut otherwise
+        self._close_node(node, NodeUnavailable(reason))
+
+    def _close_node(self, node: _Node, error: Exception) -> None:
+        for slots in node.conns:
+            for conn in slots:
+                if conn is not None:
+                    self._fail_conn(conn, error)
+
+    def mark_up(self, node: _Node) -> None:
+        if node.last_error is not None:
+            log.info("node %s is back", node.address)
+            node.last_error = None
+            node.down_until = 0.0
+
+    # ---- sending --------------------------------------------------------------------
+
+    def send(self, req: _Request, frame: list[Any]) -> None:
+        """Register req and send its frame (whatever the socket does not take now is
+        sent by the driver as the socket drains)."""
+        conn = req.conn
+        with self._lock:
+            closed = conn.closed
+            req.call.pending += 1
+            if not closed:
+                req.rid = next(self._ids)
+                conn.inflight[req.rid] = req
+        if closed:
+            self.fail(req, conn.error or NodeUnavailable(f"{conn.address}: connection closed"))
+            return
+        frame[0] = _with_rid(frame[0], req.rid)
+        with conn.send_lock:
+            if conn.out:
+                conn.out.extend(frame)
+                return
+            conn.out = frame
+            self._flush(conn)
+
+    def _flush(self, conn: _Conn) -> None:
+        """Send queued bytes as far as the socket takes them (send_lock held)."""
+        out = conn.out
+        try:
+            while out:
+                batch = out[:IOV_MAX]
+                n = conn.sock.sendmsg(batch)
+                k = 0
+                for b in batch:
+                    size = len(b) if isinstance(b, (bytes, bytearray)) else memoryview(b).nbytes
+                    if n < size:
+                        break
+                    n -= size
+                    k += 1
+                del out[:k]
+                if n:
+                    out[0] = memoryview(out[0]).cast("B")[n:]
+                if k < len(batch):
+                    break
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            out.clear()
+            self._fail_conn(conn, NodeUnavailable(f"{conn.address}: send failed: {e}"))
+            return
+        mask = select.EPOLLIN | (select.EPOLLOUT if out else 0)
+        try:
+            self._epoll.modify(conn.fd, mask)
+        except (OSError, ValueError):
+            pass  # closed meanwhile
+
+    def fail(self, req: _Request, error: Exception) -> None:
+        """Answer a request that was never sent with error (pending already counted)."""
+        self.failed_requests += 1
+        try:
+            req.on_answer(req, error)
+        finally:
+            with self._lock:
+                self._finished(req.call)
+
+    def start(self, timeout_s: float | None = None) -> Call:
+        """A new call, held open until release(call): its requests may complete while
+        later ones are still being sent, and it must not count as done before then."""
+        call = Call(self.config.timeout_s if timeout_s is None else timeout_s)
+        call.pending = 1
+        return call
+
+    def release(self, call: Call) -> None:
+        """Every request of call has been sent."""
+        with self._lock:
+            self._finished(call)
+
+    # ---- waiting and driving --------------------------------------------------------
+
+    def wait(self, call: Call) -> None:
+        """Drive (or wait for another caller to drive) until call is complete; past its
+        deadline, fail what is left of it (closing the connections it was on)."""
+        self.wait_any([call])
+
+    def wait_any(self, calls: Sequence[Call], deadline: float | None = None) -> None:
+        """Until any of calls is complete (or deadline / their deadlines pass)."""
+        if not calls or any(c.done for c in calls):
+            return
+        end = min(c.deadline for c in calls) if deadline is None else deadline
+        me = threading.get_ident()
+        event = threading.Event()
+        while True:
+            with self._lock:
+                if any(c.done for c in calls):
+                    return
+                if self._driver is None:
+                    self._driver = me
+                    lead = True
+                else:
+                    lead = False
+                    for c in calls:
+                        c.event = event
+                    self._waiters.append((calls[0], event))
+            if lead:
+                try:
+                    self._drive(calls, end)
+                finally:
+                    self._handoff()
+                if not any(c.done for c in calls):
+                    self._expire(calls)
+                return
+            left = end - time.monotonic()
+            woken = left > 0 and event.wait(left)
+            with self._lock:
+                self._waiters = [(c, e) for c, e in self._waiters if e is not event]
+                event.clear()
+            if not woken:
+                if not any(c.done for c in calls):
+                    self._expire(calls)
+                return
+
+    def _handoff(self) -> None:
+        """Leave the driving to a caller still waiting, if any."""
+        with self._lock:
+            self._driver = None
+            successor = next((e for c, e in self._waiters if not c.done), None)
+        if successor is not None:
+            successor.set()
+
+    def _drive(self, calls: Sequence[Call], end: float) -> None:
+        while not any(c.done for c in calls):
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                events = self._epoll.poll(min(left, 1.0))
+            except InterruptedError:
+                continue
+            for fd, ev in events:
+                conn = self._by_fd.get(fd)
+                if conn is None or conn.closed:
+                    continue
+                if ev & select.EPOLLOUT:
+                    with conn.send_lock:
+                        self._flush(conn)
+                if ev & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP):
+                    self._receive(conn)
+
+    def _expire(self, calls: Sequence[Call]) -> None:
+        """Past the deadline: every connection still holding a request of these calls
+        is closed (its node marked down), which answers those requests with an error."""
+        for call in calls:
+            if call.done:
+                continue
+            with self._lock:
+                stuck = {r.conn for conn in self._by_fd.values()
+                         for r in conn.inflight.values() if r.call is call}
+            for conn in stuck:
+                self._mark_down(conn.node, f"{conn.address}: no answer within "
+                                           f"{self.config.timeout_s}s")
+
+    def _finished(self, call: Call) -> None:
+        """One request of call is answered (lock held)."""
+        call.pending -= 1
+        assert call.pending >= 0, "a request was answered twice"
+        if call.pending == 0:
+            call.done = True
+            if call.event is not None:
+                call.event.set()  # a follower waits for it: the one wake-up per call
+
+    # ---- receiving (the driver only) -----------------------------------------------
+
+    def _receive(self, conn: _Conn) -> None:
+        try:
+            answer = conn.answer
+            if answer is not None:
+                n = conn.sock.recvmsg_into(answer.targets[answer.ti : answer.ti + RECV_IOV])[0]
+                if not n:
+                    raise ConnectionError("the node closed the connection")
+                _advance(answer, n)
+                if answer.ti == len(answer.targets):
+                    conn.answer = None
+                    self._got(conn, answer)
+                else:
+                    return
+            else:
+                if conn.rend == RX_BUFFER:
+                    _compact(conn)
+                n = conn.sock.recv_into(conn.rxv[conn.rend :])
+                if not n:
+                    raise ConnectionError("the node closed the connection")
+                conn.rend += n
+            self._parse(conn)
+        except BlockingIOError:
+            return
+        except (OSError, ConnectionError, ProtocolError) as e:
+            self._fail_conn(conn, NodeUnavailable(f"{conn.address}: {e}"))
+            self._mark_down(conn.node, f"{conn.address}: {e}")
+
+    def _parse(self, conn: _Conn) -> None:
+        rxv = conn.rxv
+        while True:
+            avail = conn.rend - conn.rstart
+            h = conn.header
+            if h is None:
+                if avail < 32:
+                    break
+                h = p.parse_header(rxv[conn.rstart : conn.rstart + 32], conn.limits,
+                                   response=True)
+                conn.rstart += 32
+                avail -= 32
+                conn.header = h
+            if p.carries_payloads(h):  # an OK GET answer: table, then payloads
+                table = h.count * p.ITEM.size
+                if avail < table:
+                    if conn.rstart + table > RX_BUFFER:
+                        _compact(conn)
+                    break
+                rows = p.parse_item_table(h, rxv[conn.rstart : conn.rstart + table], conn.limits)
+                conn.rstart += table
+                conn.header = None
+                answer = self._start_answer(conn, h.request_id, rows)
+                while answer.ti < len(answer.targets) and conn.rstart < conn.rend:
+                    target = answer.targets[answer.ti]
+                    k = min(len(target), conn.rend - conn.rstart)
+                    target[:k] = rxv[conn.rstart : conn.rstart + k]
+                    conn.rstart += k
+                    _advance(answer, k)
+                if answer.ti < len(answer.targets):
+                    conn.answer = answer  # the rest comes straight from the socket
+                    break
+                self._got(conn, answer)
+                continue
+            if avail < h.body_len:
+                if conn.rstart + h.body_len > RX_BUFFER:
+                    _compact(conn)
+                break
+            body = bytes(rxv[conn.rstart : conn.rstart + h.body_len])
+            conn.rstart += h.body_len
+            conn.header = None
+            self._answer(conn, h.request_id, p.decode_body(h, body))
+        if conn.rstart == conn.rend:
+            conn.rstart = conn.rend = 0
+
+    def _start_answer(self, conn: _Conn, rid: int, rows: tuple[p.ItemEntry, ...]) -> _GetAnswer:
+        req = conn.inflight.get(rid)
+        answer = _GetAnswer(req, rows)
+        outs = req.outs if req is not None else None
+        for i, row in enumerate(rows):
+            if row.status != p.Status.OK:
+                continue
+            out = outs[i] if outs is not None else None
+            if out is not None and out.nbytes >= row.length:
+                view = out[: row.length]
+                answer.values[i] = view
+            else:
+                if out is not None:
+                    answer.too_small[i] = row.length
+                view = memoryview(bytearray(row.length))
+                answer.values[i] = view
+            if row.length:
+                answer.targets.append(view)
+        return answer
+
+    def _got(self, conn: _Conn, answer: _GetAnswer) -> None:
+        if answer.req is None:
+            return  # the answer to a request given up on (its call expired): drained
+        self._answer(conn, answer.req.rid, answer)
+
+    def _answer(self, conn: _Conn, rid: int, msg: Any) -> None:
+        with self._lock:
+            req = conn.inflight.pop(rid, None)
+        if req is None:
+            return
+        try:
+            req.on_answer(req, msg)
+        except Exception:  # noqa: BLE001 - a caller's bug must not stop the driver
+            log.exception("handling the answer to %s failed", req.opcode.name)
+        with self._lock:
+            self._finished(req.call)
+
+    def _fail_conn(self, conn: _Conn, error: Exception) -> None:
+        """Close a connection and answer everything in flight on it with error."""
+        with self._lock:
+            if conn.closed:
+                return
+            conn.closed = True
+            conn.error = error
+            inflight, conn.inflight = conn.inflight, {}
+            self._by_fd.pop(conn.fd, None)
+            try:
+                self._epoll.unregister(conn.fd)
+            except (OSError, ValueError):
+                pass
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+        for req in inflight.values():
+            self.failed_requests += 1
+            try:
+                req.on_answer(req, error)
+            except Exception:  # noqa: BLE001
+                log.exception("handling a failed %s failed", req.opcode.name)
+            with self._lock:
+                self._finished(req.call)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for node in list(self.nodes.values()):
+            self._close_node(node, NodeUnavailable(f"{node.address}: client closed"))
+        self._epoll.close()
+
+
+class NodeDown(NodeUnavailable):
+    """A node failed recently and is skipped until its retry interval has passed."""
+
+
+def _with_rid(head: bytes, rid: int) -> bytes:
+    """The frame's first buffer with the request id filled in (bytes 8..16)."""
+    return head[:8] + rid.to_bytes(8, "little") + head[16:]
+
+
+def _advance(answer: _GetAnswer, n: int) -> None:
+    targets = answer.targets
+    while n:
+        target = targets[answer.ti]
+        if n < len(target):
+            targets[answer.ti] = target[n:]
+            return
+        n -= len(target)
+        answer.ti += 1
+
+
+def _compact(conn: _Conn) -> None:
+    left = conn.rend - conn.rstart
+    conn.rx[:left] = conn.rxv[conn.rstart : conn.rend]
+    conn.rstart, conn.rend = 0, left

@@ -1,0 +1,1 @@
+"""The daemon's data plane: shards (an event loop each) and their connections."""

@@ -1,0 +1,570 @@
+"""One client connection on a shard's loop: socket, session, receive buffer, send queue.
+
+Receiving: each readiness is one recv_into. Between frames the bytes go into the
+connection's receive buffer and every complete frame in it is handled at once; once a
+PUT's item table is in, its payload bytes are received straight into the entry buffers
+the engine staged for them (the bytes already buffered are copied over first), so a
+PUT payload is not copied by the CPU on its way to the device.
+
+Sending: answers are queued as lists of buffers (frame bytes, then views of the engine's
+read buffers) and sent with one sendmsg per connection at the end of the loop's turn;
+whatever the socket does not take waits for writability. A GET's read buffers go back
+to the engine once the kernel has taken their bytes.
+
+Limits (each a unit held until released once, like Seastar's semaphore units): payload
+bytes staged for PUTs and held for unsent GET answers count against this connection's
+budget and the shard's; past either, or past MAX_PENDING requests in flight, the
+connection stops reading (its requests wait in the kernel, then in the client) until
+enough is released to fall under the low mark. Nothing is buffered without bound.
+
+Owned by the shard's loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from wqs.engine.core import DEFERRED, GetOp, PutOp
+from wqs.errors import BlockTooLarge, ProtocolError
+from wqs.rpc import protocol as p
+from wqs.rpc.session import ServerSession, Verdict
+
+if TYPE_CHECKING:
+    from wqs.server.shard import Shard
+
+log = logging.getLogger("wqs.server")
+
+RX_BUFFER = 256 << 10  # holds any frame without payloads (a table of 4096 items is 96 KiB)
+RX_AFTER_PUT = 4 << 10  # after a PUT, read little: the next bytes are likely a payload
+IOV_MAX = 1024  # Linux's limit on buffers per sendmsg
+RECV_IOV = 64  # entry buffers filled by one recvmsg_into
+MAX_PENDING = 256  # requests in flight per connection before it stops reading
+OPS = {p.Opcode.PUT: "put", p.Opcode.GET: "get", p.Opcode.EXISTS: "exists",
+       p.Opcode.DELETE: "delete", p.Opcode.LOOKUP_PREFIX: "lookup_prefix",
+       p.Opcode.PING: "ping"}
+
+
+class _PutFrame:
+    """A PUT whose payloads are being received: one staged op (or None, for an item the
+    engine refused: its bytes are received and dropped) per item."""
+
+    __slots__ = ("rid", "ops", "statuses", "targets", "ti", "charged", "started", "waiting",
+                 "refuse")
+
+    def __init__(self, rid: int, started: float) -> None:
+        self.rid = rid
+        self.ops: list[PutOp | None] = []
+        self.statuses: list[int] = []
+        self.targets: list[memoryview] = []  # where the payload bytes go, in order
+        self.ti = 0  # the first target not yet filled
+        self.charged = 0  # budget units held for the staged payloads
+        self.started = started
+        self.waiting = 0  # committed puts not yet written
+        self.refuse: tuple[p.Status, str] | None = None  # the answer for the whole frame
+
+
+class Connection:
+    def __init__(self, shard: "Shard", sock: socket.socket, peer: Any) -> None:
+        self.shard = shard
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.session = ServerSession(shard.options.auth_token, shard.limits, shard.index,
+                                     shard.ports)
+        self.limits = shard.limits
+        self.rx = bytearray(RX_BUFFER)
+        self.rxv = memoryview(self.rx)
+        self.rstart = self.rend = 0
+        self.want = RX_BUFFER
+        self.header: p.FrameHeader | None = None  # a frame whose body is not in yet
+        self.put: _PutFrame | None = None  # a PUT whose payloads are being received
+        self.sink = memoryview(bytearray(0))  # receives payloads of refused items
+        self.out: list[Any] = []  # buffers to send, in order
+        self.out_callbacks: list[tuple[int, Callable[[], None]]] = []  # (end offset, cb)
+        self.queued = 0  # bytes ever queued
+        self.sent = 0  # bytes ever sent
+        self.held = 0  # budget units held: staged PUT payload and unsent GET answers
+        self.pending = 0  # requests in flight
+        self.reading = False
+        self.writing = False
+        self.closing = False  # close once the queue is sent (after an error answer)
+        self.closed = False
+        self.last_rx = time.monotonic()
+        self.dirty = False  # queued output not yet flushed this turn
+
+    # ---- reading ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._resume()
+
+    def _resume(self) -> None:
+        if not self.reading and not self.closed and not self.closing:
+            self.reading = True
+            self.shard.loop.add_reader(self.fd, self.on_readable)
+
+    def _pause(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.shard.loop.remove_reader(self.fd)
+
+    def over_budget(self) -> bool:
+        return (self.held > self.shard.options.max_connection_bytes
+                or self.pending >= MAX_PENDING or self.shard.budget.over())
+
+    def _room_for(self, n: int) -> bool:
+        """Whether n more bytes may be staged now (a frame larger than a whole budget
+        still goes, alone)."""
+        limit = self.shard.options.max_connection_bytes
+        return (self.held == 0 or self.held + n <= limit) and self.shard.budget.room_for(n)
+
+    def _wait_for_budget(self) -> None:
+        self._pause()
+        self.shard.budget.wait(self)
+
+    def on_readable(self) -> None:
+        try:
+            self._receive()
+        except p.FrameRejected as e:
+            if e.opcode not in (p.Opcode.HELLO, p.Opcode.AUTH):
+                verdict = self.session.admit(e.request_id, e.opcode)
+                if verdict is not None:  # the handshake first: say so, not what was wrong
+                    self._verdict(verdict)
+                    return
+            log.info("%s: rejected frame: %s", self.peer, e)
+            self._answer_error(e.request_id, e.opcode, e.status, str(e)[:1000], close=True)
+        except ProtocolError as e:
+            log.info("%s: protocol error, closing: %s", self.peer, e)
+            self.close()
+        except OSError as e:
+            log.debug("%s: connection ended: %s", self.peer, e)
+            self.close()
+
+    def _receive(self) -> None:
+        put = self.put
+        if put is not None:  # straight into the staged entry buffers, many at once
+            n = self.sock.recvmsg_into(put.targets[put.ti : put.ti + RECV_IOV])[0]
+            if not n:
+                raise ConnectionError("peer closed mid-payload")
+            self.last_rx = time.monotonic()
+            self._advance_target(put, n)
+            if put.ti == len(put.targets):
+                self._put_received(put)
+                self._parse()
+            return
+        if self.rend + self.want > RX_BUFFER:
+            self._compact()
+        n = self.sock.recv_into(self.rxv[self.rend : self.rend + self.want])
+        if not n:
+            if self.header is not None or self.rstart != self.rend:
+                raise ConnectionError("peer closed mid-frame")
+            self.close()
+            return
+        self.last_rx = time.monotonic()
+        self.rend += n
+        self._parse()
+
+    def _compact(self) -> None:
+        left = self.rend - self.rstart
+        self.rx[:left] = self.rxv[self.rstart : self.rend]
+        self.rstart, self.rend = 0, left
+
+    @staticmethod
+    def _advance_target(put: _PutFrame, n: int) -> None:
+        """n more payload bytes landed in the targets from put.ti on."""
+        targets = put.targets
+        while n:
+            target = targets[put.ti]
+            if n < len(target):
+                targets[put.ti] = target[n:]
+                return
+            n -= len(target)
+            put.ti += 1
+
+    def _parse(self) -> None:
+        """Handle every complete frame in the receive buffer."""
+        rxv = self.rxv
+        self.want = RX_BUFFER
+        while not self.closed and not self.closing:
+            avail = self.rend - self.rstart
+            h = self.header
+            if h is None:
+                if avail < 32:
+                    break
+                h = p.parse_header(rxv[self.rstart : self.rstart + 32], self.limits,
+                                   response=False)
+                self.rstart += 32
+                avail -= 32
+                self.header = h
+            if h.opcode == p.Opcode.PUT:
+                table = h.count * p.ITEM.size
+                if avail < table:
+                    break
+                payload = h.body_len - table
+                if not self._room_for(payload):
+                    self._wait_for_budget()  # staged when enough is released
+                    break
+                self.header = None
+                self._start_put(h, rxv[self.rstart : self.rstart + table])
+                self.rstart += table
+                put = self.put
+                if put is None:
+                    continue
+                # The payload bytes already here go into their targets; the rest come
+                # straight from the socket.
+                while put.ti < len(put.targets) and self.rstart < self.rend:
+                    target = put.targets[put.ti]
+                    k = min(len(target), self.rend - self.rstart)
+                    target[:k] = rxv[self.rstart : self.rstart + k]
+                    self.rstart += k
+                    self._advance_target(put, k)
+                if put.ti < len(put.targets):
+                    self.want = RX_AFTER_PUT
+                    break
+                self._put_received(put)
+                continue
+            if avail < h.body_len:
+                break
+            body = bytes(rxv[self.rstart : self.rstart + h.body_len])
+            self.rstart += h.body_len
+            self.header = None
+            self._request(h, body)
+        if self.rstart == self.rend:
+            self.rstart = self.rend = 0
+        if self.reading and self.over_budget():
+            self._pause()
+
+    # ---- requests ---------------------------------------------------------------------
+
+    def _request(self, h: p.FrameHeader, body: bytes) -> None:
+        op = h.opcode
+        if op == p.Opcode.HELLO:
+            self._verdict(self.session.on_hello(p.decode_body(h, body)))
+            return
+        if op == p.Opcode.AUTH:
+            self._verdict(self.session.on_auth(p.decode_body(h, body)))
+            return
+        verdict = self.session.admit(h.request_id, op)
+        if verdict is not None:
+            self._verdict(verdict)
+            return
+        rid = h.request_id
+        if op == p.Opcode.PING:
+            self._send([p.frame_ping_response(rid)])
+            return
+        ids = p.unpack_ids(body)
+        shard = self.shard
+        if shard.draining:
+            self._answer_error(rid, op, p.Status.BUSY, "the node is draining")
+            return
+        misrouted = shard.misrouted(ids)
+        if misrouted is not None:
+            self._answer_error(rid, op, p.Status.WRONG_SHARD, misrouted)
+            return
+        core = shard.core
+        if op == p.Opcode.GET:
+            # Hits past what this connection and the shard may still hold, or past one
+            # response frame, are answered BUSY unread: the client asks for them again.
+            self.pending += 1
+            room = min(self.limits.max_body - len(ids) * p.ITEM.size,
+                       shard.options.max_connection_bytes - self.held, shard.budget.room())
+            state = [rid, time.perf_counter(), 0]  # the last: budget units charged
+            get = core.get(ids, self._got, state, max(room, 1))
+            if not state[2] and get.remaining:  # still reading: its buffers are held now
+                state[2] = get.reserved
+                self._charge(get.reserved)
+        elif op == p.Opcode.EXISTS:
+            self._send([p.frame_bits_response(op, rid, core.exists_many(ids))])
+            shard.observe("exists", 0.0)
+        elif op == p.Opcode.LOOKUP_PREFIX:
+            self._send([p.frame_lookup_response(rid, core.lookup_prefix(ids))])
+            shard.observe("lookup_prefix", 0.0)
+        elif op == p.Opcode.DELETE:
+            self.pending += 1
+            started = time.perf_counter()
+            core.delete_many(ids, lambda found: self._deleted(rid, started, found))
+        else:
+            self._answer_error(rid, op, p.Status.BAD_REQUEST, f"{op.name} is not valid here")
+
+    def _verdict(self, v: Verdict) -> None:
+        if v.response is not None:
+            self._send([p.encode_response(v.response, self.limits)])
+        if v.close:
+            self._close_after_send()
+
+    def _answer_error(self, rid: int, op: p.Opcode, status: p.Status, message: str,
+                      close: bool = False) -> None:
+        self._send([p.encode_response(p.ErrorResponse(rid, op, status, message), self.limits)])
+        if status != p.Status.BUSY:
+            self.shard.error(OPS.get(op, "other"), status.name)
+        if close:
+            self._close_after_send()
+
+    def _got(self, op: GetOp) -> None:
+        state = op.arg
+        rid, started = state[0], state[1]
+        self.pending -= 1
+        results = op.results
+        if not state[2]:  # answered at once: charge it now, until it is sent
+            state[2] = op.reserved
+            self._charge(op.reserved)
+        nbytes = state[2]
+        if self.closed:
+            self._release_results(results)
+            self._uncharge(nbytes)
+            return
+        rows, views = [], []
+        OK, NOT_FOUND, BUSY = p.Status.OK, p.Status.NOT_FOUND, p.Status.BUSY
+        for block_id, r in zip(op.ids, results):
+            if r is None:
+                rows.append((block_id, 0, NOT_FOUND))
+            elif r is DEFERRED:
+                rows.append((block_id, 0, BUSY))  # did not fit: the client asks again
+            else:
+                rows.append((block_id, r.nbytes, OK))
+                views.extend(r.views)
+
+        def sent() -> None:
+            self._release_results(results)
+            self._uncharge(nbytes)
+
+        self._send([p.frame_get_head(rid, rows), *views], sent)
+        self.shard.observe("get", time.perf_counter() - started)
+
+    def _release_results(self, results: list) -> None:
+        release = self.shard.core.release
+        for r in results:
+            if r is not None and r is not DEFERRED:
+                release(r)
+
+    def _deleted(self, rid: int, started: float, found: list[bool]) -> None:
+        self.pending -= 1
+        if not self.closed:
+            self._send([p.frame_bits_response(p.Opcode.DELETE, rid, found)])
+        self.shard.observe("delete", time.perf_counter() - started)
+        self._maybe_resume()
+
+    # ---- PUT ---------------------------------------------------------------------------
+
+    def _start_put(self, h: p.FrameHeader, table: memoryview) -> None:
+        verdict = self.session.admit(h.request_id, p.Opcode.PUT)
+        if verdict is not None:  # refused before anything is reserved for it
+            self._verdict(verdict)
+            return
+        items = p.parse_item_table(h, table, self.limits)
+        put = _PutFrame(h.request_id, time.perf_counter())
+        shard = self.shard
+        refuse = None
+        if shard.draining:
+            refuse = (p.Status.BUSY, "the node is draining")
+        else:
+            misrouted = shard.misrouted([it.block_id for it in items])
+            if misrouted is not None:
+                refuse = (p.Status.WRONG_SHARD, misrouted)
+        core = shard.core
+        for it in items:
+            op = None
+            status = p.Status.OK
+            if refuse is None:
+                try:
+                    op = core.stage(it.block_id, it.length)
+                except BlockTooLarge:
+                    status = p.Status.TOO_LARGE
+            put.ops.append(op)
+            put.statuses.append(status)
+            if op is not None:
+                put.targets.extend(op.targets)
+                put.charged += it.length
+            elif it.length:
+                put.targets.extend(self._sink_views(it.length))
+        put.targets = [t for t in put.targets if len(t)]
+        put.refuse = refuse
+        self._charge(put.charged)
+        self.put = put
+        self.pending += 1
+
+    def _sink_views(self, n: int) -> list[memoryview]:
+        """Where the bytes of a refused item go: one scratch buffer, reused."""
+        if len(self.sink) < min(n, 1 << 20):
+            self.sink = memoryview(bytearray(min(n, 1 << 20)))
+        step = len(self.sink)
+        return [self.sink[: min(step, n - k)] for k in range(0, n, step)]
+
+    def _put_received(self, put: _PutFrame) -> None:
+        """Every payload byte is in: commit the staged puts (written at turn end)."""
+        self.put = None
+        if put.refuse is not None:
+            self.pending -= 1
+            self._answer_error(put.rid, p.Opcode.PUT, *put.refuse)
+            return
+        put.waiting = sum(op is not None for op in put.ops)
+        if not put.waiting:
+            self._put_done(put)
+            return
+        commit = self.shard.core.commit
+        for i, op in enumerate(put.ops):
+            if op is not None:
+                commit(op, self._put_written, (put, i))
+
+    def _put_written(self, op: PutOp) -> None:
+        put, i = op.arg
+        if op.error is not None:
+            put.statuses[i] = p.Status.SERVER_ERROR
+        put.waiting -= 1
+        if not put.waiting:
+            self._put_done(put)
+
+    def _put_done(self, put: _PutFrame) -> None:
+        self.pending -= 1
+        self._uncharge(put.charged)
+        if not self.closed:
+            self._send([p.frame_put_response(put.rid, put.statuses)])
+        failed = sum(s == p.Status.SERVER_ERROR for s in put.statuses)
+        if failed:
+            self.shard.error("put", "SERVER_ERROR")
+        self.shard.observe("put", time.perf_counter() - put.started)
+
+    def _abandon_put(self) -> None:
+        """The peer went away mid-payload: nothing of that frame is written."""
+        put, self.put = self.put, None
+        if put is None:
+            return
+        for op in put.ops:
+            if op is not None:
+                self.shard.core.discard(op)
+        self.pending -= 1
+        self._uncharge(put.charged)
+
+    # ---- budget -------------------------------------------------------------------------
+
+    def _charge(self, n: int) -> None:
+        self.held += n
+        self.shard.budget.take(n)
+
+    def _uncharge(self, n: int) -> None:
+        self.held -= n
+        assert self.held >= 0, "budget released twice"
+        self.shard.budget.give(n)
+        self._maybe_resume()
+
+    def _maybe_resume(self) -> None:
+        if not self.reading and not self.closed and not self.closing and \
+                self.held <= self.shard.options.max_connection_bytes // 2 and \
+                self.pending < MAX_PENDING // 2 and not self.shard.budget.over():
+            self._resume()
+            if self.rstart != self.rend or self.put is not None:
+                self.shard.loop.call_soon(self._parse_later)
+
+    def _parse_later(self) -> None:
+        if not self.closed and self.put is None:
+            try:
+                self._parse()
+            except ProtocolError:
+                self.close()
+
+    # ---- sending ------------------------------------------------------------------------
+
+    def _send(self, bufs: list[Any], on_sent: Callable[[], None] | None = None) -> None:
+        if self.closed:
+            if on_sent is not None:
+                on_sent()
+            return
+        for b in bufs:
+            self.queued += len(b) if isinstance(b, (bytes, bytearray)) else b.nbytes
+        self.out.extend(bufs)
+        if on_sent is not None:
+            self.out_callbacks.append((self.queued, on_sent))
+        if not self.dirty:
+            self.dirty = True
+            self.shard.dirty.append(self)
+
+    def flush(self) -> None:
+        """Send what is queued, as far as the socket takes it (the turn's end)."""
+        self.dirty = False
+        out = self.out
+        while out and not self.closed:
+            batch = out[:IOV_MAX]
+            try:
+                n = self.sock.sendmsg(batch)
+            except BlockingIOError:
+                n = 0
+            except OSError as e:
+                log.debug("%s: send failed: %s", self.peer, e)
+                self.close()
+                return
+            self.sent += n
+            k = 0
+            for b in batch:
+                size = len(b) if isinstance(b, (bytes, bytearray)) else b.nbytes
+                if n < size:
+                    break
+                n -= size
+                k += 1
+            if k:
+                del out[:k]
+            if n:
+                out[0] = memoryview(out[0])[n:]
+            if k < len(batch):
+                break  # the socket is full
+        self._run_sent_callbacks()
+        if out and not self.closed:
+            if not self.writing:
+                self.writing = True
+                self.shard.loop.add_writer(self.fd, self._on_writable)
+        else:
+            if self.writing:
+                self.writing = False
+                self.shard.loop.remove_writer(self.fd)
+            if self.closing:
+                self.close()
+
+    def _on_writable(self) -> None:
+        self.flush()
+
+    def _run_sent_callbacks(self) -> None:
+        cbs = self.out_callbacks
+        k = 0
+        while k < len(cbs) and cbs[k][0] <= self.sent:
+            k += 1
+        if k:
+            done, self.out_callbacks = cbs[:k], cbs[k:]
+            for _, cb in done:
+                cb()
+
+    def _close_after_send(self) -> None:
+        self.closing = True
+        self._pause()
+
+    # ---- end ------------------------------------------------------------------------
+
+    def stalled(self, now: float) -> str | None:
+        """Why the connection should be dropped now, or None."""
+        opts = self.shard.options
+        mid_frame = self.header is not None or self.put is not None or self.rstart != self.rend
+        if mid_frame and self.reading and now - self.last_rx > opts.frame_timeout_s:
+            return f"stalled mid-frame for {opts.frame_timeout_s}s"
+        if opts.idle_timeout_s is not None and not mid_frame and not self.pending \
+                and now - self.last_rx > opts.idle_timeout_s:
+            return f"idle for {opts.idle_timeout_s}s"
+        return None
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._abandon_put()
+        self.shard.loop.forget(self.fd)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        # Queued answers are never sent: what they hold goes back now.
+        self.out.clear()
+        callbacks, self.out_callbacks = self.out_callbacks, []
+        for _, cb in callbacks:
+            cb()
+        self.shard.forget(self)
