@@ -120,6 +120,15 @@ def hello(address: str, timeout_s: float = 1.0) -> bool:
 # --------------------------------------------------------------------------- the process
 
 
+def _alive(pid: int) -> bool:
+    """Whether pid runs (a zombie waiting for its parent does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 class DaemonProcess:
     """One wqsd subprocess; survives restarts with the same ports, device and config."""
 
@@ -280,15 +289,22 @@ class DaemonProcess:
         return self.wait(timeout_s)
 
     def kill(self) -> int | None:
-        """SIGKILL, wait; the exit code (-9), or None if it was never started."""
+        """SIGKILL, wait (for its shards too: the kernel kills them with it); the exit
+        code (-9), or None if it was never started."""
         if self.proc is None:
             return None
+        shards = self.shard_pids() if self.proc.poll() is None else []
         if self.proc.poll() is None:
             try:
                 self.proc.kill()
             except ProcessLookupError:
                 pass
         self.returncode = self.proc.wait()
+        deadline = time.monotonic() + 10
+        while any(os.path.exists(f"/proc/{pid}") and _alive(pid) for pid in shards):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"shards {shards} of wqsd {self.address} outlived it")
+            time.sleep(0.01)
         return self.returncode
 
     def restart(self, *, kill: bool = False, wait: bool = True) -> "DaemonProcess":
@@ -309,12 +325,12 @@ class DaemonProcess:
         return "".join(self.stderr_text(r) for r in range(1, self.runs + 1))
 
     def rss_kib(self) -> int:
-        """VmRSS of the daemon, in KiB."""
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        raise RuntimeError("no VmRSS")
+        """VmRSS of the daemon and its shard processes together, in KiB."""
+        total = 0
+        for pid in [self.pid, *self.shard_pids()]:
+            with open(f"/proc/{pid}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        return total
 
     def cleanup(self) -> None:
         self.kill()

@@ -225,7 +225,43 @@ def test_format_existing_device_needs_confirmation(
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "[y/N]" in out and "formatted" in out
-    assert dev.read_bytes()[:8] == b"WQS-DEV\0"
+    assert dev.read_bytes()[:8] in (b"WQS-DEV\0", b"WQS-SHD\0")  # one shard, or a table
+
+
+def test_format_cuts_the_device_into_shards(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from wqs.config import EngineConfig
+    from wqs.engine import Engine
+    from wqs.engine.node import read_shards
+    from wqs.nvme.device import DevicePart, DirectDevice
+
+    dev = tmp_path / "d"
+    assert main(["format", str(dev), "--size", "64M", "--region-size", "1M", "--shards", "3",
+                 "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["shards"] == 3 and len(info["partitions"]) == 3
+    assert info["num_regions"] == sum(p["num_regions"] for p in info["partitions"])
+    assert dev.read_bytes()[:8] == b"WQS-SHD\0"
+    device = DirectDevice(str(dev))
+    try:
+        table = read_shards(device)
+        assert table is not None and table.uuid_str() == info["uuid"]
+        for k, (offset, size) in enumerate(table.partitions):  # each one an engine of its own
+            engine = Engine.open(DevicePart(device, offset, size, k),
+                                 EngineConfig(dram_cache_bytes=0, region_size=MiB))
+            engine.put(bytes(16), b"shard %d" % k)
+            assert engine.get(bytes(16)) == b"shard %d" % k
+            engine.close()
+    finally:
+        device.close()
+    assert main(["format", str(dev), "--shards", "1", "--force", "-y", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["shards"] == 1
+    assert dev.read_bytes()[:8] == b"WQS-DEV\0"  # one shard is the plain layout
+    assert main(["format", str(dev), "--region-size", "1M", "--shards", "40", "--force",
+                 "-y"]) == 1
+    assert "at most" in capsys.readouterr().err
+    assert main(["format", str(dev), "--shards", "none", "--force", "-y"]) == 1
+    assert "--shards must be" in capsys.readouterr().err
 
 
 def test_format_size_mismatch_on_existing_file(tmp_path: Path,

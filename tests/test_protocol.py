@@ -602,3 +602,49 @@ def test_transport_protocol_is_structural():
 
     assert isinstance(Fake(), Transport)
     assert not isinstance(object(), Transport)
+
+
+# ---- the lean framing the daemon and the SDK use on the hot path ----------------------
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+_ids = st.lists(st.binary(min_size=16, max_size=16), min_size=0, max_size=40)
+_statuses = st.sampled_from([Status.OK, Status.NOT_FOUND, Status.BUSY, Status.SERVER_ERROR])
+
+
+@given(rid=st.integers(0, 2**64 - 1), ids=_ids)
+def test_lean_id_requests_match_encode(rid, ids):
+    assert p.frame_get_request(rid, ids) == encode_request(GetRequest(rid, ids))
+    for cls in (ExistsRequest, DeleteRequest, LookupPrefixRequest):
+        assert p.frame_ids_request(cls.opcode, rid, ids) == encode_request(cls(rid, ids))
+
+
+@given(rid=st.integers(0, 2**64 - 1),
+       items=st.lists(st.tuples(st.binary(min_size=16, max_size=16), st.binary(max_size=64)),
+                      max_size=20))
+def test_lean_put_frames_match_encode(rid, items):
+    head = p.frame_put_head(rid, [(b, len(v)) for b, v in items])
+    assert head + b"".join(v for _, v in items) == encode_request(PutRequest(rid, items))
+    statuses = [Status.OK if len(v) % 3 else Status.TOO_LARGE for _, v in items]
+    assert p.frame_put_response(rid, statuses) == encode_response(PutResponse(rid, statuses))
+
+
+@given(rid=st.integers(0, 2**64 - 1),
+       rows=st.lists(st.tuples(st.binary(min_size=16, max_size=16), _statuses,
+                               st.binary(max_size=64)), max_size=20))
+def test_lean_get_answers_match_encode(rid, rows):
+    items = [GetItem(b, s, v if s == Status.OK else None) for b, s, v in rows]
+    head = p.frame_get_head(rid, [(b, len(v) if s == Status.OK else 0, s) for b, s, v in rows])
+    payloads = b"".join(v for _, s, v in rows if s == Status.OK)
+    assert head + payloads == encode_response(GetResponse(rid, items))
+
+
+@given(rid=st.integers(0, 2**64 - 1), bits=st.lists(st.booleans(), max_size=70),
+       count=st.integers(0, 2**32 - 1))
+def test_lean_small_answers_match_encode(rid, bits, count):
+    assert p.frame_bits_response(Opcode.EXISTS, rid, bits) == \
+        encode_response(ExistsResponse(rid, bits))
+    assert p.frame_bits_response(Opcode.DELETE, rid, bits) == \
+        encode_response(DeleteResponse(rid, bits))
+    assert p.frame_lookup_response(rid, count) == encode_response(LookupPrefixResponse(rid, count))
+    assert p.frame_ping_response(rid) == encode_response(PingResponse(rid))

@@ -338,15 +338,19 @@ class Context:
 
 def cmd_format(args: argparse.Namespace, ctx: Context) -> int:
     from wqs.config import EngineConfig
-    from wqs.engine.engine import Engine, check_formattable
+    from wqs.engine import format as fmt
+    from wqs.engine.engine import check_formattable
+    from wqs.engine.node import auto_shards, format_node
     from wqs.errors import FormatError
-    from wqs.nvme.device import DirectDevice
+    from wqs.nvme.device import DevicePart, DirectDevice
 
     path = args.device
     try:
         config = EngineConfig(region_size=args.region_size, max_block_size=args.max_block_size)
     except WQSError as e:
         raise CLIError(f"invalid format option: {e}") from None
+    if args.shards != "auto" and not (args.shards.isdigit() and 1 <= int(args.shards)):
+        raise CLIError(f"--shards must be a positive number or auto, got {args.shards!r}")
 
     created = False
     if os.path.lexists(path):
@@ -372,7 +376,10 @@ def cmd_format(args: argparse.Namespace, ctx: Context) -> int:
                 raise CLIError(str(e).replace("pass force", "pass --force")) from None
             if not args.yes:
                 _confirm(f"Format {path} ({human_size(device.size)})? Everything on it is lost.")
-        sb = Engine.format(device, config, force=True)
+        shards = auto_shards(device.size, config) if args.shards == "auto" else int(args.shards)
+        table = format_node(device, config, shards, force=True)
+        sbs = [fmt.unpack_superblock(_first_unit(DevicePart(device, o, n, k)))
+               for k, (o, n) in enumerate(table.partitions)]
     except BaseException:
         device.close()
         if created:
@@ -380,29 +387,42 @@ def cmd_format(args: argparse.Namespace, ctx: Context) -> int:
         raise
     device.close()
 
-    capacity = sb.num_regions * sb.region_size
+    regions = sum(sb.num_regions for sb in sbs)
+    capacity = sum(sb.num_regions * sb.region_size for sb in sbs)
+    sb = sbs[0]
     if args.json:
-        _print_json({"device": path, "uuid": sb.uuid_str(), "device_size": sb.device_size,
-                     "region_size": sb.region_size, "num_regions": sb.num_regions,
+        _print_json({"device": path, "uuid": table.uuid_str(), "device_size": device.size,
+                     "region_size": sb.region_size, "num_regions": regions,
                      "capacity_bytes": capacity, "max_block_size": sb.max_block_size,
-                     "format_version": sb.version, "created": created})
+                     "format_version": sb.version, "created": created, "shards": shards,
+                     "partitions": [{"offset": o, "size": n, "uuid": s.uuid_str(),
+                                     "num_regions": s.num_regions}
+                                    for (o, n), s in zip(table.partitions, sbs)]})
         return 0
     from rich.table import Table
 
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row("device", f"{path}{' (created)' if created else ''}")
-    table.add_row("uuid", sb.uuid_str())
-    table.add_row("device size", f"{human_size(sb.device_size)} ({sb.device_size} B)")
-    table.add_row("regions", f"{sb.num_regions} × {human_size(sb.region_size)}")
-    table.add_row("capacity", f"{human_size(capacity)} ({capacity} B)")
-    table.add_row("max block size", human_size(sb.max_block_size))
-    table.add_row("format version", str(sb.version))
+    out = Table(show_header=False, box=None, pad_edge=False)
+    out.add_column(style="bold")
+    out.add_column()
+    out.add_row("device", f"{path}{' (created)' if created else ''}")
+    out.add_row("uuid", table.uuid_str())
+    out.add_row("device size", f"{human_size(device.size)} ({device.size} B)")
+    out.add_row("shards", f"{shards}" + (f" × {human_size(table.partitions[0][1])}"
+                                         if shards > 1 else ""))
+    out.add_row("regions", f"{regions} × {human_size(sb.region_size)}")
+    out.add_row("capacity", f"{human_size(capacity)} ({capacity} B)")
+    out.add_row("max block size", human_size(sb.max_block_size))
+    out.add_row("format version", str(sb.version))
     console = _console()
     console.print(f"[green]formatted[/green] {path}")
-    console.print(table)
+    console.print(out)
     return 0
+
+
+def _first_unit(device: object) -> memoryview:
+    from wqs.engine.recovery import read_unit
+
+    return read_unit(device, 0)  # type: ignore[arg-type]
 
 
 def _refuse_busy_block_device(path: str) -> None:
@@ -783,6 +803,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unit of allocation and eviction (default 16M)")
     p.add_argument("--max-block-size", default="64M", metavar="SIZE",
                    help="largest block the device accepts (default 64M)")
+    p.add_argument("--shards", default="auto", metavar="N",
+                   help="cut the device into N partitions, one per wqsd shard process "
+                        "(default auto: one per core, as many as the device holds)")
     p.add_argument("--force", action="store_true",
                    help="overwrite a filesystem, partition table or WQS format")
     p.add_argument("-y", "--yes", action="store_true",

@@ -77,6 +77,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--device-size", help="size of the device file if it must be created")
     ap.add_argument("--data-dir", help="directory of the default device file")
     ap.add_argument("--auth-token-file", help="file holding the shared auth token")
+    ap.add_argument("--workers", help="shard processes: a number, or auto")
     ap.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--version", action="version", version=f"wqsd {__version__}")
     return ap.parse_args(argv)
@@ -271,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "listen": args.listen, "control_listen": args.control_listen,
         "metrics_listen": args.metrics_listen, "device": args.device,
         "device_size": args.device_size, "data_dir": args.data_dir, "log_level": args.log_level,
-        "auth_token_file": args.auth_token_file,
+        "auth_token_file": args.auth_token_file, "workers": args.workers,
     }
     try:
         config = load_daemon_config(args.config, overrides)

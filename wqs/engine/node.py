@@ -1,9 +1,10 @@
 """A node's device, cut into one engine partition per shard (the shard table).
 
 `format_node` writes the table in the device's first unit and formats each partition as
-an engine device of its own; `read_shards` tells a daemon how its device is cut. A device
-formatted before shards existed (an engine superblock in its first unit) reads as one
-partition spanning it, so it keeps its blocks and serves them with one shard.
+an engine device of its own; `read_shards` tells a daemon how its device is cut. One
+shard is the plain engine layout (an engine superblock in the first unit, no table),
+which is also what devices formatted before shards existed hold: it reads as one
+partition spanning the device.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from wqs.errors import FormatError
 from wqs.nvme.device import BlockDevice, DevicePart, DirectDevice
 
 log = logging.getLogger("wqs.engine")
+
+LOCK_WAIT_S = 5.0
 
 
 def read_shards(device: BlockDevice) -> fmt.ShardTable | None:
@@ -67,6 +70,9 @@ def format_node(device: BlockDevice, config: EngineConfig, shards: int, *,
             f"{MIN_REGIONS} regions of {config.region_size} B (at most "
             f"{max_shards(device.size, config)} shards fit; use a bigger device, fewer "
             "workers or a smaller region_size)")
+    if shards == 1:  # the plain engine layout, which every tool opens as it is
+        sb = format_device(device, config, force=True)
+        return fmt.ShardTable(sb.uuid, ((0, device.size),), sb.created_unix)
     table = fmt.ShardTable(uuidlib.uuid4().bytes, parts, int(time.time()))
     # The table goes last: a device whose formatting was interrupted has none, and is
     # refused (or formatted again) rather than half used.
@@ -79,6 +85,11 @@ def format_node(device: BlockDevice, config: EngineConfig, shards: int, *,
     log.info("formatted %s as %d shard%s of %d B (node uuid %s)", device.path, shards,
              "s" if shards > 1 else "", parts[0][1], table.uuid_str())
     return table
+
+
+def auto_shards(device_size: int, config: EngineConfig) -> int:
+    """One shard per core, as many as the device holds."""
+    return max(1, min(os.cpu_count() or 1, max_shards(device_size, config)))
 
 
 def open_node_device(path: str, size: int, config: EngineConfig,
@@ -95,10 +106,12 @@ def open_node_device(path: str, size: int, config: EngineConfig,
         device = DirectDevice.create_file(path, size, io_engine=config.io_engine,
                                           io_threads=config.io_threads)
     else:
-        device = DirectDevice(path, io_engine=config.io_engine, io_threads=config.io_threads)
+        # A restart right after a crash: the old shards may take a moment to exit.
+        device = DirectDevice(path, io_engine=config.io_engine, io_threads=config.io_threads,
+                              lock_wait_s=LOCK_WAIT_S)
     try:
         if created:
-            shards = workers or min(os.cpu_count() or 1, max_shards(device.size, config))
+            shards = workers or auto_shards(device.size, config)
             table = format_node(device, config, shards, force=True)
         else:
             table = read_shards(device)

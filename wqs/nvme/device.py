@@ -22,6 +22,7 @@ import logging
 import os
 import stat
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -138,7 +139,7 @@ class DirectDevice:
     """
 
     def __init__(self, path: str, *, io_engine: str = "auto", io_threads: int = 16,
-                 lock: bool = True) -> None:
+                 lock: bool = True, lock_wait_s: float = 0.0) -> None:
         if io_engine not in IO_ENGINES:
             raise DeviceError(
                 f"io_engine must be one of {', '.join(IO_ENGINES)}, not {io_engine!r}")
@@ -153,11 +154,7 @@ class DirectDevice:
             raise DeviceError(f"{path}: cannot open with O_DIRECT: {e.strerror}") from None
         try:
             if lock:
-                try:
-                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise DeviceError(
-                        f"{path} is in use by another process (a running wqsd?)") from None
+                self._lock(lock_wait_s)
             geometry = probe_geometry(self._fd)
             reason = aio.unavailable_reason() if io_engine != "threads" else None
             if io_engine == "aio" and reason is not None:
@@ -175,6 +172,20 @@ class DirectDevice:
                 log.warning("%s: %s; IO rings use %d threads instead", path, reason, io_threads)
             self.io_engine = "threads"
         self._closed = False
+
+    def _lock(self, wait_s: float) -> None:
+        """Take the exclusive lock, waiting up to wait_s for another holder to let go
+        (the processes of a daemon that was just killed are still exiting)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise DeviceError(
+                        f"{self.path} is in use by another process (a running wqsd?)") from None
+                time.sleep(0.05)
 
     @property
     def fd(self) -> int:

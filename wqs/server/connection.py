@@ -42,6 +42,9 @@ RX_AFTER_PUT = 4 << 10  # after a PUT, read little: the next bytes are likely a 
 IOV_MAX = 1024  # Linux's limit on buffers per sendmsg
 RECV_IOV = 64  # entry buffers filled by one recvmsg_into
 MAX_PENDING = 256  # requests in flight per connection before it stops reading
+# Answer bytes queued but not sent (a client that sends but does not read): past this,
+# stop reading its requests until the socket has taken half of them.
+MAX_UNSENT = 4 << 20
 OPS = {p.Opcode.PUT: "put", p.Opcode.GET: "get", p.Opcode.EXISTS: "exists",
        p.Opcode.DELETE: "delete", p.Opcode.LOOKUP_PREFIX: "lookup_prefix",
        p.Opcode.PING: "ping"}
@@ -114,7 +117,8 @@ class Connection:
 
     def over_budget(self) -> bool:
         return (self.held > self.shard.options.max_connection_bytes
-                or self.pending >= MAX_PENDING or self.shard.budget.over())
+                or self.pending >= MAX_PENDING or self.queued - self.sent > MAX_UNSENT
+                or self.shard.budget.over())
 
     def _room_for(self, n: int) -> bool:
         """Whether n more bytes may be staged now (a frame larger than a whole budget
@@ -127,8 +131,13 @@ class Connection:
         self.shard.budget.wait(self)
 
     def on_readable(self) -> None:
+        self._safely(self._receive)
+
+    def _safely(self, step: Callable[[], None]) -> None:
+        """Run a receive step; a bad frame is answered (when it can be) and closes the
+        connection, a broken socket closes it."""
         try:
-            self._receive()
+            step()
         except p.FrameRejected as e:
             if e.opcode not in (p.Opcode.HELLO, p.Opcode.AUTH):
                 verdict = self.session.admit(e.request_id, e.opcode)
@@ -158,6 +167,9 @@ class Connection:
             return
         if self.rend + self.want > RX_BUFFER:
             self._compact()
+        # Never full: a frame without payloads fits, and a PUT waiting for budget stops
+        # the reading (it does not resume before that PUT can be staged).
+        assert self.rend < RX_BUFFER, "receive buffer full"
         n = self.sock.recv_into(self.rxv[self.rend : self.rend + self.want])
         if not n:
             if self.header is not None or self.rstart != self.rend:
@@ -190,6 +202,11 @@ class Connection:
         rxv = self.rxv
         self.want = RX_BUFFER
         while not self.closed and not self.closing:
+            if self.over_budget():  # the frames still buffered wait for the resume
+                self._pause()
+                if self.shard.budget.over():
+                    self.shard.budget.wait(self)
+                return
             avail = self.rend - self.rstart
             h = self.header
             if h is None:
@@ -235,8 +252,6 @@ class Connection:
             self._request(h, body)
         if self.rstart == self.rend:
             self.rstart = self.rend = 0
-        if self.reading and self.over_budget():
-            self._pause()
 
     # ---- requests ---------------------------------------------------------------------
 
@@ -452,19 +467,25 @@ class Connection:
         self._maybe_resume()
 
     def _maybe_resume(self) -> None:
-        if not self.reading and not self.closed and not self.closing and \
-                self.held <= self.shard.options.max_connection_bytes // 2 and \
-                self.pending < MAX_PENDING // 2 and not self.shard.budget.over():
-            self._resume()
-            if self.rstart != self.rend or self.put is not None:
-                self.shard.loop.call_soon(self._parse_later)
+        if self.reading or self.closed or self.closing:
+            return
+        h = self.header
+        if h is not None and h.opcode == p.Opcode.PUT:  # waiting to stage this PUT
+            if not self._room_for(h.body_len - h.count * p.ITEM.size):
+                self.shard.budget.wait(self)
+                return
+        elif not (self.held <= self.shard.options.max_connection_bytes // 2
+                  and self.pending < MAX_PENDING // 2
+                  and self.queued - self.sent <= MAX_UNSENT // 2
+                  and not self.shard.budget.over()):
+            return
+        self._resume()
+        if self.rstart != self.rend or self.put is not None:
+            self.shard.loop.call_soon(self._parse_later)
 
     def _parse_later(self) -> None:
         if not self.closed and self.put is None:
-            try:
-                self._parse()
-            except ProtocolError:
-                self.close()
+            self._safely(self._parse)
 
     # ---- sending ------------------------------------------------------------------------
 
@@ -511,6 +532,8 @@ class Connection:
             if k < len(batch):
                 break  # the socket is full
         self._run_sent_callbacks()
+        if not self.reading:
+            self._maybe_resume()
         if out and not self.closed:
             if not self.writing:
                 self.writing = True
