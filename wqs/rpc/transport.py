@@ -1,8 +1,8 @@
 """What the SDK needs from a connection to one storage node: the `Transport` interface.
 
-The TCP transport speaks the frames of wqs.rpc.protocol (proto/DATAPLANE.md). Other
-transports implement the same methods, so the SDK (routing, replication, retries) never
-knows which one it holds.
+The TCP data path (wqs/rpc/pipeline.py) speaks the frames of wqs.rpc.protocol
+(proto/DATAPLANE.md). Other transports implement the same methods, so the SDK (routing,
+replication, retries) never knows which one it holds.
 
 How an RDMA transport would implement it
 ----------------------------------------
