@@ -20,16 +20,19 @@ work folder removed, however the run ends):
 5. **rawsock**: `bench.rawsock`, a minimal TCP sender/receiver moving the same blocks
    with nothing stored: the ceiling for anything behind a TCP round trip in Python.
 
-Every system except fio is driven by the same wqs-bench job, in this process: QD N is
-N threads with one request of one block each in flight, over ``--size`` bytes of
-blocks (``randwrite``, then ``randread`` after any missing blocks are laid out, outside
-the timed part), for ``--runtime`` seconds. Each point is run ``--repeat`` times,
-interleaved across systems, and the table shows medians: MiB/s, IOPS, p50 and p99 of
-the per-request latency, throughput as a fraction of the raw-socket ceiling and of
-fio on the device, and the CPU and context switches each request cost:
+Every system except fio is driven by the same wqs-bench job, in this process, with QD N
+requests of one block each in flight over ``--size`` bytes of blocks (``randwrite``,
+then ``randread`` after any missing blocks are laid out, outside the timed part), for
+``--runtime`` seconds: for wqs and rawsock one thread keeps the N requests in flight
+(the SDK's start_*_many and wait_any; rawsock a connection per request), as fio's
+libaio engine does; redis and the file stores, which have no asynchronous interface,
+get N threads with one request each (bench/WQS_BENCH.md, "IO model"). Each point is
+run ``--repeat`` times, interleaved across systems, and the table shows medians: MiB/s,
+IOPS, p50 and p99 of the per-request latency, throughput as a fraction of the raw-socket
+ceiling and of fio on the device, and the CPU and context switches each request cost:
 
 * **cli** (client): this process, getrusage(RUSAGE_SELF) around the timed part (every
-  thread: the wqs-bench workers and whatever the system's client library runs), divided
+  thread: the wqs-bench IO threads and whatever the system's client library runs), divided
   by the requests. For fio: fio's own ``usr_cpu``/``sys_cpu``/``ctx`` of its job.
 * **srv** (server): for wqs the daemon's getrusage through its control plane (Stats);
   for redis-server and the raw-socket sink, which this command starts, /proc/<pid> (CPU

@@ -4,6 +4,14 @@ Every engine stores blocks of bytes under 16-byte IDs and is called from many th
 at once. ``get`` receives each block into the caller's buffer and returns its length
 (None for a miss), so every engine pays for moving the bytes into a caller's memory.
 
+Asynchronous engines (``asynchronous = True``: wqs, rawsock, null) also start calls
+without waiting for them, as fio's libaio engine queues IOs: ``start_put`` /
+``start_get`` send a call and return a handle, ``wait_any(handles)`` drives the IO until
+at least one of them is complete (``done``), and ``finish_put`` / ``finish_get`` give its
+results (and, per failed item, why). One job thread keeps ``iodepth`` blocks in flight
+that way (`bench.runner`). redis and files have no such interface and are driven by a
+thread per call in flight.
+
 * ``wqs``: a WQS cluster through the SDK (`wqs.Client`): put_many / get_many(outs=) /
   exists_many / lookup_prefix. The default.
 * ``redis``: a Redis server through redis-py (SET/GET/EXISTS, a pool with a connection
@@ -14,7 +22,8 @@ at once. ``get`` receives each block into the caller's buffer and returns its le
   so reads go to the disk instead of the page cache.
 * ``rawsock``: the transport ceiling: a minimal sender/receiver (`bench.rawsock`) moving
   the same bytes over one TCP connection per worker thread, nothing stored.
-* ``null``: does nothing (fio's null engine); measures wqs-bench itself.
+* ``null``: does nothing (fio's null engine); measures wqs-bench itself. Asynchronous,
+  like fio's: every call it starts is complete at once.
 
 An engine with a server process says so (``has_server``) and lists where that server's
 CPU and context switches can be read (``server_usage``, `bench.usage`): a WQS engine asks
@@ -43,6 +52,9 @@ class Engine:
     stores = True  # False: a read of an absent block still "hits" (null, rawsock)
     has_server = False  # True: a server process does the work (its CPU is reported)
     server_usage: Sequence[UsageSource] = ()
+    # True: start_put/start_get/done/wait_any/finish_put/finish_get below, so that one
+    # thread keeps many calls in flight (fio's libaio); False: one call per thread.
+    asynchronous = False
 
     def put(self, ids: Sequence[bytes], bufs: Sequence[Buffer]) -> list[bool]:
         raise NotImplementedError
@@ -60,6 +72,33 @@ class Engine:
     def delete(self, ids: Sequence[bytes]) -> None:
         pass
 
+    # ---- asynchronous engines only --------------------------------------------------
+
+    def start_put(self, ids: Sequence[bytes], bufs: Sequence[Buffer]) -> Any:
+        """Send a put of these blocks without waiting; a handle for the calls below.
+        The buffers must stay unchanged until the call is complete."""
+        raise NotImplementedError
+
+    def start_get(self, ids: Sequence[bytes], outs: Sequence[Buffer]) -> Any:
+        """Send a get of these blocks into outs without waiting; a handle."""
+        raise NotImplementedError
+
+    def done(self, handle: Any) -> bool:
+        raise NotImplementedError
+
+    def wait_any(self, handles: Sequence[Any]) -> None:
+        """Drive the IO until at least one of handles is complete."""
+        raise NotImplementedError
+
+    def finish_put(self, handle: Any) -> tuple[list[bool], dict[int, str]]:
+        """A complete put's result per block, and why each failed block failed."""
+        raise NotImplementedError
+
+    def finish_get(self, handle: Any) -> tuple[list[int | None], dict[int, str]]:
+        """A complete get's length per block (None: a miss), and why each failed block
+        failed (a plain miss is not a failure)."""
+        raise NotImplementedError
+
     def describe(self) -> str:
         return self.name
 
@@ -71,6 +110,7 @@ class Engine:
 class WqsEngine(Engine):
     name = "wqs"
     has_server = True
+    asynchronous = True
 
     def __init__(self, servers: Sequence[str] | None = None, config: str | None = None,
                  connections: int | None = None,
@@ -132,6 +172,29 @@ class WqsEngine(Engine):
 
     def delete(self, ids):
         self.client.delete_many(ids)
+
+    def start_put(self, ids, bufs):
+        return self.client.start_put_many(zip(ids, bufs))
+
+    def start_get(self, ids, outs):
+        return self.client.start_get_many(ids, outs)
+
+    def done(self, handle):
+        return handle.done
+
+    def wait_any(self, handles):
+        # No timeout_s: the SDK fails the calls still in flight when the wait's own
+        # timeout passes (as at their deadline), so a short poll would cost them. Each
+        # call is still bounded by the client's timeout_s.
+        self.client.wait_any(handles)
+
+    def finish_put(self, handle):
+        res = handle.result()
+        return list(res), _reasons(res.errors)
+
+    def finish_get(self, handle):
+        res = handle.result()
+        return [None if r is None else len(r) for r in res], _reasons(res.errors)
 
     def describe(self) -> str:
         return f"wqs ({','.join(self.servers)})"
@@ -303,15 +366,48 @@ class FilesEngine(Engine):
         return f"files ({self.root}{', O_DIRECT' if self.direct else ', page cache'})"
 
 
+def _reasons(errors: dict[int, Any]) -> dict[int, str]:
+    return {i: f"{type(e).__name__}: {e}" for i, e in errors.items()}
+
+
+class _Complete:
+    """A call that was complete when it was started (the null engine's)."""
+
+    __slots__ = ("values",)
+    done = True
+
+    def __init__(self, values: list) -> None:
+        self.values = values
+
+
 class NullEngine(Engine):
     name = "null"
     stores = False
+    asynchronous = True
 
     def put(self, ids, bufs):
         return [True] * len(ids)
 
     def get(self, ids, outs):
         return [memoryview(o).nbytes for o in outs]
+
+    def start_put(self, ids, bufs):
+        return _Complete([True] * len(ids))
+
+    def start_get(self, ids, outs):
+        return _Complete([memoryview(o).nbytes for o in outs])
+
+    def done(self, handle):
+        return True
+
+    def wait_any(self, handles):
+        pass
+
+    def finish_put(self, handle):
+        return handle.values, {}
+
+    def finish_get(self, handle):
+        return handle.values, {}
 
     def exists(self, ids):
         return [True] * len(ids)

@@ -96,6 +96,24 @@ class JobResult:
     # servers (None: the engine has no server). Per run group, see runner._attach_usage.
     cpu_client: dict[str, Any] | None = None
     cpu_daemon: dict[str, Any] | None = None
+    # How the IO was driven (bench.runner): "async" (one thread, calls in flight),
+    # "threads" (a thread per call) or "streams" (prefix replay); the threads that did it;
+    # the most blocks in flight at once (timed part); failed blocks' reasons by kind.
+    io_model: str = ""
+    io_threads: int = 0
+    inflight_max: int = 0
+    item_errors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # fio's io_u_map / io_u_submit / io_u_complete counts (7 buckets each), measured by
+    # the runner; None: not measured (iodepth_level then shows the configured depth)
+    depth_hist: list[int] | None = None
+    submit_hist: list[int] | None = None
+    complete_hist: list[int] | None = None
+
+
+def _sum_hists(hists: list[list[int] | None]) -> list[int] | None:
+    if not hists or any(h is None for h in hists):
+        return None
+    return [sum(x) for x in zip(*hists)]  # type: ignore[misc]
 
 
 def merge_results(results: list[JobResult]) -> JobResult:
@@ -112,6 +130,17 @@ def merge_results(results: list[JobResult]) -> JobResult:
     for attr in ("misses", "verify_errors", "verified", "failed_puts", "layout_blocks"):
         setattr(out, attr, sum(getattr(r, attr) for r in results))
     out.usr_cpu, out.sys_cpu = first.usr_cpu, first.sys_cpu  # process-wide already
+    models = sorted({r.io_model for r in results if r.io_model})
+    out.io_model = "+".join(models)
+    out.io_threads = sum(r.io_threads for r in results)
+    out.inflight_max = max(r.inflight_max for r in results)  # per job: the deepest one
+    for r in results:
+        for kind, e in r.item_errors.items():
+            mine = out.item_errors.setdefault(kind, {"count": 0, "first": e["first"]})
+            mine["count"] += e["count"]
+    out.depth_hist = _sum_hists([r.depth_hist for r in results])
+    out.submit_hist = _sum_hists([r.submit_hist for r in results])
+    out.complete_hist = _sum_hists([r.complete_hist for r in results])
     out.ctx, out.majf, out.minf = first.ctx, first.majf, first.minf
     # Per group already; with group_reporting the group is this one job.
     out.cpu_client = first.cpu_client and {**first.cpu_client, "scope": "job"}
@@ -268,7 +297,16 @@ def job_json(r: JobResult, group_kib: dict[str, float], elapsed_s: int) -> dict[
     batch_keys = ["0", "4", "8", "16", "32", "64", ">=64"]
     submit = {k: 0.0 for k in batch_keys}
     complete = {k: 0.0 for k in batch_keys}
-    if all_lat.size:
+    if all_lat.size and r.depth_hist is not None and sum(r.depth_hist):
+        # measured, as fio counts them: IOs by blocks in flight when their call was
+        # submitted; submissions and reaps by how many blocks each carried
+        for dist, hist, keys in ((depth, r.depth_hist, depth_keys),
+                                 (submit, r.submit_hist, batch_keys),
+                                 (complete, r.complete_hist, batch_keys)):
+            total = sum(hist or ())
+            for k, n in zip(keys, hist or ()):
+                dist[k] = n / total * 100.0 if total else 0.0
+    elif all_lat.size:
         depth[_depth_key(spec.iodepth, depth_keys)] = 100.0
         bk = "4" if spec.iodepth_batch <= 4 else _depth_key(spec.iodepth_batch, batch_keys)
         submit[bk] = 100.0
@@ -297,7 +335,10 @@ def job_json(r: JobResult, group_kib: dict[str, float], elapsed_s: int) -> dict[
         "verify": spec.verify is not None, "verified_blocks": r.verified,
         "verify_errors": r.verify_errors, "failed_puts": r.failed_puts,
         "layout_blocks": r.layout_blocks, "errors": r.errors[:20],
+        "io_model": r.io_model, "io_threads": r.io_threads, "inflight_max": r.inflight_max,
     }
+    if r.item_errors:
+        wqs["item_errors"] = r.item_errors
     for k, v in r.extra_lat.items():
         wqs[f"{k}_lat_ns"] = lat_stats(v, spec.percentile_list)
     if r.cpu_client is not None:
@@ -524,6 +565,14 @@ def normal_text(results: list[JobResult], doc: dict[str, Any]) -> str:
         if w["layout_blocks"]:
             line += f", laid_out={w['layout_blocks']}"
         out.append(line)
+        if w.get("io_model"):
+            threads = w["io_threads"]
+            most = w["inflight_max"]
+            out.append(f"  wqs io       : {w['io_model']}, {threads} thread"
+                       f"{'s' if threads != 1 else ''}, at most {most} block"
+                       f"{'s' if most != 1 else ''} in flight")
+        for kind, e in (w.get("item_errors") or {}).items():
+            out.append(f"  failed blocks: {kind} x{e['count']} (first: {e['first']})")
         for e in r.errors[:5]:
             out.append(f"  {e}")
         if len(r.errors) > 5:

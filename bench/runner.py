@@ -1,11 +1,26 @@
 """Running jobs: layout, the timed part (with ramp), verification, the live ETA line.
 
-Concurrency: a job clone (``numjobs`` makes clones) keeps ``iodepth`` requests in
-flight with ``iodepth / iodepth_batch`` threads, each issuing one engine call of
-``iodepth_batch`` blocks at a time and waiting for it (so the default, batch 1, is
-``iodepth`` threads each with one single-block request outstanding). Every IO of a call
-is timed from just before the call to its return: that is its completion latency, and,
-as for fio's synchronous engines, submission latency is not separate (slat N=0).
+Concurrency: a job clone (``numjobs`` makes clones) keeps ``iodepth`` blocks in flight,
+in calls of ``iodepth_batch`` blocks (fio's iodepth_batch_submit), so up to
+``iodepth / iodepth_batch`` calls at once. How depends on the engine:
+
+* **async** (engines with ``asynchronous``: wqs, rawsock, null), as fio's libaio engine:
+  one thread per clone starts a call into every free slot (``start_put`` /
+  ``start_get``), then waits until at least one is complete (``wait_any``), reaps every
+  complete one and refills its slot. Each slot has its own out buffers. An IO's latency
+  (fio's ``lat``) runs from just before its call was started to the moment the wait
+  that saw it complete returned; its submission latency (``slat``) is the time the
+  start call took, and ``clat`` = lat - slat.
+* **threads** (redis, files): ``iodepth / iodepth_batch`` threads, each issuing one
+  call and waiting for it. Every IO of a call is timed from just before the call to its
+  return: its completion latency, and, as for fio's synchronous engines, submission
+  latency is not separate (slat N=0).
+
+Either way the runner counts the blocks in flight: their maximum in the timed part
+(``wqs.inflight_max``), fio's ``IO depths`` (blocks in flight when each call was
+submitted, weighted by its blocks), and the blocks per submission and per reap
+(fio's ``submit`` / ``complete`` lines); and how many threads did the job's IO
+(``wqs.io_threads``, ``wqs.io_model``).
 
 Offsets: sequential jobs walk the slots in order; random jobs visit every slot once per
 pass in a fresh random order (fio's random map), seeded by ``randseed``. A job that
@@ -44,18 +59,62 @@ EIO, EILSEQ = 5, 84
 MAX_ERRORS_KEPT = 50
 
 
+def depth_bucket(n: int) -> int:
+    """fio's io_u_map index for n IOs in flight: 1, 2-3, 4-7, 8-15, 16-31, 32-63, >=64."""
+    return 6 if n >= 64 else max(0, n.bit_length() - 1)
+
+
+def batch_bucket(n: int) -> int:
+    """fio's io_u_submit / io_u_complete index for n IOs in one submission or reap:
+    0, 1-4, 5-8, 9-16, 17-32, 33-64, >64."""
+    if n <= 0:
+        return 0
+    return 6 if n > 64 else max(1, (n - 1).bit_length() - 1)
+
+
 class Recorder:
     """One worker thread's samples: appended without locks, merged after the run."""
 
-    __slots__ = ("ctx", "lat", "end", "nbytes", "extras", "progress")
+    __slots__ = ("ctx", "lat", "slat", "end", "nbytes", "extras", "progress", "depth",
+                 "submits", "completes")
 
     def __init__(self, ctx: "RunContext") -> None:
         self.ctx = ctx
         self.lat = (array("q"), array("q"))
+        self.slat: tuple[array, array] | None = None  # async workers: submission latency
         self.end = (array("q"), array("q"))
         self.nbytes = (array("q"), array("q"))
         self.extras: dict[str, array] = {}
         self.progress = ctx.progress
+        # fio's IO depths, submit and complete distributions (counted after the ramp)
+        self.depth = [0] * 7  # IOs, by blocks in flight when their call was submitted
+        self.submits = [0] * 7  # submissions, by blocks per submission
+        self.completes = [0] * 7  # reaps, by blocks completed per reap
+
+    def mark_submit(self, depth: int, nr: int, t0_ns: int) -> None:
+        """nr blocks submitted in one call at t0_ns, `depth` blocks in flight with them."""
+        if t0_ns < self.ctx.ramp_end_ns:
+            return
+        self.depth[depth_bucket(depth)] += nr
+        self.submits[batch_bucket(nr)] += 1
+
+    def mark_complete(self, nr: int, t_ns: int) -> None:
+        if nr and t_ns >= self.ctx.ramp_end_ns:
+            self.completes[batch_bucket(nr)] += 1
+
+    def record_async(self, ddir: int, lat_ns: int, slat_ns: int, t0_ns: int,
+                     nbytes: int) -> None:
+        """record() with the IO's submission latency (an asynchronous engine's)."""
+        base = self.ctx.ramp_end_ns
+        if t0_ns < base:
+            return
+        self.lat[ddir].append(lat_ns)
+        self.slat[ddir].append(slat_ns)  # type: ignore[index]
+        self.end[ddir].append(t0_ns + lat_ns - base)
+        self.nbytes[ddir].append(nbytes)
+        p = self.progress
+        p[ddir * 2] += 1
+        p[ddir * 2 + 1] += nbytes
 
     def record(self, ddir: int, lat_ns: int, t0_ns: int, nbytes: int) -> None:
         base = self.ctx.ramp_end_ns
@@ -107,6 +166,12 @@ class Clone:
         self.payload = random.Random(seed ^ 0x5EED).randbytes(self.slot_size)
         self.deadline_ns: int | None = None
         self.active = 0
+        # how the IO was driven (run_group), and the blocks in flight (the workers)
+        self.io_model = ""
+        self.io_threads = 0
+        self.inflight = 0
+        self.inflight_max = 0  # in the timed part
+        self.item_errors: dict[str, list] = {}  # failed blocks' reasons: kind -> [n, first]
         # prefix workloads fill these in (bench.kvcache)
         self.kv: Any = None
         self.system: Any = None
@@ -181,6 +246,31 @@ class Clone:
             for k, v in counts.items():
                 setattr(self, k, getattr(self, k) + v)
 
+    def note_reasons(self, reasons: dict[int, str]) -> None:
+        """Why blocks of a call failed (counted by kind, the first message kept): a
+        failed put or a get that missed for a reason other than absence."""
+        with self.lock:
+            for why in reasons.values():
+                kind = why.split(":", 1)[0]
+                entry = self.item_errors.get(kind)
+                if entry is None:
+                    self.item_errors[kind] = [1, why]
+                else:
+                    entry[0] += 1
+
+    def enter(self, n: int, t0_ns: int, ctx: "RunContext") -> int:
+        """n blocks go in flight (thread-per-call workers; under the lock): the depth."""
+        with self.lock:
+            self.inflight += n
+            depth = self.inflight
+            if depth > self.inflight_max and t0_ns >= ctx.ramp_end_ns:
+                self.inflight_max = depth
+        return depth
+
+    def leave(self, n: int) -> None:
+        with self.lock:
+            self.inflight -= n
+
 
 class RunContext:
     def __init__(self, ramp_s: float, runtime_s: float | None) -> None:
@@ -223,11 +313,15 @@ def fio_worker(ctx: RunContext, clone: Clone, rec: Recorder) -> None:
         ddir, items = nb
         ids = [clone.block(slot) for slot, _ in items]
         try:
+            nr = len(items)
             if ddir == WRITE:
                 bufs = [content(b, n) if verify else payload[:n] for b, (_, n) in zip(ids, items)]
                 t0 = clock()
+                rec.mark_submit(clone.enter(nr, t0, ctx), nr, t0)
                 ok = eng.put(ids, bufs)
                 lat = clock() - t0
+                clone.leave(nr)
+                rec.mark_complete(nr, t0 + lat)
                 bad = 0
                 for (slot, n), good in zip(items, ok):
                     rec.record(WRITE, lat, t0, n if good else 0)
@@ -241,8 +335,11 @@ def fio_worker(ctx: RunContext, clone: Clone, rec: Recorder) -> None:
                 outs = full[: len(items)] if stores else \
                     [memoryview(full[k])[:n] for k, (_, n) in enumerate(items)]
                 t0 = clock()
+                rec.mark_submit(clone.enter(nr, t0, ctx), nr, t0)
                 got = eng.get(ids, outs)
                 lat = clock() - t0
+                clone.leave(nr)
+                rec.mark_complete(nr, t0 + lat)
                 for k, ((slot, _), n) in enumerate(zip(items, got)):
                     rec.record(READ, lat, t0, n or 0)
                     if n is None:
@@ -258,6 +355,127 @@ def fio_worker(ctx: RunContext, clone: Clone, rec: Recorder) -> None:
         except Exception as e:  # noqa: BLE001 - any engine failure ends the job, like fio
             clone.fail(f"{spec.name}: {type(e).__name__}: {e}")
             break
+
+
+class _Slot:
+    """One call's place in an async worker: its out buffers and the call in flight."""
+
+    __slots__ = ("bufs", "handle", "ddir", "items", "ids", "keep", "t0", "slat")
+
+    def __init__(self, size: int, batch: int) -> None:
+        self.bufs = [bytearray(size) for _ in range(batch)]  # this slot's get targets
+        self.handle: Any = None
+        self.ddir = READ
+        self.items: list[tuple[int, int]] = []
+        self.ids: list[bytes] = []
+        self.keep: list[Any] = []  # a put's buffers, alive until its call is complete
+        self.t0 = 0
+        self.slat = 0
+
+
+def fio_async_worker(ctx: RunContext, clone: Clone, rec: Recorder) -> None:
+    """The clone's only IO thread: iodepth / iodepth_batch calls in flight at once
+    through the engine's start_*/wait_any (fio's libaio engine with iodepth=N,
+    iodepth_batch_submit=B, iodepth_batch_complete_min=1)."""
+    spec, eng = clone.spec, clone.engine
+    batch = spec.iodepth_batch
+    free = [_Slot(clone.slot_size, batch) for _ in range(max(1, spec.iodepth // batch))]
+    busy: list[_Slot] = []
+    payload = memoryview(clone.payload)
+    verify = spec.verify is not None
+    stores = eng.stores
+    clock = time.perf_counter_ns
+    done, ramp_end = eng.done, ctx.ramp_end_ns
+    rec.slat = (array("q"), array("q"))
+    stopping = False
+    try:
+        while True:
+            while free and not stopping:  # fill every free slot
+                nb = None if ctx.should_stop(clone) else clone.next_batch(batch, ctx)
+                if nb is None:
+                    stopping = True
+                    break
+                slot = free.pop()
+                _start(clone, eng, slot, nb, payload, verify, stores, clock)
+                busy.append(slot)
+                nr = len(slot.items)
+                clone.inflight += nr  # only this thread touches the clone's count
+                if clone.inflight > clone.inflight_max and slot.t0 >= ramp_end:
+                    clone.inflight_max = clone.inflight
+                rec.mark_submit(clone.inflight, nr, slot.t0)
+            if not busy:
+                break
+            if not any(done(s.handle) for s in busy):
+                eng.wait_any([s.handle for s in busy])
+            now = clock()
+            still: list[_Slot] = []
+            reaped = 0
+            for s in busy:
+                if done(s.handle):
+                    _complete(clone, eng, s, now, rec, verify)
+                    reaped += len(s.items)
+                    free.append(s)
+                else:
+                    still.append(s)
+            busy = still
+            clone.inflight -= reaped
+            rec.mark_complete(reaped, now)
+    except Exception as e:  # noqa: BLE001 - any engine failure ends the job, like fio
+        clone.fail(f"{spec.name}: {type(e).__name__}: {e}")
+
+
+def _start(clone: Clone, eng: Engine, slot: _Slot, nb: tuple[int, list[tuple[int, int]]],
+           payload: memoryview, verify: bool, stores: bool, clock: Callable[[], int]) -> None:
+    ddir, items = nb
+    ids = [clone.block(s) for s, _ in items]
+    slot.ddir, slot.items, slot.ids = ddir, items, ids
+    if ddir == WRITE:
+        bufs = [content(b, n) if verify else payload[:n] for b, (_, n) in zip(ids, items)]
+        slot.keep = bufs
+        t0 = clock()
+        slot.handle = eng.start_put(ids, bufs)
+    else:
+        outs = slot.bufs[: len(items)] if stores else \
+            [memoryview(slot.bufs[k])[:n] for k, (_, n) in enumerate(items)]
+        slot.keep = outs
+        t0 = clock()
+        slot.handle = eng.start_get(ids, outs)
+    slot.slat = clock() - t0
+    slot.t0 = t0
+
+
+def _complete(clone: Clone, eng: Engine, slot: _Slot, now: int, rec: Recorder,
+              verify: bool) -> None:
+    lat, slat, t0, items, ids = now - slot.t0, slot.slat, slot.t0, slot.items, slot.ids
+    if slot.ddir == WRITE:
+        ok, reasons = eng.finish_put(slot.handle)
+        bad = 0
+        for (s, n), good in zip(items, ok):
+            rec.record_async(WRITE, lat, slat, t0, n if good else 0)
+            if not good:
+                bad += 1
+            elif clone.written is not None:
+                clone.written[s] = 1
+        if bad:
+            clone.note(failed_puts=bad)
+    else:
+        got, reasons = eng.finish_get(slot.handle)
+        for k, ((s, _), n) in enumerate(zip(items, got)):
+            rec.record_async(READ, lat, slat, t0, n or 0)
+            if n is None:
+                clone.note(misses=1)
+                if verify:
+                    clone.note_verify(_verify_msg(clone, s, ids[k], check(ids[k], None)))
+            elif verify:
+                problem = check(ids[k], memoryview(slot.bufs[k])[:n])
+                if problem:
+                    clone.note_verify(_verify_msg(clone, s, ids[k], problem))
+                else:
+                    clone.note(verified=1)
+    if reasons:
+        clone.note_reasons(reasons)
+    slot.handle = None
+    slot.keep = []
 
 
 def _verify_msg(clone: Clone, slot: int, bid: bytes, problem: str | None) -> str:
@@ -433,14 +651,21 @@ def run_group(clones: list[Clone], eta_mode: str, log: Callable[[str], None]) ->
     ctx = RunContext(ramp, max(runtimes) if runtimes else None)
     threads: list[threading.Thread] = []
     for c in clones:
-        nthreads = c.spec.iodepth if c.spec.workload == "prefix" else \
-            max(1, c.spec.iodepth // c.spec.iodepth_batch)
+        if c.spec.workload == "prefix":  # a thread per conversation stream
+            c.io_model, nthreads = "streams", c.spec.iodepth
+        elif c.engine.asynchronous:  # one thread keeps every call in flight
+            c.io_model, nthreads = "async", 1
+        else:  # a thread per call in flight
+            c.io_model, nthreads = "threads", max(1, c.spec.iodepth // c.spec.iodepth_batch)
+        c.io_threads = nthreads
         for k in range(nthreads):
             rec = Recorder(ctx)
             c.recorders.append(rec)
             if c.spec.workload == "prefix":
                 target: Callable[..., None] = _prefix_thread
                 args: tuple = (ctx, c, k, rec)
+            elif c.io_model == "async":
+                target, args = fio_async_worker, (ctx, c, rec)
             else:
                 target, args = fio_worker, (ctx, c, rec)
             threads.append(threading.Thread(target=_thread, args=(c, target, args), daemon=True,
@@ -495,6 +720,9 @@ def run_group(clones: list[Clone], eta_mode: str, log: Callable[[str], None]) ->
                 nbytes=np.concatenate([np.frombuffer(rec.nbytes[ddir], np.int64)
                                        for rec in c.recorders])
                 if c.recorders else np.zeros(0, np.int64),
+                slat=np.concatenate([np.frombuffer(rec.slat[ddir], np.int64)
+                                     for rec in c.recorders])
+                if c.recorders and all(rec.slat is not None for rec in c.recorders) else None,
             )
         names = {k for rec in c.recorders for k in rec.extras}
         r.extra_lat = {k: np.concatenate([np.frombuffer(rec.extras[k], np.int64)
@@ -506,6 +734,12 @@ def run_group(clones: list[Clone], eta_mode: str, log: Callable[[str], None]) ->
         r.errors = list(c.errors)
         r.misses, r.verify_errors, r.verified = c.misses, c.verify_errors, c.verified
         r.failed_puts, r.layout_blocks = c.failed_puts, c.layout_blocks
+        r.io_model, r.io_threads, r.inflight_max = c.io_model, c.io_threads, c.inflight_max
+        r.item_errors = {k: {"count": n, "first": why} for k, (n, why) in c.item_errors.items()}
+        if c.spec.workload == "fio":  # the prefix replay keeps none: fio's IO depths as set
+            r.depth_hist = [sum(x) for x in zip(*(rec.depth for rec in c.recorders))]
+            r.submit_hist = [sum(x) for x in zip(*(rec.submits for rec in c.recorders))]
+            r.complete_hist = [sum(x) for x in zip(*(rec.completes for rec in c.recorders))]
         r.usr_cpu, r.sys_cpu, r.ctx = usr, sys_, ctxsw
         r.majf = ru1.ru_majflt - ru0.ru_majflt
         r.minf = ru1.ru_minflt - ru0.ru_minflt

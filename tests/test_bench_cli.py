@@ -500,6 +500,9 @@ def test_rawsock_and_null_engines(capsys):
     assert rc == 0
     j = doc["jobs"][0]
     assert j["read"]["io_bytes"] + j["write"]["io_bytes"] == 4 << 20
+    # driven like WQS: one thread, a connection per call in flight
+    assert j["wqs"]["io_model"] == "async" and j["wqs"]["io_threads"] == 1
+    assert j["wqs"]["inflight_max"] == 4
     assert cli.main(["--ioengine=null", "--name=x", "--size=1m", "--verify=md5"]) == 1
     assert "verify needs an engine that stores" in capsys.readouterr().err
 
@@ -574,3 +577,208 @@ def test_wqs_engine_needs_servers(capsys):
 
 
 
+# ------------------------------------------------------------ iodepth: the async model
+
+
+class _CountingWqs:
+    """Wraps a WqsEngine's asynchronous calls: which threads start calls, and how many
+    blocks each thread has in flight (started, not yet finished) at most."""
+
+    def __init__(self, engine) -> None:
+        import threading
+
+        self.engine = engine
+        self.lock = threading.Lock()
+        self.threads: set[int] = set()
+        self.now: dict[int, int] = {}
+        self.max: dict[int, int] = {}
+        self.calls_now: dict[int, int] = {}
+        self.calls_max: dict[int, int] = {}
+        self.blocks = {}
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def _started(self, handle, n):
+        import threading
+
+        me = threading.get_ident()
+        with self.lock:
+            self.threads.add(me)
+            self.now[me] = self.now.get(me, 0) + n
+            self.max[me] = max(self.max.get(me, 0), self.now[me])
+            self.calls_now[me] = self.calls_now.get(me, 0) + 1
+            self.calls_max[me] = max(self.calls_max.get(me, 0), self.calls_now[me])
+            self.blocks[id(handle)] = (me, n)
+        return handle
+
+    def _finished(self, handle):
+        with self.lock:
+            me, n = self.blocks.pop(id(handle))
+            self.now[me] -= n
+            self.calls_now[me] -= 1
+
+    def start_put(self, ids, bufs):
+        return self._started(self.engine.start_put(ids, bufs), len(ids))
+
+    def start_get(self, ids, outs):
+        return self._started(self.engine.start_get(ids, outs), len(ids))
+
+    def finish_put(self, handle):
+        self._finished(handle)
+        return self.engine.finish_put(handle)
+
+    def finish_get(self, handle):
+        self._finished(handle)
+        return self.engine.finish_get(handle)
+
+
+@pytest.fixture
+def counting_wqs(monkeypatch):
+    made = []
+    real = cli.make_engine
+
+    def make(*args, **kwargs):
+        made.append(_CountingWqs(real(*args, **kwargs)))
+        return made[-1]
+
+    monkeypatch.setattr(cli, "make_engine", make)
+    return made
+
+
+@pytest.mark.parametrize("numjobs", [1, 2])
+def test_iodepth_is_n_blocks_in_flight_from_one_thread_per_job(daemon, counting_wqs, capsys,
+                                                               numjobs):
+    """fio's libaio model: --iodepth=8 keeps 8 requests in flight from one job thread
+    (numjobs threads in all), through the SDK's start_*_many and wait_any."""
+    rc, doc = run_bench([f"--servers={daemon.address}", "--name=qd8", "--rw=randrw",
+                         "--bs=16k", "--size=1m", "--iodepth=8", f"--numjobs={numjobs}"],
+                        capsys)
+    assert rc == 0, LAST_ERR[0]
+    (eng,) = counting_wqs
+    assert len(eng.threads) == numjobs  # one IO thread per job clone
+    assert all(m == 8 for m in eng.max.values()), eng.max  # each reached iodepth, no more
+    assert all(n == 0 for n in eng.now.values())  # every call finished
+    for job in doc["jobs"]:
+        w = job["wqs"]
+        assert w["io_model"] == "async" and w["io_threads"] == 1 and w["inflight_max"] == 8
+        ios = job["read"]["total_ios"] + job["write"]["total_ios"]
+        assert ios == 64  # each slot once, like fio
+        # fio's libaio reports: submission latency per IO, depths measured
+        for d in ("read", "write"):
+            assert job[d]["slat_ns"]["N"] == job[d]["total_ios"] == job[d]["lat_ns"]["N"]
+            if job[d]["total_ios"]:
+                assert job[d]["slat_ns"]["max"] <= job[d]["lat_ns"]["max"]
+        assert job["iodepth_level"]["8"] > 0
+        assert sum(job["iodepth_level"].values()) == pytest.approx(100.0)
+        assert job["iodepth_submit"]["4"] == 100.0  # one block per submission
+
+
+def test_iodepth_batch_is_calls_of_b_blocks(daemon, counting_wqs, capsys):
+    """--iodepth=8 --iodepth_batch=4: calls of 4 blocks (one start_get_many each), two
+    calls and 8 blocks in flight, one thread; --verify checks every block read into the
+    slots' own out buffers."""
+    common = [f"--servers={daemon.address}", "--name=qd8b4", "--bs=32k", "--size=2m",
+              "--iodepth=8", "--iodepth_batch=4", "--verify=crc32c"]
+    rc, doc = run_bench([*common, "--rw=randwrite"], capsys)
+    assert rc == 0, LAST_ERR[0]
+    assert doc["jobs"][0]["wqs"]["verified_blocks"] == 64  # read back after the writes
+    counting_wqs.clear()
+    rc, doc = run_bench([*common, "--rw=randread"], capsys)
+    assert rc == 0, LAST_ERR[0]
+    (eng,) = counting_wqs
+    (me,) = eng.threads
+    assert eng.max[me] == 8 and eng.calls_max[me] == 2
+    w = doc["jobs"][0]["wqs"]
+    assert w["verified_blocks"] == 64 and w["verify_errors"] == 0 and w["misses"] == 0
+    assert w["layout_blocks"] == 0 and w["inflight_max"] == 8 and w["io_threads"] == 1
+    assert doc["jobs"][0]["iodepth_submit"]["4"] == 100.0
+    assert doc["jobs"][0]["read"]["total_ios"] == 64
+
+
+def test_verify_at_depth_catches_a_corrupted_block(daemon, capsys):
+    """At iodepth 8 the corrupted block is still the only one reported: each call in
+    flight reads into buffers of its own."""
+    common = [f"--servers={daemon.address}", "--name=vqd", "--bs=64k", "--size=1m",
+              "--iodepth=8", "--iodepth_batch=2", "--verify=crc32c"]
+    rc, _ = run_bench([*common, "--rw=write"], capsys)
+    assert rc == 0
+    victim = block_id("vqd.0.0", 9 * 65536, 65536)
+    assert _flip_in_device(daemon.device, victim) >= 1
+    rc, doc = run_bench([*common, "--rw=randread"], capsys)
+    assert rc != 0
+    w = doc["jobs"][0]["wqs"]
+    assert w["verify_errors"] == 1 and w["misses"] == 1 and w["verified_blocks"] == 15
+    assert victim.hex() in w["errors"][0]
+
+
+@needs_fio
+def test_null_engine_at_depth_matches_fio(capsys):
+    """The null engine is asynchronous like fio's: same IO counts and JSON keys at
+    iodepth 8 in batches of 4, with submission latency reported as fio does."""
+    args = ["--ioengine=null", "--rw=randread", "--bs=4k", "--size=4m", "--name=q",
+            "--iodepth=8", "--iodepth_batch=4", "--numjobs=2"]
+    fio = run_fio(args)
+    rc, ours = run_bench(args, capsys)
+    assert rc == 0
+    missing = sorted(_key_paths(fio) - _key_paths(ours))
+    assert not missing, missing
+    for fj, oj in zip(fio["jobs"], ours["jobs"]):
+        assert oj["read"]["total_ios"] == fj["read"]["total_ios"] == 1024
+        assert oj["read"]["slat_ns"]["N"] == fj["read"]["slat_ns"]["N"] == 1024
+        assert oj["wqs"]["io_model"] == "async" and oj["wqs"]["io_threads"] == 1
+        assert oj["wqs"]["inflight_max"] == 8
+    rc = cli.main(["--eta=never", *args])
+    out = capsys.readouterr().out
+    assert rc == 0 and re.search(r"\n    slat \((nsec|usec)\): min=", out)
+    assert "  wqs io       : async, 1 thread, at most 8 blocks in flight" in out
+
+
+def test_engines_without_an_async_api_keep_a_thread_per_call(tmp_path, capsys):
+    rc, doc = run_bench(["--ioengine=files", f"--files_dir={tmp_path}", "--name=f",
+                         "--rw=randwrite", "--bs=4k", "--size=256k", "--iodepth=8",
+                         "--iodepth_batch=2"], capsys)
+    assert rc == 0
+    job = doc["jobs"][0]
+    w = job["wqs"]
+    assert w["io_model"] == "threads" and w["io_threads"] == 4
+    assert 2 <= w["inflight_max"] <= 8  # the runner counts them; how many overlap is luck
+    assert job["write"]["slat_ns"]["N"] == 0  # synchronous calls: no separate submission
+
+
+def test_failed_blocks_report_why(capsys):
+    """An asynchronous engine's per-block failures (results.errors) are counted by kind
+    with the first message, in JSON and text; the job itself goes on."""
+    from bench.engines import NullEngine
+    from bench.report import normal_text, to_json
+    from bench.runner import Clone, run_group
+
+    class Flaky(NullEngine):
+        def finish_put(self, handle):
+            ok = [k % 4 != 0 for k in range(len(handle.values))]
+            return ok, {k: "NodeUnavailable: 127.0.0.1:1: down" for k, good in
+                        enumerate(ok) if not good}
+
+    specs, _ = build_jobs(split_argv(["--ioengine=null", "--name=flaky", "--rw=write",
+                                      "--bs=4k", "--size=64k", "--iodepth=4",
+                                      "--iodepth_batch=4"]))
+    (res,) = run_group([Clone(specs[0], 0, 0, Flaky(), 1)], "never", lambda m: None)
+    assert res.failed_puts == 4 and res.error == 0
+    assert res.item_errors == {"NodeUnavailable": {"count": 4,
+                                                   "first": "NodeUnavailable: 127.0.0.1:1: down"}}
+    doc = to_json([res], {}, 0.0)
+    assert doc["jobs"][0]["wqs"]["item_errors"]["NodeUnavailable"]["count"] == 4
+    text = normal_text([res], doc)
+    assert "  failed blocks: NodeUnavailable x4 (first: NodeUnavailable: 127.0.0.1:1: down)" \
+        in text
+
+
+def test_fio_depth_buckets():
+    from bench.runner import batch_bucket, depth_bucket
+
+    # fio's io_u_map: 1, 2-3, 4-7, 8-15, 16-31, 32-63, >=64
+    assert [depth_bucket(n) for n in (1, 2, 3, 4, 7, 8, 15, 16, 31, 32, 63, 64, 500)] == \
+        [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6]
+    # fio's io_u_submit / io_u_complete: 0, 1-4, 5-8, 9-16, 17-32, 33-64, >64
+    assert [batch_bucket(n) for n in (0, 1, 4, 5, 8, 9, 16, 17, 32, 33, 64, 65)] == \
+        [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6]
