@@ -7,7 +7,8 @@
     blocks = client.get_many(ids[:hits])
 """
 
-from wqs.client import AsyncClient, Client
+from wqs.asyncio_client import AsyncClient
+from wqs.client import Client
 from wqs.errors import WQSError
 from wqs.ids import block_id_to_int, prefix_block_ids, to_block_id
 

@@ -15,7 +15,6 @@ A node that cannot be reached makes its blocks misses and its puts False within
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,7 +29,7 @@ from wqs.rpc.pipeline import Call, NodeDown, Pipeline, _GetAnswer, _Request
 
 log = logging.getLogger("wqs.client")
 
-__all__ = ["AsyncClient", "BatchResult", "Client", "NodeDown", "Pending"]
+__all__ = ["BatchResult", "Client", "NodeDown", "Pending"]
 
 
 def _buffer(data: Any) -> memoryview:
@@ -201,16 +200,22 @@ class Client:
         """put_many, sent but not waited for: wait(pending), then pending.result()."""
         ids, bufs = [], []
         for block_id, data in items:
-            ids.append(to_block_id(block_id))
+            ids.append(block_id if type(block_id) is bytes and len(block_id) == 16
+                       else to_block_id(block_id))
             bufs.append(_buffer(data))
         ok = [bool(self.ring)] * len(ids)
         errors: dict[int, WQSError] = {}
         call = self._pipe.start()
-        if len(self.ring):
-            plan: dict[str, list[int]] = {}
-            for i, b in enumerate(ids):
-                for node in self.ring.nodes_for(b, replicas or self.config.replicas):
-                    plan.setdefault(node, []).append(i)
+        ring = self.ring
+        if len(ring):
+            copies = replicas or self.config.replicas
+            if copies == 1:
+                plan = ring.plan(ids, range(len(ids)), 1)
+            else:
+                plan = {}
+                for i, b in enumerate(ids):
+                    for node in ring.nodes_for(b, copies):
+                        plan.setdefault(node, []).append(i)
             for node, idx in plan.items():
                 self._send_puts(call, node, idx, ids, bufs, ok, errors)
         self._pipe.release(call)
@@ -228,7 +233,7 @@ class Client:
                        outs: Sequence[Any] | None = None) -> Pending:
         """get_many, sent but not waited for: wait(pending), then pending.result() (which
         asks the other replicas of the missed blocks, if there are replicas)."""
-        ids = [to_block_id(b) for b in block_ids]
+        ids = [b if type(b) is bytes and len(b) == 16 else to_block_id(b) for b in block_ids]
         views = [_writable(o) for o in outs] if outs is not None else None
         if views is not None and len(views) != len(ids):
             raise ValueError(f"{len(ids)} ids but {len(views)} out buffers")
@@ -256,12 +261,9 @@ class Client:
                         todo: list[int], attempt: int, results: list[Any],
                         errors: dict[int, WQSError], ring: HashRing) -> Call:
         call = self._pipe.start()
-        plan: dict[str, list[int]] = {}
-        for i in todo:
-            owners = ring.nodes_for(ids[i], self.config.replicas)
-            plan.setdefault(owners[attempt % len(owners)], []).append(i)
-        for node, idx in plan.items():
-            self._send_gets(call, node, idx, ids, views, results, errors)
+        if todo:
+            for node, idx in ring.plan(ids, todo, self.config.replicas, attempt).items():
+                self._send_gets(call, node, idx, ids, views, results, errors)
         self._pipe.release(call)
         return call
 
@@ -391,6 +393,8 @@ class Client:
         try:
             node = pipe.node(address)
             n = node.layout(pipe)
+            if n == 1:
+                return [(pipe.connection(node, 0), idx)]
         except NodeUnavailable as e:
             pipe.failed_requests += 1
             fail(idx, e)
@@ -468,41 +472,56 @@ class Client:
                 errors.setdefault(i, error)
 
         for conn, sidx in self._shard_groups(address, idx, ids, fail):
-            for chunk in self._chunks(sidx, conn, lambda i: 0):
-                self._send_get_chunk(call, conn, chunk, ids, views, results, errors, fail)
+            max_items = conn.limits.max_items
+            for k in range(0, len(sidx), max_items):
+                self._send_get_chunk(call, conn, sidx[k : k + max_items], ids, views, results,
+                                     errors)
 
     def _send_get_chunk(self, call: Call, conn: Any, chunk: list[int], ids: list[bytes],
                         views: list[memoryview] | None, results: list[Any],
-                        errors: dict[int, WQSError],
-                        fail: Callable[[list[int], WQSError], None]) -> None:
+                        errors: dict[int, WQSError]) -> None:
         chunk_ids = [ids[i] for i in chunk]
         outs = [views[i] for i in chunk] if views is not None else None
+        req = _Request(call, conn, p.Opcode.GET, self._get_answer, chunk_ids, outs)
+        req.ctx = (chunk, ids, views, results, errors)
+        self._pipe.send(req, [p.frame_get_request(0, chunk_ids)])
 
-        def answer(req: _Request, msg: Any) -> None:
-            if not isinstance(msg, _GetAnswer):  # the request failed as a whole
-                fail(chunk, self._request_error(req, msg))
-                return
-            self._pipe.mark_up(req.conn.node)
-            again = []
-            for k, (i, row) in enumerate(zip(chunk, msg.rows)):
-                if row.status == p.Status.OK:
-                    if k in msg.too_small:
-                        fail([i], BlockTooLarge(
-                            f"block {ids[i].hex()} is {msg.too_small[k]} B, its out buffer "
-                            f"holds {outs[k].nbytes} B"))
-                    elif outs is not None:
-                        results[i] = msg.values[k]
-                    else:
-                        results[i] = bytes(msg.values[k])
-                elif row.status == p.Status.BUSY:
-                    again.append(i)  # did not fit the answer: ask again
-                elif row.status != p.Status.NOT_FOUND:
-                    fail([i], RemoteError(f"{req.conn.address}: {row.status.name}"))
-            if again:
-                self._send_get_chunk(call, req.conn, again, ids, views, results, errors, fail)
-
-        self._pipe.send(_Request(call, conn, p.Opcode.GET, answer, chunk_ids, outs),
-                        [p.frame_get_request(0, chunk_ids)])
+    def _get_answer(self, req: _Request, msg: Any) -> None:
+        chunk, ids, views, results, errors = req.ctx
+        if not isinstance(msg, _GetAnswer):  # the request failed as a whole
+            error = self._request_error(req, msg)
+            for i in chunk:
+                results[i] = None
+                errors.setdefault(i, error)
+            return
+        node = req.conn.node
+        if node.last_error is not None:
+            self._pipe.mark_up(node)
+        outs, values = req.outs, msg.values
+        again = None
+        OK = p.Status.OK
+        for k, row in enumerate(msg.rows):
+            i = chunk[k]
+            status = row.status
+            if status is OK:
+                if msg.too_small and k in msg.too_small:
+                    results[i] = None
+                    errors.setdefault(i, BlockTooLarge(
+                        f"block {ids[i].hex()} is {msg.too_small[k]} B, its out buffer "
+                        f"holds {outs[k].nbytes} B"))
+                elif outs is not None:
+                    results[i] = values[k]
+                else:
+                    results[i] = bytes(values[k])
+            elif status == p.Status.BUSY:
+                if again is None:
+                    again = []
+                again.append(i)  # did not fit the answer: ask again
+            elif status != p.Status.NOT_FOUND:
+                results[i] = None
+                errors.setdefault(i, RemoteError(f"{req.conn.address}: {status.name}"))
+        if again:
+            self._send_get_chunk(req.call, req.conn, again, ids, views, results, errors)
 
     def _send_ids(self, call: Call, address: str, idx: list[int], ids: list[bytes],
                   opcode: p.Opcode, out: list[Any]) -> None:
@@ -541,20 +560,3 @@ class Client:
         if isinstance(msg, WQSError):
             return msg
         return RemoteError(f"{req.conn.address}: unexpected answer {type(msg).__name__}")
-
-
-class AsyncClient:
-    """The same calls as awaitables, for asyncio engines (a pool thread drives the IO)."""
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-
-    async def get_many(self, block_ids: Sequence[BlockIdLike],
-                       outs: Sequence[Any] | None = None) -> list[Any]:
-        return await asyncio.wrap_future(self.client.get_many_async(block_ids, outs))
-
-    async def put_many(self, items: Sequence[tuple[BlockIdLike, Any]]) -> list[bool]:
-        return await asyncio.wrap_future(self.client.put_many_async(items))
-
-    async def lookup_prefix(self, block_ids: Sequence[BlockIdLike]) -> int:
-        return await asyncio.wrap_future(self.client.lookup_prefix_async(block_ids))

@@ -158,6 +158,26 @@ class HashRing:
         names = self._names
         return [names[i] for i in self.assign_indices(block_ids).tolist()]
 
+    def plan(self, block_ids: Sequence[bytes], positions: Sequence[int], replicas: int,
+             attempt: int = 0) -> dict[str, list[int]]:
+        """The given positions of block_ids grouped by the node that holds their copy
+        number `attempt % copies` (0: the owner): who to ask, in one pass."""
+        self._check_nonempty()
+        if len(self._names) == 1:  # one node holds every copy there is
+            return {self._names[0]: list(positions)}
+        if replicas == 1 or attempt == 0:
+            out: dict[str, list[int]] = {}
+            names = self._names
+            picked = [block_ids[i] for i in positions]
+            for pos, idx in zip(positions, self.assign_indices(picked).tolist()):
+                out.setdefault(names[idx], []).append(pos)
+            return out
+        out = {}
+        for i in positions:
+            owners = self.nodes_for(block_ids[i], replicas)
+            out.setdefault(owners[attempt % len(owners)], []).append(i)
+        return out
+
     def group(self, block_ids: Sequence[bytes]) -> dict[str, list[int]]:
         """Positions of ``block_ids`` grouped by owner: one batch per node for a fan-out."""
         out: dict[str, list[int]] = {}

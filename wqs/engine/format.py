@@ -230,6 +230,20 @@ def pack_entry_header(block_id: bytes, gen: int, seq: int, payload_len: int,
     return body + _CHECKSUM.pack(checksum(body))
 
 
+def entry_matches(raw: bytes | memoryview, block_id: bytes, gen: int, payload_len: int) -> bool:
+    """Whether raw holds a whole, intact entry of block_id written in region generation
+    gen with payload_len bytes: the header's magic, version, fields and checksum, and the
+    payload's checksum. (What every read verifies; unpack_entry_header's checks, without
+    building the header object.)"""
+    if len(raw) < ENTRY_HEADER_SIZE + payload_len:
+        return False
+    magic, version, _, _, bid, egen, _, plen, _, psum = _ENTRY.unpack_from(raw)
+    return (magic == ENTRY_MAGIC and version == FORMAT_VERSION and bid == block_id
+            and egen == gen and plen == payload_len
+            and _CHECKSUM.unpack_from(raw, _ENTRY.size)[0] == checksum(raw[:_ENTRY.size])
+            and checksum(raw[ENTRY_HEADER_SIZE : ENTRY_HEADER_SIZE + plen]) == psum)
+
+
 def unpack_entry_header(raw: bytes | memoryview, offset: int = 0) -> EntryHeader | None:
     """The entry header at raw[offset:], or None if it is not one (bad magic or checksum)."""
     if len(raw) - offset < ENTRY_HEADER_SIZE:

@@ -185,6 +185,16 @@ class Index:
         self.metas[i] = meta
         return Location(int(self.locs[i]), meta & META_LEN_MASK, meta)
 
+    def mark_hit_raw(self, tag: int) -> tuple[int, int] | None:
+        """mark_hit, as a (loc, meta) tuple: the read path's form (no object per lookup)."""
+        i = self._find_slot(tag)
+        if not self.tags[i]:
+            return None
+        metas = self.metas
+        meta = int(metas[i]) | META_HIT
+        metas[i] = meta
+        return int(self.locs[i]), meta
+
     def remove(self, tag: int, loc: int | None = None) -> bool:
         """Remove `tag` (only if it still points at `loc`, when given)."""
         i = self._find_slot(tag)

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from wqs.engine import format as fmt
 from wqs.engine.dram import DramTier
-from wqs.engine.index import Index, block_tag
+from wqs.engine.index import META_HEAD, META_LEN_MASK, Index, block_tag
 from wqs.engine.regions import RegionTable
 from wqs.engine.stats import EngineStats
 from wqs.nvme.buffers import BufferPool, IoBuffer
@@ -58,20 +58,24 @@ class ReadResult:
 DEFERRED = ReadResult([], [], -1)
 
 
-@dataclass(eq=False)
 class GetOp:
     """One get batch: results[i] is a ReadResult or None; callback(op) once all are in."""
 
-    ids: list[bytes]
-    results: list[ReadResult | None]
-    callback: Callable[["GetOp"], None] | None
-    arg: Any = None
-    remaining: int = 0  # reads (and segmented blocks) still outstanding
-    reserved: int = 0  # payload bytes of the hits being served (what max_bytes bounds)
-    deferred: int = 0
-    dram_hits: int = 0
-    ssd_hits: int = 0
-    nbytes: int = 0
+    __slots__ = ("ids", "results", "callback", "arg", "remaining", "reserved", "deferred",
+                 "dram_hits", "ssd_hits", "nbytes")
+
+    def __init__(self, ids: list[bytes], callback: Callable[["GetOp"], None] | None,
+                 arg: Any = None) -> None:
+        self.ids = ids
+        self.results: list[ReadResult | None] = [None] * len(ids)
+        self.callback = callback
+        self.arg = arg
+        self.remaining = 0  # reads (and segmented blocks) still outstanding
+        self.reserved = 0  # payload bytes of the hits being served (what max_bytes bounds)
+        self.deferred = 0
+        self.dram_hits = 0
+        self.ssd_hits = 0
+        self.nbytes = 0
 
 
 @dataclass(eq=False)
@@ -129,12 +133,13 @@ class Reader:
 
     def _lookup(self, entry_id: bytes) -> tuple[int, int, int, bool] | None:
         """(loc, payload_len, region gen, is_head) of an entry, marking it read."""
-        found = self.index.mark_hit(block_tag(entry_id))
+        found = self.index.mark_hit_raw(block_tag(entry_id))
         if found is None:
             return None
-        region = found.loc // self.upr
+        loc, meta = found
+        region = loc // self.upr
         self.regions.touch(region)
-        return found.loc, found.payload_len, int(self.regions.gen[region]), found.head
+        return loc, meta & META_LEN_MASK, int(self.regions.gen[region]), bool(meta & META_HEAD)
 
     # ---- get --------------------------------------------------------------------------
 
@@ -143,10 +148,11 @@ class Reader:
         """Start reading a batch; callback(op) runs once every result is in (at once,
         before this returns, if nothing needed the device). With max_bytes, hits past
         that many payload bytes (the first always goes) come back DEFERRED, unread."""
-        op = GetOp(ids, [None] * len(ids), callback, arg)
+        op = GetOp(ids, callback, arg)
         op.remaining = 1  # held until every read is prepared, so no early finish
         dram = self.dram
         limit = max_bytes if max_bytes is not None else 1 << 62
+        lookup, ring, pool, read_done = self._lookup, self.ring, self.pool, self._read_done
         for i, block_id in enumerate(ids):
             assert len(block_id) == 16, "block IDs are 16 bytes"
             if dram is not None:
@@ -161,7 +167,7 @@ class Reader:
                     op.dram_hits += 1
                     op.nbytes += len(value)
                     continue
-            found = self._lookup(block_id)
+            found = lookup(block_id)
             if found is None:
                 continue
             loc, plen, gen, head = found
@@ -174,27 +180,30 @@ class Reader:
             if head:
                 self._start_segmented(_Segmented(op, i, block_id, loc, plen, gen))
                 continue
-            elen = fmt.entry_len(plen)
-            buf = self.pool.acquire(elen)
+            elen = (HEADER + plen + UNIT - 1) & ~(UNIT - 1)  # fmt.entry_len
+            buf = pool.acquire(elen)
             self.reads_in_flight += 1
-            self.ring.read(self.device_offset(loc), buf.addr, elen, self._read_done,
-                           (op, i, block_id, loc, gen, buf, plen))
+            ring.read(self.device_offset(loc), buf.addr, elen, read_done,
+                      (op, i, block_id, loc, gen, buf, plen, elen))
         self._one_done(op)
         return op
 
     def _read_done(self, arg: tuple, res: int) -> None:
-        op, i, block_id, loc, gen, buf, plen = arg
+        op, i, block_id, loc, gen, buf, plen, elen = arg
         self.reads_in_flight -= 1
-        view = buf.view[: fmt.entry_len(plen)]
-        if res == len(view) and self._check_entry(block_id, loc, gen, view, plen):
-            payload = buf.view[HEADER : HEADER + plen]
+        view = buf.view
+        if res == elen and fmt.entry_matches(view, block_id, gen, plen):
+            payload = view[HEADER : HEADER + plen]
             op.results[i] = ReadResult([payload], [buf], plen)
             op.ssd_hits += 1
             op.nbytes += plen
-            self._admit_to_dram(block_id, loc, payload)
+            if self.dram is not None:
+                self._admit_to_dram(block_id, loc, payload)
         else:
-            if res != len(view):
-                self._read_failed(loc, res, len(view))
+            if res != elen:
+                self._read_failed(loc, res, elen)
+            else:
+                self._check_entry(block_id, loc, gen, view[:elen], plen)  # why: counted
             self.pool.release(buf)
         self._one_done(op)
 

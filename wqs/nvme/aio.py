@@ -41,6 +41,12 @@ IOV_MAX = 1024  # buffers in one vectored write (Linux's UIO_MAXIOV)
 
 Callback = Callable[[Any, int], None]  # callback(arg, result): bytes moved, or -errno
 
+# Bumped in every forked child: a ring made before the fork is not the child's (the
+# kernel context belongs to the parent). Checked per call without a getpid() syscall.
+_fork_generation = [0]
+os.register_at_fork(after_in_child=lambda: _fork_generation.__setitem__(0,
+                                                                        _fork_generation[0] + 1))
+
 
 @dataclass(frozen=True)
 class _Syscalls:
@@ -116,6 +122,7 @@ class AioRing:
         self._slots: list[tuple[Callback, Any, Any] | None] = [None] * depth
         self._queued: deque[tuple] = deque()
         self._pid = os.getpid()
+        self._generation = _fork_generation[0]
         self.in_flight = 0  # submitted to the kernel, not yet completed
         self._closed = False
 
@@ -219,7 +226,7 @@ class AioRing:
         return done
 
     def _check_owner(self) -> None:
-        if os.getpid() != self._pid:
+        if _fork_generation[0] != self._generation:
             raise DeviceError("an AIO ring cannot be used across fork(): open the device "
                               "in the child")
 

@@ -71,10 +71,15 @@ class BufferPool:
         self.cached_bytes = 0
         self.outstanding = 0  # buffers handed out and not yet released (a leak check)
         self._free: dict[int, list[IoBuffer]] = {}
+        self._classes: dict[int, int] = {}  # nbytes -> size class, for the sizes seen
 
     def acquire(self, nbytes: int) -> IoBuffer:
         self.outstanding += 1
-        c = size_class(nbytes)
+        c = self._classes.get(nbytes)
+        if c is None:
+            c = size_class(nbytes)
+            if len(self._classes) < 4096:  # a workload of random sizes must not grow it
+                self._classes[nbytes] = c
         free = self._free.get(c)
         if free:
             self.cached_bytes -= c

@@ -38,6 +38,8 @@ RX_BUFFER = 256 << 10  # holds any response frame without payloads
 IOV_MAX = 1024
 RECV_IOV = 64  # out buffers filled by one recvmsg_into
 RETRY_INTERVAL_S = 1.0  # a node that failed is not tried again before this
+_IN, _IN_OUT = select.EPOLLIN, select.EPOLLIN | select.EPOLLOUT
+_GET, _OK = p.Opcode.GET, p.Status.OK
 
 
 class Call:
@@ -56,7 +58,7 @@ class Call:
 class _Request:
     """One frame in flight: what to do with its answer."""
 
-    __slots__ = ("call", "rid", "conn", "on_answer", "ids", "outs", "opcode")
+    __slots__ = ("call", "rid", "conn", "on_answer", "ids", "outs", "opcode", "ctx")
 
     def __init__(self, call: Call, conn: "_Conn", opcode: p.Opcode,
                  on_answer: Callable[["_Request", Any], None], ids: Sequence[bytes] = (),
@@ -68,6 +70,7 @@ class _Request:
         self.ids = ids
         self.outs = outs
         self.rid = 0
+        self.ctx: Any = None  # the caller's, for on_answer
 
 
 class _GetAnswer:
@@ -115,6 +118,7 @@ class _Conn:
         self.answer: _GetAnswer | None = None  # a GET payload being received
         self.closed = False
         self.error: Exception | None = None
+        self.mask = 0  # the epoll events registered for it
 
     def _handshake(self, config: ClientConfig) -> p.HelloResponse:
         """HELLO (and AUTH), blocking, before the connection is used for anything else."""
@@ -239,6 +243,7 @@ class Pipeline:
     def _register(self, conn: _Conn) -> None:
         with self._lock:
             self._by_fd[conn.fd] = conn
+            conn.mask = select.EPOLLIN
             self._epoll.register(conn.fd, select.EPOLLIN)
 
     def _mark_down(self, node: _Node, reason: str) -> None:
@@ -311,11 +316,13 @@ class Pipeline:
             out.clear()
             self._fail_conn(conn, NodeUnavailable(f"{conn.address}: send failed: {e}"))
             return
-        mask = select.EPOLLIN | (select.EPOLLOUT if out else 0)
-        try:
-            self._epoll.modify(conn.fd, mask)
-        except (OSError, ValueError):
-            pass  # closed meanwhile
+        mask = _IN_OUT if out else _IN
+        if mask != conn.mask:
+            conn.mask = mask
+            try:
+                self._epoll.modify(conn.fd, mask)
+            except (OSError, ValueError):
+                pass  # closed meanwhile
 
     def fail(self, req: _Request, error: Exception) -> None:
         """Answer a request that was never sent with error (pending already counted)."""
@@ -346,12 +353,15 @@ class Pipeline:
         self.wait_any([call])
 
     def wait_any(self, calls: Sequence[Call], deadline: float | None = None) -> None:
-        """Until any of calls is complete (or deadline / their deadlines pass)."""
+        """Until any of calls is complete, or `deadline` (time.monotonic()) passes, or the
+        calls' own deadlines do: a call past its own deadline is failed (its connections
+        closed); one that only outlived `deadline` goes on."""
         if not calls or any(c.done for c in calls):
             return
-        end = min(c.deadline for c in calls) if deadline is None else deadline
+        own = min(c.deadline for c in calls)
+        end = own if deadline is None else min(own, deadline)
         me = threading.get_ident()
-        event = threading.Event()
+        event: threading.Event | None = None
         while True:
             with self._lock:
                 if any(c.done for c in calls):
@@ -361,6 +371,8 @@ class Pipeline:
                     lead = True
                 else:
                     lead = False
+                    if event is None:
+                        event = threading.Event()
                     for c in calls:
                         c.event = event
                     self._waiters.append((calls[0], event))
@@ -370,7 +382,7 @@ class Pipeline:
                 finally:
                     self._handoff()
                 if not any(c.done for c in calls):
-                    self._expire(calls)
+                    self._expire_late(calls)
                 return
             left = end - time.monotonic()
             woken = left > 0 and event.wait(left)
@@ -379,8 +391,14 @@ class Pipeline:
                 event.clear()
             if not woken:
                 if not any(c.done for c in calls):
-                    self._expire(calls)
+                    self._expire_late(calls)
                 return
+
+    def _expire_late(self, calls: Sequence[Call]) -> None:
+        now = time.monotonic()
+        late = [c for c in calls if not c.done and c.deadline <= now]
+        if late:
+            self._expire(late)
 
     def _handoff(self) -> None:
         """Leave the driving to a caller still waiting, if any."""
@@ -473,7 +491,7 @@ class Pipeline:
                 conn.rstart += 32
                 avail -= 32
                 conn.header = h
-            if p.carries_payloads(h):  # an OK GET answer: table, then payloads
+            if h.opcode is _GET and h.flags and h.status is _OK:  # table, then payloads
                 table = h.count * p.ITEM.size
                 if avail < table:
                     if conn.rstart + table > RX_BUFFER:
@@ -509,20 +527,20 @@ class Pipeline:
         req = conn.inflight.get(rid)
         answer = _GetAnswer(req, rows)
         outs = req.outs if req is not None else None
-        for i, row in enumerate(rows):
-            if row.status != p.Status.OK:
+        values, targets = answer.values, answer.targets
+        for i, (_, length, status) in enumerate(rows):
+            if status is not _OK:
                 continue
             out = outs[i] if outs is not None else None
-            if out is not None and out.nbytes >= row.length:
-                view = out[: row.length]
-                answer.values[i] = view
+            if out is not None and out.nbytes >= length:
+                view = out[:length]
             else:
                 if out is not None:
-                    answer.too_small[i] = row.length
-                view = memoryview(bytearray(row.length))
-                answer.values[i] = view
-            if row.length:
-                answer.targets.append(view)
+                    answer.too_small[i] = length
+                view = memoryview(bytearray(length))
+            values[i] = view
+            if length:
+                targets.append(view)
         return answer
 
     def _got(self, conn: _Conn, answer: _GetAnswer) -> None:

@@ -143,9 +143,9 @@ class FrameHeader(NamedTuple):
             raise ProtocolError(f"header field out of range: {e}") from None
 
 
-@dataclass(frozen=True)
-class ItemEntry:
-    """One row of an item table: its payload, if status is OK, follows the table in order."""
+class ItemEntry(NamedTuple):
+    """One row of an item table: its payload, if status is OK, follows the table in order.
+    (A NamedTuple: a table of thousands of rows is parsed per frame.)"""
 
     block_id: bytes
     length: int
@@ -352,11 +352,40 @@ def carries_payloads(h: FrameHeader) -> bool:
     return (h.opcode, h.is_response) in _PAYLOAD_FRAMES and h.status == Status.OK
 
 
+_OPCODE_OF = {int(op): op for op in Opcode}
+_IDS_REQUEST_OPS = frozenset({Opcode.GET, Opcode.EXISTS, Opcode.DELETE, Opcode.LOOKUP_PREFIX})
+_STATUS_OK = Status.OK
+
+
 def parse_header(data: BytesLike, limits: Limits = DEFAULT_LIMITS, *,
                  response: bool | None = None) -> FrameHeader:
     """Parse and check the first 32 bytes of a frame: every field, and that count and
     body_len fit the limits and the opcode, so the body may be read (and allocated) safely.
     `response` set, the frame must be a response (True) or a request (False)."""
+    if len(data) >= HEADER.size:
+        # The frames the data path sees all the time, checked in a few comparisons (the
+        # same rules as below, which they satisfy; anything else takes the full path).
+        magic, version, op, flags, rid, status, reserved, count, body_len = \
+            HEADER.unpack_from(data)
+        if magic == MAGIC and version == VERSION and not reserved and not status \
+                and count <= limits.max_items and body_len <= limits.max_body:
+            opcode = _OPCODE_OF.get(op)
+            if flags == 0 and response is not True:
+                if opcode in _IDS_REQUEST_OPS and body_len == count * ID_LEN:
+                    return FrameHeader(opcode, 0, rid, _STATUS_OK, count, body_len)
+                if opcode is Opcode.PUT and \
+                        0 <= body_len - count * ITEM.size <= count * limits.max_block:
+                    return FrameHeader(opcode, 0, rid, _STATUS_OK, count, body_len)
+            elif flags == FLAG_RESPONSE and response is not False:
+                if opcode is Opcode.GET and \
+                        0 <= body_len - count * ITEM.size <= count * limits.max_block:
+                    return FrameHeader(opcode, flags, rid, _STATUS_OK, count, body_len)
+                if opcode is Opcode.PUT and body_len == 2 * count:
+                    return FrameHeader(opcode, flags, rid, _STATUS_OK, count, body_len)
+    return _parse_header(data, limits, response)
+
+
+def _parse_header(data: BytesLike, limits: Limits, response: bool | None) -> FrameHeader:
     if len(data) < HEADER.size:
         raise ProtocolError(f"truncated header: {len(data)} of {HEADER.size} bytes")
     magic, version, op, flags, rid, status, reserved, count, body_len = HEADER.unpack_from(data)
@@ -411,7 +440,15 @@ def parse_item_table(h: FrameHeader, data: BytesLike,
     if len(data) < table:
         raise ProtocolError(f"truncated item table: {len(data)} of {table} bytes")
     items, total = [], 0
+    ok, max_block, request = Status.OK, limits.max_block, not h.is_response
     for i, (bid, length, status, reserved) in enumerate(ITEM.iter_unpack(data[:table])):
+        if not status and not reserved and length <= max_block:  # the usual row
+            items.append(ItemEntry(bid, length, ok))
+            total += length
+            continue
+        if request and status:
+            st = _enum(Status, status, f"status in item {i}")
+            raise _rejected(h, f"item {i}: status {st.name} in a request")
         st = _enum(Status, status, f"status in item {i}")
         if length > limits.max_block:
             raise _rejected(h, f"item {i}: {length} bytes exceed the {limits.max_block}-byte "

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from wqs.engine.core import DEFERRED, GetOp, PutOp
 from wqs.errors import BlockTooLarge, ProtocolError
 from wqs.rpc import protocol as p
-from wqs.rpc.session import ServerSession, Verdict
+from wqs.rpc.session import READY, ServerSession, Verdict
 
 if TYPE_CHECKING:
     from wqs.server.shard import Shard
@@ -45,6 +45,7 @@ MAX_PENDING = 256  # requests in flight per connection before it stops reading
 # Answer bytes queued but not sent (a client that sends but does not read): past this,
 # stop reading its requests until the socket has taken half of them.
 MAX_UNSENT = 4 << 20
+GET = p.Opcode.GET
 OPS = {p.Opcode.PUT: "put", p.Opcode.GET: "get", p.Opcode.EXISTS: "exists",
        p.Opcode.DELETE: "delete", p.Opcode.LOOKUP_PREFIX: "lookup_prefix",
        p.Opcode.PING: "ping"}
@@ -257,22 +258,27 @@ class Connection:
 
     def _request(self, h: p.FrameHeader, body: bytes) -> None:
         op = h.opcode
+        rid = h.request_id
+        shard = self.shard
+        if op is GET and self.session.state is READY and not shard.draining:
+            ids = [body[i : i + 16] for i in range(0, len(body), 16)]
+            if shard.count == 1 or shard.misrouted(ids) is None:
+                self._get(rid, ids)
+                return
         if op == p.Opcode.HELLO:
             self._verdict(self.session.on_hello(p.decode_body(h, body)))
             return
         if op == p.Opcode.AUTH:
             self._verdict(self.session.on_auth(p.decode_body(h, body)))
             return
-        verdict = self.session.admit(h.request_id, op)
+        verdict = self.session.admit(rid, op)
         if verdict is not None:
             self._verdict(verdict)
             return
-        rid = h.request_id
         if op == p.Opcode.PING:
             self._send([p.frame_ping_response(rid)])
             return
         ids = p.unpack_ids(body)
-        shard = self.shard
         if shard.draining:
             self._answer_error(rid, op, p.Status.BUSY, "the node is draining")
             return
@@ -281,18 +287,7 @@ class Connection:
             self._answer_error(rid, op, p.Status.WRONG_SHARD, misrouted)
             return
         core = shard.core
-        if op == p.Opcode.GET:
-            # Hits past what this connection and the shard may still hold, or past one
-            # response frame, are answered BUSY unread: the client asks for them again.
-            self.pending += 1
-            room = min(self.limits.max_body - len(ids) * p.ITEM.size,
-                       shard.options.max_connection_bytes - self.held, shard.budget.room())
-            state = [rid, time.perf_counter(), 0]  # the last: budget units charged
-            get = core.get(ids, self._got, state, max(room, 1))
-            if not state[2] and get.remaining:  # still reading: its buffers are held now
-                state[2] = get.reserved
-                self._charge(get.reserved)
-        elif op == p.Opcode.EXISTS:
+        if op == p.Opcode.EXISTS:
             self._send([p.frame_bits_response(op, rid, core.exists_many(ids))])
             shard.observe("exists", 0.0)
         elif op == p.Opcode.LOOKUP_PREFIX:
@@ -304,6 +299,19 @@ class Connection:
             core.delete_many(ids, lambda found: self._deleted(rid, started, found))
         else:
             self._answer_error(rid, op, p.Status.BAD_REQUEST, f"{op.name} is not valid here")
+
+    def _get(self, rid: int, ids: list[bytes]) -> None:
+        # Hits past what this connection and the shard may still hold, or past one
+        # response frame, are answered BUSY unread: the client asks for them again.
+        shard = self.shard
+        self.pending += 1
+        room = min(self.limits.max_body - len(ids) * p.ITEM.size,
+                   shard.options.max_connection_bytes - self.held, shard.budget.room())
+        state = [rid, time.perf_counter(), 0]  # the last: budget units charged
+        get = shard.core.get(ids, self._got, state, room if room > 0 else 1)
+        if not state[2] and get.remaining:  # still reading: its buffers are held now
+            state[2] = get.reserved
+            self._charge(get.reserved)
 
     def _verdict(self, v: Verdict) -> None:
         if v.response is not None:
@@ -494,8 +502,8 @@ class Connection:
             if on_sent is not None:
                 on_sent()
             return
-        for b in bufs:
-            self.queued += len(b) if isinstance(b, (bytes, bytearray)) else b.nbytes
+        for b in bufs:  # byte buffers and byte memoryviews: len() is their size
+            self.queued += len(b)
         self.out.extend(bufs)
         if on_sent is not None:
             self.out_callbacks.append((self.queued, on_sent))
@@ -520,7 +528,7 @@ class Connection:
             self.sent += n
             k = 0
             for b in batch:
-                size = len(b) if isinstance(b, (bytes, bytearray)) else b.nbytes
+                size = len(b)
                 if n < size:
                     break
                 n -= size

@@ -104,7 +104,18 @@ class _Worker:
         conn.send(("ready", self.core.info()))
 
     def run(self) -> None:
-        self.loop.run()
+        # WQS_PROFILE=DIR: profile this shard's CPU (cProfile) into DIR/shard-N.pstats
+        # when it stops; for finding where a request's time goes, not for production.
+        out = os.environ.get("WQS_PROFILE")
+        if out:
+            import cProfile
+            import time
+
+            prof = cProfile.Profile(time.process_time)
+            prof.runcall(self.loop.run)
+            prof.dump_stats(os.path.join(out, f"shard-{self.spec.index}.pstats"))
+        else:
+            self.loop.run()
         self.loop.close()
 
     def _on_message(self) -> None:
