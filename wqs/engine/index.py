@@ -185,6 +185,11 @@ class Index:
         self.metas[i] = meta
         return Location(int(self.locs[i]), meta & META_LEN_MASK, meta)
 
+    def loc_of(self, tag: int) -> int | None:
+        """The location the tag's entry is at, or None (get() without the object)."""
+        i = self._find_slot(tag)
+        return int(self.locs[i]) if self.tags[i] else None
+
     def mark_hit_raw(self, tag: int) -> tuple[int, int] | None:
         """mark_hit, as a (loc, meta) tuple: the read path's form (no object per lookup)."""
         i = self._find_slot(tag)

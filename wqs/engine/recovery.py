@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from wqs.engine import format as fmt
-from wqs.engine.index import META_HEAD, Index, Location, block_tag
+from wqs.engine.index import META_HEAD, Index, block_tag
 from wqs.engine.regions import FREE, SEALED, RegionTable
 from wqs.nvme.buffers import aligned_buffer
 from wqs.nvme.device import BlockDevice
@@ -42,19 +42,19 @@ def hides(regions: RegionTable, upr: int, tombstone: Buffer, loc: int) -> bool:
 
 
 def apply_entry(index: Index, regions: RegionTable, upr: int, tag: int,
-                older: Location | None, flags: int, loc: int, payload_len: int,
+                older: int | None, flags: int, loc: int, payload_len: int,
                 tombstone: Buffer = b"") -> bool:
-    """Let the entry at `loc` replace `older`, the version the index holds now: point the
-    index at it, or for a tombstone (whose payload is `tombstone`) drop `older` if it
-    hides it. The version made obsolete is counted against its region. Whether the
+    """Let the entry at `loc` replace the version the index holds now, at `older`: point
+    the index at it, or for a tombstone (whose payload is `tombstone`) drop that version
+    if it hides it. The version made obsolete is counted against its region. Whether the
     index now points at the new entry."""
     if flags & fmt.ENTRY_TOMBSTONE:
-        if older is not None and hides(regions, upr, tombstone, older.loc):
-            regions.supersede(older.loc // upr)
+        if older is not None and hides(regions, upr, tombstone, older):
+            regions.supersede(older // upr)
             index.remove(tag)
         return False
     if older is not None:
-        regions.supersede(older.loc // upr)
+        regions.supersede(older // upr)
     index.put(tag, loc, payload_len, META_HEAD if flags & fmt.ENTRY_HEAD else 0)
     return True
 
@@ -221,7 +221,7 @@ def scan(device: BlockDevice, sb: fmt.Superblock, regions: RegionTable,
         for offset, h, tombstone in entries:
             tag = block_tag(h.block_id)
             loc = region * upr + offset // UNIT
-            apply_entry(index, regions, upr, tag, index.get(tag), h.flags, loc,
+            apply_entry(index, regions, upr, tag, index.loc_of(tag), h.flags, loc,
                         h.payload_len, tombstone)
     regions.clock = max_seq
     return max_seq + 1, torn

@@ -384,10 +384,10 @@ class Writer:
                 out.append(False)
                 continue
             tag = block_tag(p.entry_id)
-            current = index.get(tag)
+            current = index.loc_of(tag)
             loc = s.region * upr + s.offset // UNIT
             if current is not None and \
-                    (int(regions.gen[current.loc // upr]), current.loc) > (s.gen, loc):
+                    (int(regions.gen[current // upr]), current) > (s.gen, loc):
                 regions.supersede(s.region)
                 out.append(False)
                 continue
