@@ -164,18 +164,18 @@ def test_futures_and_asyncio(shared, client):
     assert fut.result(timeout=10) == [v for _, v in items]
     assert client.lookup_prefix_async([b for b, _ in items]).result(timeout=10) == 20
 
-    async def main() -> None:
-        ac = wqs.AsyncClient(client)
-        more = [(bid(500 + i), os.urandom(3000)) for i in range(8)]
-        # overlapped: a put, a get of other blocks and a lookup in flight together
-        put, got, n = await asyncio.gather(
-            ac.put_many(more), ac.get_many([b for b, _ in items[:5]]),
-            ac.lookup_prefix([b for b, _ in items]))
-        assert put == [True] * 8 and got == [v for _, v in items[:5]] and n == 20
-        outs = [bytearray(3000) for _ in more]
-        got = await ac.get_many([b for b, _ in more], outs=outs)
-        assert [bytes(o) for o in outs] == [v for _, v in more]
-        assert [bytes(g) for g in got] == [v for _, v in more]
+    async def main() -> None:  # the asyncio-native client (tests/test_async_client.py)
+        async with wqs.AsyncClient([shared.address]) as ac:
+            more = [(bid(500 + i), os.urandom(3000)) for i in range(8)]
+            # overlapped: a put, a get of other blocks and a lookup in flight together
+            put, got, n = await asyncio.gather(
+                ac.put_many(more), ac.get_many([b for b, _ in items[:5]]),
+                ac.lookup_prefix([b for b, _ in items]))
+            assert put == [True] * 8 and got == [v for _, v in items[:5]] and n == 20
+            outs = [bytearray(3000) for _ in more]
+            got = await ac.get_many([b for b, _ in more], outs=outs)
+            assert [bytes(o) for o in outs] == [v for _, v in more]
+            assert [bytes(g) for g in got] == [v for _, v in more]
 
     asyncio.run(main())
 
