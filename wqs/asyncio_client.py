@@ -16,8 +16,8 @@ matched by request id, so any number of coroutines share the connections; a batc
 sends every node's and shard's share back to back and then waits for all the answers.
 
 Copies. GET payloads are received by the socket straight into their destination: the
-caller's `outs[i]`, or a fresh `bytearray` per hit when there are no outs (the result,
-which compares equal to bytes, is that bytearray: no copy into a bytes object). The
+caller's `outs[i]`, or a fresh buffer per hit when there are no outs (then copied once
+into the bytes object returned, as Client does; pass outs to avoid that copy). The
 exceptions are small ones (under 64 KiB, cheaper to copy than to receive one by one)
 and whatever part of a payload arrived in the same read as its frame's header; those
 bytes are copied once out of the connection's receive buffer. PUT payloads are written
@@ -49,7 +49,7 @@ import time
 from typing import Any, Callable, Iterable, Sequence
 
 from wqs.client import BatchResult, NodeDown, _buffer, _writable
-from wqs.config import ClientConfig, _with_token_file, load_client_config, parse_hostport
+from wqs.config import ClientConfig, with_token_file, load_client_config, parse_hostport
 from wqs.errors import (AuthError, BlockTooLarge, ConfigError, NodeUnavailable, ProtocolError,
                         RemoteError, WQSError)
 from wqs.ids import BlockIdLike, to_block_id
@@ -551,7 +551,7 @@ class AsyncClient:
             raise ConfigError("etcd: AsyncClient takes a static list of servers (the etcd "
                               "watcher is a thread); use wqs.Client for etcd membership")
         if config.auth_token is None and config.auth_token_file is not None:
-            config = _with_token_file(config)
+            config = with_token_file(config)
         self.config = config
         weights = config.weights or {}
         weights = {a: weights.get(a, 1.0) for a in config.servers}
@@ -624,7 +624,7 @@ class AsyncClient:
         return results[0]
 
     async def get(self, block_id: BlockIdLike, out: Any = None) -> Any:
-        """The block (a bytearray), or None on a miss. With `out`, fill it and return
+        """The block's bytes, or None on a miss. With `out`, fill it and return
         True/False (BlockTooLarge if the block does not fit in it)."""
         if out is None:
             return (await self.get_many([block_id]))[0]
@@ -667,7 +667,7 @@ class AsyncClient:
 
     async def get_many(self, block_ids: Iterable[BlockIdLike],
                        outs: Sequence[Any] | None = None) -> BatchResult:
-        """Blocks in the order asked; None for a miss. Each hit is a bytearray received
+        """Blocks in the order asked; None for a miss. Each hit is bytes received
         straight from the socket; with `outs`, it is received straight into outs[i] and
         returned as a memoryview of it (an out too small for its block is that block's
         BlockTooLarge in `results.errors`). Misses are asked of the other replicas."""
@@ -1179,8 +1179,10 @@ class AsyncClient:
                         fail([i], BlockTooLarge(
                             f"block {ids[i].hex()} is {msg.too_small[k]} B, its out buffer "
                             f"holds {outs[k].nbytes} B"))
-                    else:
+                    elif outs is not None:
                         results[i] = msg.values[k]
+                    else:  # bytes, as Client returns: one more copy; pass outs to avoid it
+                        results[i] = bytes(msg.values[k])
                 elif status == _BUSY:
                     again.append(i)  # did not fit the answer: ask again
                 elif status != _NOT_FOUND:

@@ -20,7 +20,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Sequence
 
-from wqs.config import ClientConfig, load_client_config
+from wqs.config import ClientConfig, load_client_config, with_token_file
 from wqs.errors import BlockTooLarge, NodeUnavailable, RemoteError, WQSError
 from wqs.ids import BlockIdLike, to_block_id
 from wqs.ring import HashRing, shard_of, weight_unit_for
@@ -92,6 +92,7 @@ class Client:
             config = ClientConfig(servers=list(servers or []), **options)
         elif servers or options:
             raise TypeError("pass either a config or servers and options, not both")
+        config = with_token_file(config)
         self.config = config
         self._pipe = Pipeline(config)
         self._members_lock = threading.Lock()
@@ -216,7 +217,7 @@ class Client:
                 for i, b in enumerate(ids):
                     for node in ring.nodes_for(b, copies):
                         plan.setdefault(node, []).append(i)
-            for node, idx in plan.items():
+            for node, idx in self._connected_first(plan):
                 self._send_puts(call, node, idx, ids, bufs, ok, errors)
         self._pipe.release(call)
         return Pending(call, lambda: BatchResult(ok, errors))
@@ -262,7 +263,8 @@ class Client:
                         errors: dict[int, WQSError], ring: HashRing) -> Call:
         call = self._pipe.start()
         if todo:
-            for node, idx in ring.plan(ids, todo, self.config.replicas, attempt).items():
+            plan = ring.plan(ids, todo, self.config.replicas, attempt)
+            for node, idx in self._connected_first(plan):
                 self._send_gets(call, node, idx, ids, views, results, errors)
         self._pipe.release(call)
         return call
@@ -332,14 +334,22 @@ class Client:
                 one_shard = self._pipe.node(node).layout(self._pipe) == 1
             except (NodeUnavailable, WQSError):
                 one_shard = False
-            if one_shard:  # one shard holds the whole chain: it counts in one request
-                count = [0]
+            if one_shard:  # one shard holds the whole chain: it counts, a frame at a time
+                counts: dict[int, tuple[int, int]] = {}  # first index -> (count, ids)
                 call = self._pipe.start()
                 self._send_ids(call, node, list(range(len(ids))), ids,
-                               p.Opcode.LOOKUP_PREFIX, count)
+                               p.Opcode.LOOKUP_PREFIX, counts)
                 self._pipe.release(call)
                 self._pipe.wait(call)
-                return count[0]
+                total = 0
+                for first in sorted(counts):
+                    if first != total:
+                        break  # a frame before this one failed, or was not all present
+                    count, n = counts[first]
+                    total += count
+                    if count < n:
+                        break
+                return total
         found = self.exists_many(ids)
         return next((i for i, hit in enumerate(found) if not hit), len(ids))
 
@@ -385,6 +395,15 @@ class Client:
 
     # ---- sending a node's share -------------------------------------------------------
 
+    def _connected_first(self, plan: dict[str, list[int]]) -> list[tuple[str, list[int]]]:
+        """The plan's nodes, those already connected first: a node that must be connected
+        to (which may take up to connect_timeout_s) must not delay the others' requests."""
+        if len(plan) == 1:
+            return list(plan.items())
+        nodes = self._pipe.nodes
+        return sorted(plan.items(), key=lambda kv: kv[0] not in nodes or
+                      nodes[kv[0]].ports is None)
+
     def _shard_groups(self, address: str, idx: list[int], ids: list[bytes],
                       fail: Callable[[list[int], WQSError], None]) -> list[tuple[Any, list[int]]]:
         """idx split by the node's shard that owns each block, with a connection to
@@ -427,7 +446,8 @@ class Client:
         return chunks
 
     def _send_puts(self, call: Call, address: str, idx: list[int], ids: list[bytes],
-                   bufs: list[memoryview], ok: list[bool], errors: dict[int, WQSError]) -> None:
+                   bufs: list[memoryview], ok: list[bool], errors: dict[int, WQSError],
+                   tries: int = 0) -> None:
         def fail(which: list[int], error: WQSError) -> None:
             for i in which:
                 ok[i] = False
@@ -443,15 +463,19 @@ class Client:
             for chunk in self._chunks(sidx, conn, lambda i: bufs[i].nbytes):
                 head = p.frame_put_head(0, [(ids[i], bufs[i].nbytes) for i in chunk])
                 frame = [head, *(bufs[i] for i in chunk if bufs[i].nbytes)]
-                req = _Request(call, conn, p.Opcode.PUT,
-                               lambda r, msg, chunk=chunk: self._put_answer(r, msg, chunk, ids,
-                                                                            fail))
+                req = _Request(call, conn, p.Opcode.PUT, self._put_answer)
+                req.ctx = (chunk, ids, bufs, ok, errors, fail, tries)
                 self._pipe.send(req, frame)
 
-    def _put_answer(self, req: _Request, msg: Any, chunk: list[int], ids: list[bytes],
-                    fail: Callable[[list[int], WQSError], None]) -> None:
+    def _put_answer(self, req: _Request, msg: Any) -> None:
+        chunk, ids, bufs, ok, errors, fail, tries = req.ctx
         if not isinstance(msg, p.PutResponse):
-            fail(chunk, self._request_error(req, msg))
+            error = self._request_error(req, msg)
+            if self._resend(msg, tries):
+                self._send_puts(req.call, req.conn.node.address, chunk, ids, bufs, ok, errors,
+                                tries + 1)
+            else:
+                fail(chunk, error)
             return
         self._pipe.mark_up(req.conn.node)
         for i, status in zip(chunk, msg.statuses):
@@ -465,7 +489,7 @@ class Client:
 
     def _send_gets(self, call: Call, address: str, idx: list[int], ids: list[bytes],
                    views: list[memoryview] | None, results: list[Any],
-                   errors: dict[int, WQSError]) -> None:
+                   errors: dict[int, WQSError], tries: int = 0) -> None:
         def fail(which: list[int], error: WQSError) -> None:
             for i in which:
                 results[i] = None
@@ -475,21 +499,25 @@ class Client:
             max_items = conn.limits.max_items
             for k in range(0, len(sidx), max_items):
                 self._send_get_chunk(call, conn, sidx[k : k + max_items], ids, views, results,
-                                     errors)
+                                     errors, tries)
 
     def _send_get_chunk(self, call: Call, conn: Any, chunk: list[int], ids: list[bytes],
                         views: list[memoryview] | None, results: list[Any],
-                        errors: dict[int, WQSError]) -> None:
+                        errors: dict[int, WQSError], tries: int) -> None:
         chunk_ids = [ids[i] for i in chunk]
         outs = [views[i] for i in chunk] if views is not None else None
         req = _Request(call, conn, p.Opcode.GET, self._get_answer, chunk_ids, outs)
-        req.ctx = (chunk, ids, views, results, errors)
+        req.ctx = (chunk, ids, views, results, errors, tries)
         self._pipe.send(req, [p.frame_get_request(0, chunk_ids)])
 
     def _get_answer(self, req: _Request, msg: Any) -> None:
-        chunk, ids, views, results, errors = req.ctx
+        chunk, ids, views, results, errors, tries = req.ctx
         if not isinstance(msg, _GetAnswer):  # the request failed as a whole
             error = self._request_error(req, msg)
+            if self._resend(msg, tries):
+                self._send_gets(req.call, req.conn.node.address, chunk, ids, views, results,
+                                errors, tries + 1)
+                return
             for i in chunk:
                 results[i] = None
                 errors.setdefault(i, error)
@@ -521,11 +549,12 @@ class Client:
                 results[i] = None
                 errors.setdefault(i, RemoteError(f"{req.conn.address}: {status.name}"))
         if again:
-            self._send_get_chunk(req.call, req.conn, again, ids, views, results, errors)
+            self._send_get_chunk(req.call, req.conn, again, ids, views, results, errors, tries)
 
     def _send_ids(self, call: Call, address: str, idx: list[int], ids: list[bytes],
-                  opcode: p.Opcode, out: list[Any]) -> None:
-        """EXISTS and DELETE (a bit per block into out), LOOKUP_PREFIX (out[0])."""
+                  opcode: p.Opcode, out: Any) -> None:
+        """EXISTS and DELETE (a bit per block into the list out), LOOKUP_PREFIX (per frame,
+        out[first index] = (count, ids in the frame))."""
         def fail(which: list[int], error: WQSError) -> None:
             log.debug("%s to %s failed: %s", opcode.name, address, error)
 
@@ -533,7 +562,7 @@ class Client:
             for chunk in self._chunks(sidx, conn, lambda i: p.ID_LEN - p.ITEM.size):
                 def answer(req: _Request, msg: Any, chunk: list[int] = chunk) -> None:
                     if isinstance(msg, p.LookupPrefixResponse):
-                        out[0] = msg.count
+                        out[chunk[0]] = (msg.count, len(chunk))
                     elif isinstance(msg, (p.ExistsResponse, p.DeleteResponse)):
                         for i, bit in zip(chunk, msg.bits):
                             out[i] = out[i] or bit
@@ -544,6 +573,13 @@ class Client:
 
                 frame = p.frame_ids_request(opcode, 0, [ids[i] for i in chunk])
                 self._pipe.send(_Request(call, conn, opcode, answer), [frame])
+
+    @staticmethod
+    def _resend(msg: Any, tries: int) -> bool:
+        """Whether a refused request goes again: once its node's shards are learnt anew
+        (WRONG_SHARD: it was restarted cut another way), at most twice."""
+        return isinstance(msg, p.ErrorResponse) and msg.status == p.Status.WRONG_SHARD \
+            and tries < 2
 
     def _request_error(self, req: _Request, msg: Any) -> WQSError:
         """What a failed request's blocks report; a changed shard layout is re-learnt."""

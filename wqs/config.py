@@ -438,7 +438,7 @@ def load_daemon_config(
     win over the file. ``auth_token_file`` is read here, into ``auth_token``.
     """
     data = _merge(_read_yaml(path), overrides or {})
-    return _with_token_file(_build(DaemonConfig, data))
+    return with_token_file(_build(DaemonConfig, data))
 
 
 def load_client_config(
@@ -446,7 +446,7 @@ def load_client_config(
 ) -> ClientConfig:
     """Like `load_daemon_config`, for the client library."""
     data = _merge(_read_yaml(path), overrides or {})
-    return _with_token_file(_build(ClientConfig, data))
+    return with_token_file(_build(ClientConfig, data))
 
 
 def _read_yaml(path: str | None) -> dict[str, Any]:
@@ -487,7 +487,8 @@ def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]
     return out
 
 
-def _with_token_file(cfg: Any) -> Any:
+def with_token_file(cfg: Any) -> Any:
+    """cfg with auth_token read from auth_token_file, if one is named."""
     if cfg.auth_token_file is None:
         return cfg
     try:

@@ -45,11 +45,12 @@ _GET, _OK = p.Opcode.GET, p.Status.OK
 class Call:
     """One caller's operation: the requests it is waiting for."""
 
-    __slots__ = ("pending", "deadline", "event", "done", "started")
+    __slots__ = ("pending", "deadline", "event", "done", "started", "timeout_s")
 
     def __init__(self, timeout_s: float) -> None:
         self.pending = 0  # requests outstanding
         self.started = time.monotonic()
+        self.timeout_s = timeout_s
         self.deadline = self.started + timeout_s
         self.event: threading.Event | None = None  # set when a follower waits on it
         self.done = False
@@ -111,7 +112,9 @@ class _Conn:
         self.send_lock = threading.Lock()
         self.out: list[Any] = []  # request bytes the socket has not taken yet
         self.inflight: dict[int, _Request] = {}
-        self.rx = bytearray(RX_BUFFER)
+        # Any frame part without payloads must fit: the largest table the node allows.
+        self.rx_size = max(RX_BUFFER, 2 * (32 + self.limits.max_items * p.ITEM.size))
+        self.rx = bytearray(self.rx_size)
         self.rxv = memoryview(self.rx)
         self.rstart = self.rend = 0
         self.header: p.FrameHeader | None = None
@@ -238,7 +241,10 @@ class Pipeline:
                 raise
             except (AuthError, ProtocolError) as e:
                 # Misconfiguration rather than an outage: raise it, naming the node.
-                raise type(e)(f"{node.address}: {e}") from None
+                text = str(e)
+                if not text.startswith(node.address):
+                    text = f"{node.address}: {text}"
+                raise type(e)(text) from None
 
     def _register(self, conn: _Conn) -> None:
         with self._lock:
@@ -341,8 +347,11 @@ class Pipeline:
         return call
 
     def release(self, call: Call) -> None:
-        """Every request of call has been sent."""
+        """Every request of call has been sent. The answers have timeout_s from now:
+        connecting to one node (bounded by connect_timeout_s) must not use up the time
+        the other nodes have to answer."""
         with self._lock:
+            call.deadline = max(call.deadline, time.monotonic() + call.timeout_s)
             self._finished(call)
 
     # ---- waiting and driving --------------------------------------------------------
@@ -409,10 +418,13 @@ class Pipeline:
             successor.set()
 
     def _drive(self, calls: Sequence[Call], end: float) -> None:
-        while not any(c.done for c in calls):
+        last = False
+        while not any(c.done for c in calls) and not last:
             left = end - time.monotonic()
             if left <= 0:
-                return
+                # Once more without waiting: answers that arrived while this thread was
+                # busy elsewhere (connecting to another node) are not late.
+                last, left = True, 0.0
             try:
                 events = self._epoll.poll(min(left, 1.0))
             except InterruptedError:
@@ -465,7 +477,7 @@ class Pipeline:
                 else:
                     return
             else:
-                if conn.rend == RX_BUFFER:
+                if conn.rend == conn.rx_size:
                     _compact(conn)
                 n = conn.sock.recv_into(conn.rxv[conn.rend :])
                 if not n:
@@ -494,7 +506,7 @@ class Pipeline:
             if h.opcode is _GET and h.flags and h.status is _OK:  # table, then payloads
                 table = h.count * p.ITEM.size
                 if avail < table:
-                    if conn.rstart + table > RX_BUFFER:
+                    if conn.rstart + table > conn.rx_size:
                         _compact(conn)
                     break
                 rows = p.parse_item_table(h, rxv[conn.rstart : conn.rstart + table], conn.limits)
@@ -513,7 +525,7 @@ class Pipeline:
                 self._got(conn, answer)
                 continue
             if avail < h.body_len:
-                if conn.rstart + h.body_len > RX_BUFFER:
+                if conn.rstart + h.body_len > conn.rx_size:
                     _compact(conn)
                 break
             body = bytes(rxv[conn.rstart : conn.rstart + h.body_len])
@@ -525,6 +537,9 @@ class Pipeline:
 
     def _start_answer(self, conn: _Conn, rid: int, rows: tuple[p.ItemEntry, ...]) -> _GetAnswer:
         req = conn.inflight.get(rid)
+        if req is not None and (req.opcode is not _GET or len(rows) != len(req.ids) or any(
+                row[0] != want for row, want in zip(rows, req.ids))):
+            raise ProtocolError(f"answer #{rid} does not answer the GET it names")
         answer = _GetAnswer(req, rows)
         outs = req.outs if req is not None else None
         values, targets = answer.values, answer.targets
