@@ -37,6 +37,10 @@ log = logging.getLogger("wqs.client")
 RX_BUFFER = 256 << 10  # holds any response frame without payloads
 IOV_MAX = 1024
 RECV_IOV = 64  # out buffers filled by one recvmsg_into
+# With a payload's last buffers, up to this many bytes of what follows are received
+# into the receive buffer in the same call: the next answer's header and table, and no
+# more of its payload than fits (which is then copied), the rest going straight to it.
+RX_TAIL = 4 << 10
 RETRY_INTERVAL_S = 1.0  # a node that failed is not tried again before this
 _IN, _IN_OUT = select.EPOLLIN, select.EPOLLIN | select.EPOLLOUT
 _GET, _OK = p.Opcode.GET, p.Status.OK
@@ -116,6 +120,7 @@ class _Conn:
         self.rx_size = max(RX_BUFFER, 2 * (32 + self.limits.max_items * p.ITEM.size))
         self.rx = bytearray(self.rx_size)
         self.rxv = memoryview(self.rx)
+        self.want = self.rx_size  # bytes the next plain recv may take
         self.rstart = self.rend = 0
         self.header: p.FrameHeader | None = None
         self.answer: _GetAnswer | None = None  # a GET payload being received
@@ -365,15 +370,15 @@ class Pipeline:
         """Until any of calls is complete, or `deadline` (time.monotonic()) passes, or the
         calls' own deadlines do: a call past its own deadline is failed (its connections
         closed); one that only outlived `deadline` goes on."""
-        if not calls or any(c.done for c in calls):
+        if not calls or _any_done(calls):
             return
-        own = min(c.deadline for c in calls)
+        own = calls[0].deadline if len(calls) == 1 else min(c.deadline for c in calls)
         end = own if deadline is None else min(own, deadline)
         me = threading.get_ident()
         event: threading.Event | None = None
         while True:
             with self._lock:
-                if any(c.done for c in calls):
+                if _any_done(calls):
                     return
                 if self._driver is None:
                     self._driver = me
@@ -390,7 +395,7 @@ class Pipeline:
                     self._drive(calls, end)
                 finally:
                     self._handoff()
-                if not any(c.done for c in calls):
+                if not _any_done(calls):
                     self._expire_late(calls)
                 return
             left = end - time.monotonic()
@@ -399,7 +404,7 @@ class Pipeline:
                 self._waiters = [(c, e) for c, e in self._waiters if e is not event]
                 event.clear()
             if not woken:
-                if not any(c.done for c in calls):
+                if not _any_done(calls):
                     self._expire_late(calls)
                 return
 
@@ -413,13 +418,15 @@ class Pipeline:
         """Leave the driving to a caller still waiting, if any."""
         with self._lock:
             self._driver = None
+            if not self._waiters:
+                return
             successor = next((e for c, e in self._waiters if not c.done), None)
         if successor is not None:
             successor.set()
 
     def _drive(self, calls: Sequence[Call], end: float) -> None:
         last = False
-        while not any(c.done for c in calls) and not last:
+        while not _any_done(calls) and not last:
             left = end - time.monotonic()
             if left <= 0:
                 # Once more without waiting: answers that arrived while this thread was
@@ -467,19 +474,28 @@ class Pipeline:
         try:
             answer = conn.answer
             if answer is not None:
-                n = conn.sock.recvmsg_into(answer.targets[answer.ti : answer.ti + RECV_IOV])[0]
+                bufs = answer.targets[answer.ti : answer.ti + RECV_IOV]
+                due = sum(map(len, bufs))
+                last = answer.ti + len(bufs) == len(answer.targets)
+                if last:  # and the start of what follows, in the same call
+                    if conn.rend + RX_TAIL > conn.rx_size:
+                        _compact(conn)
+                    bufs.append(conn.rxv[conn.rend : conn.rend + RX_TAIL])
+                n = conn.sock.recvmsg_into(bufs)[0]
                 if not n:
                     raise ConnectionError("the node closed the connection")
-                _advance(answer, n)
+                _advance(answer, min(n, due))
+                if n > due:
+                    conn.rend += n - due
                 if answer.ti == len(answer.targets):
                     conn.answer = None
                     self._got(conn, answer)
                 else:
                     return
             else:
-                if conn.rend == conn.rx_size:
+                if conn.rend + conn.want > conn.rx_size:
                     _compact(conn)
-                n = conn.sock.recv_into(conn.rxv[conn.rend :])
+                n = conn.sock.recv_into(conn.rxv[conn.rend : conn.rend + conn.want])
                 if not n:
                     raise ConnectionError("the node closed the connection")
                 conn.rend += n
@@ -492,6 +508,7 @@ class Pipeline:
 
     def _parse(self, conn: _Conn) -> None:
         rxv = conn.rxv
+        conn.want = conn.rx_size
         while True:
             avail = conn.rend - conn.rstart
             h = conn.header
@@ -522,6 +539,7 @@ class Pipeline:
                 if answer.ti < len(answer.targets):
                     conn.answer = answer  # the rest comes straight from the socket
                     break
+                conn.want = RX_TAIL  # the next answer's payload, if any, not into rx
                 self._got(conn, answer)
                 continue
             if avail < h.body_len:
@@ -612,6 +630,12 @@ class Pipeline:
 
 class NodeDown(NodeUnavailable):
     """A node failed recently and is skipped until its retry interval has passed."""
+
+
+def _any_done(calls: Sequence[Call]) -> bool:
+    if len(calls) == 1:
+        return calls[0].done
+    return any(c.done for c in calls)
 
 
 def _with_rid(head: bytes, rid: int) -> bytes:

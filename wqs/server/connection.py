@@ -157,11 +157,21 @@ class Connection:
     def _receive(self) -> None:
         put = self.put
         if put is not None:  # straight into the staged entry buffers, many at once
-            n = self.sock.recvmsg_into(put.targets[put.ti : put.ti + RECV_IOV])[0]
+            bufs = put.targets[put.ti : put.ti + RECV_IOV]
+            due = sum(map(len, bufs))
+            if put.ti + len(bufs) == len(put.targets):
+                # With the last of them, the start of what follows (the next frame's
+                # header and table) into the receive buffer, in the same call.
+                if self.rend + RX_AFTER_PUT > RX_BUFFER:
+                    self._compact()
+                bufs.append(self.rxv[self.rend : self.rend + RX_AFTER_PUT])
+            n = self.sock.recvmsg_into(bufs)[0]
             if not n:
                 raise ConnectionError("peer closed mid-payload")
             self.last_rx = time.monotonic()
-            self._advance_target(put, n)
+            self._advance_target(put, min(n, due))
+            if n > due:
+                self.rend += n - due
             if put.ti == len(put.targets):
                 self._put_received(put)
                 self._parse()
