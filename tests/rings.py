@@ -18,6 +18,7 @@ class HookedRing:
         self.ring = ring
         self.fail_writes = False
         self.hold_reads = False
+        self.hold_writes = False
         self.held: list[tuple[Callable[[Any, int], None], Any, int]] = []
         self.writes: list[tuple[int, int, bool]] = []  # (offset, bytes, dsync) per writev
         self.reads: list[tuple[int, int]] = []  # (offset, bytes) per read
@@ -60,7 +61,11 @@ class HookedRing:
         self._since[1] += 1
 
         def done(a: Any, res: int) -> None:
-            callback(a, -errno.EIO if self.fail_writes else res)
+            res = -errno.EIO if self.fail_writes else res
+            if self.hold_writes:
+                self.held.append((callback, a, res))
+            else:
+                callback(a, res)
 
         self.ring.writev(offset, iov, done, arg, dsync)
 
@@ -74,8 +79,8 @@ class HookedRing:
         return self.ring.complete()
 
     def release(self) -> None:
-        """Deliver the held read completions."""
-        self.hold_reads = False
+        """Deliver the held completions."""
+        self.hold_reads = self.hold_writes = False
         held, self.held = self.held, []
         for cb, arg, res in held:
             cb(arg, res)

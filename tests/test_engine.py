@@ -763,3 +763,33 @@ def test_dram_tier_never_serves_an_overwritten_version(open_engine, small_config
     assert engine.dram.get(key) == b"v2" * 100
     assert engine.get(key) == b"v2" * 100
     assert engine.delete(key) and engine.get(key) is None
+
+def test_a_block_deleted_while_it_is_copied_forward_stays_deleted(open_engine, small_config):
+    """Reclaim copies a read block forward (reinsertion); a delete comes in after the
+    region was dropped but before the copy is published: the copy must not publish,
+    now or after a crash, or the delete would be undone."""
+    engine = open_engine(small_config)
+    core, loop = engine.core, engine._reactor
+    key = block_id(1)
+    engine.put(key, b"v1" * 1000)
+    assert engine.get(key) == b"v1" * 1000  # read: a candidate for reinsertion
+    region = core.reader._lookup(key)[0] // engine.units_per_region
+    i = 0
+    while core.allocator.active == region:  # seal it
+        engine.put(block_id(100 + i), bytes(100_000))
+        i += 1
+    ring = HookedRing.install(core)
+    ring.hold_writes = True
+    core.reclaimer._reclaim(region)  # reads the region back, drops it, copies key forward
+    loop.run_until(lambda: bool(ring.held))  # the copy's write is done, its answer held
+    assert block_tag(key) in core.writer.reinserting and not engine.exists(key)
+    found = []
+    core.delete_many([key], found.append)  # present, being moved: a tombstone goes after it
+    ring.release()
+    loop.run_until(lambda: bool(found))
+    assert found == [[True]]
+    loop.run_until(lambda: core.idle)
+    assert engine.get(key) is None and core.stats_counters.reinserted_blocks == 0
+    crash(engine)
+    engine = open_engine(small_config)
+    assert engine.get(key) is None

@@ -138,8 +138,11 @@ class EngineCore:
             if hot:
                 self.dram.remove(block_id)
             tag = block_tag(block_id)
+            # A block being copied forward by the reclaimer is present too: its copy
+            # may already be on the device, and a crash scan would find it without a
+            # tombstone after it.
+            present = tag in self.index or tag in self.writer.reinserting
             self.writer.reinserting.discard(tag)
-            present = tag in self.index
             if present:
                 pending[0] += 1
                 self.writer.commit(self.writer.stage_tombstone(block_id, b"", DELETE), one_done)

@@ -106,6 +106,7 @@ class _Group:
     ops: list[PutOp]
     pieces: list[Piece]
     pending: int = 0  # writes in flight
+    reinserts: bool = False  # holds blocks copied forward by the reclaimer
     done: bool = False
     error: str | None = None
     keep: list[Any] = field(default_factory=list)
@@ -151,9 +152,11 @@ class Writer:
             raise BlockTooLarge(f"block of {nbytes} B exceeds max_block_size "
                                 f"{self.max_block_size}")
         m = self.segment_max
-        if nbytes <= m:
-            elen = fmt.entry_len(nbytes)
-            pieces = [Piece(block_id, self.pool.acquire(elen), nbytes, elen)]
+        if nbytes <= m:  # one entry: it always fits a region, nothing more to check
+            elen = (HEADER + nbytes + UNIT - 1) & ~(UNIT - 1)  # fmt.entry_len
+            op = PutOp(block_id, nbytes, [Piece(block_id, self.pool.acquire(elen), nbytes,
+                                                elen)], kind, elen_total=elen)
+            return op
         else:
             n = -(-nbytes // m)
             pieces = []
@@ -224,12 +227,18 @@ class Writer:
             nbytes = 0
             room, need = self.allocator.room(), 0
             clean = len(self.regions.clean)
+            region_room = self.allocator.region_size - UNIT
             while self.queue:
                 op = self.queue[0]
                 if ops and nbytes + op.elen_total > self.group_limit:
                     break
-                op_room, op_need = self.allocator.place(room, need,
-                                                        [p.elen for p in op.pieces])
+                if len(op.pieces) == 1:  # allocator.place for one entry
+                    elen = op.elen_total
+                    op_room, op_need = (room - elen, need) if elen <= room else \
+                        (region_room - elen, need + 1)
+                else:
+                    op_room, op_need = self.allocator.place(room, need,
+                                                            [p.elen for p in op.pieces])
                 if op_need > clean:
                     if not ops:
                         self.want_regions = op_need
@@ -257,7 +266,7 @@ class Writer:
                     p.entry_id = fmt.segment_id(op.block_id, head_seq, p.segment_index)
                 self._fill_header(p)
                 pieces.append(p)
-        group = _Group(ops, pieces)
+        group = _Group(ops, pieces, reinserts=any(op.kind == REINSERT for op in ops))
         self.groups.append(group)
         region_offset = self.sb.region_offset
         run: list[Piece] = []
@@ -312,7 +321,7 @@ class Writer:
             self.regions.inflight[p.slot.region] -= 1
             assert self.regions.inflight[p.slot.region] >= 0, "unpinned twice"
         if group.error is None:
-            keep = self._reinsertions(group)
+            keep = self._reinsertions(group) if group.reinserts else None
             published = self._apply(group.pieces, keep)
             self._after_publish(group, published)
         else:
@@ -326,11 +335,9 @@ class Writer:
             if op.callback is not None:
                 op.callback(op)
 
-    def _reinsertions(self, group: _Group) -> list[bool] | None:
+    def _reinsertions(self, group: _Group) -> list[bool]:
         """Per piece, whether it may publish: a copied-forward block only if nothing
         newer of its ID came in while it was being copied."""
-        if not any(op.kind == REINSERT for op in group.ops):
-            return None
         keep = []
         for op in group.ops:
             ok = True

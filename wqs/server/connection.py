@@ -56,7 +56,7 @@ class _PutFrame:
     engine refused: its bytes are received and dropped) per item."""
 
     __slots__ = ("rid", "ops", "statuses", "targets", "ti", "charged", "started", "waiting",
-                 "refuse")
+                 "refuse", "failed")
 
     def __init__(self, rid: int, started: float) -> None:
         self.rid = rid
@@ -68,6 +68,7 @@ class _PutFrame:
         self.started = started
         self.waiting = 0  # committed puts not yet written
         self.refuse: tuple[p.Status, str] | None = None  # the answer for the whole frame
+        self.failed = 0  # puts whose write failed
 
 
 class Connection:
@@ -447,6 +448,7 @@ class Connection:
         put, i = op.arg
         if op.error is not None:
             put.statuses[i] = p.Status.SERVER_ERROR
+            put.failed += 1
         put.waiting -= 1
         if not put.waiting:
             self._put_done(put)
@@ -456,8 +458,7 @@ class Connection:
         self._uncharge(put.charged)
         if not self.closed:
             self._send([p.frame_put_response(put.rid, put.statuses)])
-        failed = sum(s == p.Status.SERVER_ERROR for s in put.statuses)
-        if failed:
+        if put.failed:
             self.shard.error("put", "SERVER_ERROR")
         self.shard.observe("put", time.perf_counter() - put.started)
 
