@@ -74,11 +74,11 @@ class Piece:
     total_len: int = 0  # ENTRY_HEAD: the whole block's length
     segment_index: int = 0  # ENTRY_SEGMENT: which one (1..n-1)
     slot: Slot | None = None
+    payload: memoryview = _ZEROS  # where the payload goes: the buffer past the header room
 
-    @property
-    def payload(self) -> memoryview:
-        assert self.buf is not None
-        return self.buf.view[HEADER : HEADER + self.plen]
+    def __post_init__(self) -> None:
+        if self.buf is not None:
+            self.payload = self.buf.view[HEADER : HEADER + self.plen]
 
 
 @dataclass(slots=True, eq=False)
@@ -183,11 +183,12 @@ class Writer:
         return op
 
     def discard(self, op: PutOp) -> None:
-        """Give back a staged put's buffers (its payload never arrived)."""
+        """Give back a staged put's buffers (its payload never arrived, or is written)."""
         for p in op.pieces:
             if p.buf is not None:
                 self.pool.release(p.buf)
                 p.buf = None
+                p.payload = _ZEROS
 
     def commit(self, op: PutOp, callback: Callable[[PutOp], None] | None,
                arg: Any = None) -> None:
@@ -317,9 +318,10 @@ class Writer:
     # ---- publishing -----------------------------------------------------------------
 
     def _publish(self, group: _Group) -> None:
+        inflight = self.regions.inflight
         for p in group.pieces:
-            self.regions.inflight[p.slot.region] -= 1
-            assert self.regions.inflight[p.slot.region] >= 0, "unpinned twice"
+            inflight[p.slot.region] -= 1
+        assert all(inflight[p.slot.region] >= 0 for p in group.pieces), "unpinned twice"
         if group.error is None:
             keep = self._reinsertions(group) if group.reinserts else None
             published = self._apply(group.pieces, keep)

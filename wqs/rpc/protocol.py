@@ -702,10 +702,15 @@ def frame_get_head(request_id: int, rows: Sequence[tuple[bytes, int, int]]) -> b
                        len(table) + total) + table
 
 
+_ONE_OK = struct.pack("<H", Status.OK)
+
+
 def frame_put_response(request_id: int, statuses: Sequence[int]) -> bytes:
     n = len(statuses)
-    return HEADER.pack(*_RESPONSE_HEADER[Opcode.PUT], request_id, 0, 0, n, 2 * n) \
-        + struct.pack(f"<{n}H", *statuses)
+    head = HEADER.pack(*_RESPONSE_HEADER[Opcode.PUT], request_id, 0, 0, n, 2 * n)
+    if n == 1 and statuses[0] == Status.OK:  # the usual answer, without a format string
+        return head + _ONE_OK
+    return head + struct.pack(f"<{n}H", *statuses)
 
 
 def frame_bits_response(opcode: Opcode, request_id: int, bits: Sequence[bool]) -> bytes:

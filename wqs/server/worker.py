@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -101,6 +102,10 @@ class _Worker:
             index=spec.index, count=spec.count, sock=sock, accepting=False)
         self.shard.set_ports(spec.ports)
         self.loop.add_reader(conn.fileno(), self._on_message)
+        # What start-up made lives for good: keep the cyclic collector off it, and let it
+        # run rarely (the request path makes few cycles), not every few hundred objects.
+        gc.freeze()
+        gc.set_threshold(50_000, 50, 100)
         conn.send(("ready", self.core.info()))
 
     def run(self) -> None:
