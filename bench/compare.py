@@ -9,7 +9,9 @@ work folder removed, however the run ends):
 1. **fio** on ``<work>/wqs/wqs.dev`` -- the file the daemon will then own -- filled
    once, then ``randwrite`` and ``randread`` over the first ``--size`` bytes at every
    block size and queue depth (``direct=1``, io_uring or libaio, one job). The file is
-   then removed and the daemon creates and formats it afresh.
+   then formatted in place for the daemon (``wqs format``): its extents stay written, as
+   they were for fio (a fresh file would make WQS's first writes convert unwritten
+   extents, a filesystem cost fio never paid).
 2. **wqs**: ``python -m wqs.daemon`` on that file (``--device-size``, the DRAM tier off
    by default so that reads come from the device as fio's do; ``--wqs-dram`` turns it
    on), driven through the SDK.
@@ -19,6 +21,9 @@ work folder removed, however the run ends):
    with open/write/close and read with open/read (page cache), or with O_DIRECT.
 5. **rawsock**: `bench.rawsock`, a minimal TCP sender/receiver moving the same blocks
    with nothing stored: the ceiling for anything behind a TCP round trip in Python.
+
+With ``--iodepth-batch B`` each call carries B blocks (wqs: one get_many/put_many of B;
+redis: a pipeline of B commands; rawsock: B requests back to back), N/B calls in flight.
 
 Every system except fio is driven by the same wqs-bench job, in this process, with QD N
 requests of one block each in flight over ``--size`` bytes of blocks (``randwrite``,
@@ -151,12 +156,14 @@ def fio_point(path: str, size: int, engine: str, op: str, bs: int, qd: int,
 
 
 def bench_point(system: str, engine: Any, op: str, bs: int, qd: int, size: int,
-                runtime: float, keep: dict[str, Any] | None = None) -> Point:
+                runtime: float, keep: dict[str, Any] | None = None, batch: int = 1) -> Point:
     from bench.runner import Clone, run_group
 
     opts = {"rw": f"rand{op}", "bs": str(bs), "size": str(size), "iodepth": str(qd),
             "runtime": f"{runtime}", "time_based": "1", "filename": f"compare-{bs}",
             "ioengine": engine.name}
+    if batch > 1:
+        opts["iodepth_batch"] = str(min(batch, qd))
     spec = build_job(f"{system}-{op}", opts, opts)
     clone = Clone(spec, 0, 0, engine, seed=int(time.time_ns() % 1_000_000_007))
     (res,) = run_group([clone], "never", lambda m: log(f"  {system}: {m}"))
@@ -330,6 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="256m", help="data set per block size (default 256m)")
     ap.add_argument("--device-size", default="1G", help="daemon device file (default 1G)")
     ap.add_argument("--wqs-dram", default="0", help="daemon DRAM tier (default 0: off)")
+    ap.add_argument("--workers", default=None,
+                    help="daemon shard processes (default: wqsd's auto, one per core)")
+    ap.add_argument("--iodepth-batch", type=int, default=1,
+                    help="blocks per call (wqs-bench --iodepth_batch): at QD N, N/B calls "
+                         "of B blocks in flight; redis gets a pipeline of B commands")
     ap.add_argument("--systems", default=",".join(SYSTEMS),
                     help=f"subset of {','.join(SYSTEMS)}")
     ap.add_argument("--ops", default="write,read", help="write,read (default both)")
@@ -401,12 +413,18 @@ def main(argv: list[str] | None = None) -> int:
                                 f"{p.mib_s:,.1f} MiB/s, p50 {p.p50_us:,.0f} µs, p99 {p.p99_us:,.0f} µs"
                                 + _usage_log(p))
                             points.append(p)
-            os.unlink(dev)
+        else:
+            fio_fill(dev, device_size, fio_engine())
+        # The daemon gets the same file, formatted in place: its extents are written, as
+        # fio's were (a freshly allocated file would make every first write convert an
+        # unwritten extent, a cost fio never paid).
+        subprocess.run([sys.executable, "-m", "wqs.cli", "format", dev, "--force", "-y",
+                        "--shards", args.workers or "auto"], check=True, capture_output=True)
         engines: dict[str, Any] = {}
         threads = max(qds)
         if "wqs" in systems:
             d = Daemon(wqs_dir, device_size=str(device_size), dram_cache=args.wqs_dram,
-                       keep_dir=True)
+                       keep_dir=True, workers=int(args.workers) if args.workers else None)
             services.add(d.stop)
             engines["wqs"] = WqsEngine([d.address])
             services.add(engines["wqs"].close)
@@ -438,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
                             if s == "fio":
                                 continue
                             keep = {}
-                            p = bench_point(s, engines[s], op, bs, qd, size, args.runtime, keep)
+                            p = bench_point(s, engines[s], op, bs, qd, size, args.runtime, keep,
+                                            args.iodepth_batch)
                             latencies.setdefault((op, bs, qd), {}).update(keep)
                             log(f"{s} {op} {bs_label(bs)} QD{qd} run {rep + 1}: "
                                 f"{p.mib_s:,.1f} MiB/s, p50 {p.p50_us:,.0f} µs, "

@@ -233,7 +233,13 @@ class RedisEngine(Engine):
         return [bool(x) for x in pipe.execute()]
 
     def get(self, ids, outs):
-        values = [self.r.get(ids[0])] if len(ids) == 1 else self.r.mget(ids)
+        if len(ids) == 1:
+            values = [self.r.get(ids[0])]
+        else:  # a pipeline of GETs, as a KV-cache tier on Redis batches them
+            pipe = self.r.pipeline(transaction=False)
+            for bid in ids:
+                pipe.get(bid)
+            values = pipe.execute()
         out: list[int | None] = []
         for value, dest in zip(values, outs):
             if value is None:
