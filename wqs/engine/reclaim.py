@@ -70,7 +70,6 @@ class Reclaimer:
         self._reclaiming = 0
         self._quarantine: dict[int, float] = {}  # region -> when to try it again
         self.last_error = ""  # why the last header write failed
-        self.paused = False
 
     @property
     def idle(self) -> bool:
@@ -78,8 +77,6 @@ class Reclaimer:
 
     def step(self) -> None:
         """Start whatever brings the clean pool up to what the writer needs (turn end)."""
-        if self.paused:
-            return
         r = self.regions
         want = max(CLEAN_TARGET, self.writer.want_regions)
         supply = len(r.clean) + len(self._preparing) + self._reclaiming
@@ -217,6 +214,5 @@ class Reclaimer:
             self.writer.commit(op, None)
         if image is not None:
             self.pool.release(image)
-        if not self.paused:
-            self._prepare(victim)
+        self._prepare(victim)
 

@@ -137,8 +137,6 @@ class Writer:
         self.queue: deque[PutOp] = deque()
         self.groups: deque[_Group] = deque()
         self.want_regions = 0  # clean regions the queue's head waits for
-        self.paused = False  # no new groups (quiescing for evict_all or close)
-        self.queued_bytes = 0
         # Tags of blocks the reclaimer is copying forward: publish them only if no put
         # or delete of the same ID came in meanwhile (which removes the tag here).
         self.reinserting: set[int] = set()
@@ -197,7 +195,6 @@ class Writer:
         if op.kind != REINSERT and self.reinserting:
             self.reinserting.discard(block_tag(op.block_id))  # a newer write wins
         self.queue.append(op)
-        self.queued_bytes += op.elen_total
 
     @property
     def idle(self) -> bool:
@@ -206,7 +203,6 @@ class Writer:
     def fail_queued(self, reason: str) -> None:
         """Fail every put still waiting in the queue (the device cannot take them)."""
         queue, self.queue = self.queue, deque()
-        self.queued_bytes = 0
         self.want_regions = 0
         for op in queue:
             op.error = reason
@@ -223,7 +219,7 @@ class Writer:
     def flush(self) -> None:
         """Make groups of the queue and submit their writes (the loop's turn end)."""
         self.want_regions = 0
-        while self.queue and not self.paused and len(self.groups) < MAX_GROUPS_IN_FLIGHT:
+        while self.queue and len(self.groups) < MAX_GROUPS_IN_FLIGHT:
             ops: list[PutOp] = []
             nbytes = 0
             room, need = self.allocator.room(), 0
@@ -250,7 +246,6 @@ class Writer:
                 nbytes += op.elen_total
             if not ops:
                 return
-            self.queued_bytes -= nbytes
             self._submit_group(ops)
 
     def _submit_group(self, ops: list[PutOp]) -> None:

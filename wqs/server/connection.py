@@ -151,6 +151,8 @@ class Connection:
         except ProtocolError as e:
             log.info("%s: protocol error, closing: %s", self.peer, e)
             self.close()
+        except BlockingIOError:
+            return  # a readiness with nothing to read after all: wait for the next
         except OSError as e:
             log.debug("%s: connection ended: %s", self.peer, e)
             self.close()
