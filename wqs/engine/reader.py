@@ -207,6 +207,61 @@ class Reader:
             self.pool.release(buf)
         self._one_done(op)
 
+    def get_one(self, block_id: bytes, callback: Callable[[Any, ReadResult | None], None],
+                arg: Any) -> int:
+        """get() of one block, the daemon's most frequent request, without the batch's
+        bookkeeping: callback(arg, result or None) once it is verified (at once, before
+        this returns, if nothing needs the device). The payload bytes a read in flight
+        holds (0 if the callback has run)."""
+        s = self.stats
+        dram = self.dram
+        if dram is not None:
+            value = dram.get(block_id)
+            if value is not None:
+                s.gets += 1
+                s.hits_dram += 1
+                s.get_bytes += len(value)
+                callback(arg, ReadResult([memoryview(value)], [], len(value)))
+                return 0
+        found = self._lookup(block_id)
+        if found is None:
+            s.gets += 1
+            s.misses += 1
+            callback(arg, None)
+            return 0
+        loc, plen, gen, head = found
+        if head:  # a segmented block: the batch path reads its pieces
+            self.get([block_id], lambda op: callback(arg, op.results[0]))
+            return plen
+        elen = (HEADER + plen + UNIT - 1) & ~(UNIT - 1)  # fmt.entry_len
+        buf = self.pool.acquire(elen)
+        self.reads_in_flight += 1
+        self.ring.read(self.device_offset(loc), buf.addr, elen, self._read_one_done,
+                       (callback, arg, block_id, loc, gen, buf, plen, elen))
+        return plen
+
+    def _read_one_done(self, t: tuple, res: int) -> None:
+        callback, arg, block_id, loc, gen, buf, plen, elen = t
+        self.reads_in_flight -= 1
+        s = self.stats
+        s.gets += 1
+        view = buf.view
+        if res == elen and fmt.entry_matches(view, block_id, gen, plen):
+            payload = view[HEADER : HEADER + plen]
+            s.hits_ssd += 1
+            s.get_bytes += plen
+            if self.dram is not None:
+                self._admit_to_dram(block_id, loc, payload)
+            callback(arg, ReadResult([payload], [buf], plen))
+            return
+        if res != elen:
+            self._read_failed(loc, res, elen)
+        else:
+            self._check_entry(block_id, loc, gen, view[:elen], plen)  # why: counted
+        self.pool.release(buf)
+        s.misses += 1
+        callback(arg, None)
+
     def _one_done(self, op: GetOp) -> None:
         op.remaining -= 1
         if op.remaining:

@@ -318,6 +318,14 @@ class Connection:
         # response frame, are answered BUSY unread: the client asks for them again.
         shard = self.shard
         self.pending += 1
+        if len(ids) == 1:  # the first hit always goes: no budget to split
+            state = [rid, time.perf_counter(), 0, ids[0]]
+            reserved = shard.core.reader.get_one(ids[0], self._got_one, state)
+            if reserved and not state[2]:  # still reading: its buffer is held now
+                state[2] = reserved
+                self.held += reserved
+                shard.budget.used += reserved
+            return
         room = min(self.limits.max_body - len(ids) * p.ITEM.size,
                    shard.options.max_connection_bytes - self.held, shard.budget.room())
         state = [rid, time.perf_counter(), 0]  # the last: budget units charged
@@ -370,6 +378,33 @@ class Connection:
 
         self._send([p.frame_get_head(rid, rows), *views], sent)
         self.shard.observe("get", time.perf_counter() - started)
+
+    def _got_one(self, state: list, result: Any) -> None:
+        """The answer to a GET of one block (see _got for batches)."""
+        rid, started, charged, block_id = state
+        self.pending -= 1
+        if result is None:
+            if charged:
+                self._uncharge(charged)
+            if not self.closed:
+                self._send([p.frame_get_head(rid, ((block_id, 0, p.Status.NOT_FOUND),))])
+            self.shard.recorder.observe("get", time.perf_counter() - started)
+            return
+        if not charged:  # answered at once (the DRAM tier): held until it is sent
+            charged = state[2] = result.nbytes
+            self.held += charged
+            self.shard.budget.used += charged
+        if self.closed:
+            self.shard.core.release(result)
+            self._uncharge(charged)
+            return
+        head = p.frame_get_head(rid, ((block_id, result.nbytes, p.Status.OK),))
+        self._send([head, *result.views], lambda: self._sent_one(result, charged))
+        self.shard.recorder.observe("get", time.perf_counter() - started)
+
+    def _sent_one(self, result: Any, charged: int) -> None:
+        self.shard.core.release(result)
+        self._uncharge(charged)
 
     def _release_results(self, results: list) -> None:
         release = self.shard.core.release
