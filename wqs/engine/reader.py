@@ -212,7 +212,8 @@ class Reader:
         """get() of one block, the daemon's most frequent request, without the batch's
         bookkeeping: callback(arg, result or None) once it is verified (at once, before
         this returns, if nothing needs the device). The payload bytes a read in flight
-        holds (0 if the callback has run)."""
+        holds (0 if the callback has run; for a segmented block, its head's: the rest is
+        known once the head is read)."""
         s = self.stats
         dram = self.dram
         if dram is not None:
