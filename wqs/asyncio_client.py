@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from wqs.client import BatchResult, NodeDown, _buffer, _writable
 from wqs.config import ClientConfig, with_token_file, load_client_config, parse_hostport
-from wqs.errors import (AuthError, BlockTooLarge, ConfigError, NodeUnavailable, ProtocolError,
+from wqs.errors import (BlockTooLarge, ConfigError, NodeUnavailable, ProtocolError,
                         RemoteError, WQSError)
 from wqs.ids import BlockIdLike, to_block_id
 from wqs.ring import HashRing, shard_of, weight_unit_for
@@ -759,7 +759,7 @@ class AsyncClient:
             taken: list[list[int]] = []
 
             def send(call: _Call, conn: _Conn, idx: list[int]) -> None:
-                chunk = self._chunks(idx, conn, lambda i: p.ID_LEN - p.ITEM.size)[0]
+                chunk = p.frames_for(idx, conn.limits, lambda i: p.ID_LEN - p.ITEM.size)[0]
                 taken.append(chunk)
                 self._send_ids(call, conn, chunk, ids, p.Opcode.LOOKUP_PREFIX, count)
 
@@ -1082,21 +1082,6 @@ class AsyncClient:
 
     # ---- requests ----------------------------------------------------------------------
 
-    def _chunks(self, idx: list[int], conn: _Conn, size: Callable[[int], int]) -> list[list[int]]:
-        """idx cut so that every frame fits the shard's max_items and max_body."""
-        lim = conn.limits
-        chunks, cur, body = [], [], 0
-        for i in idx:
-            n = p.ITEM.size + size(i)
-            if cur and (len(cur) >= lim.max_items or body + n > lim.max_body):
-                chunks.append(cur)
-                cur, body = [], 0
-            cur.append(i)
-            body += n
-        if cur:
-            chunks.append(cur)
-        return chunks
-
     def _ignore(self, opcode: p.Opcode) -> Callable[[list[int], WQSError], None]:
         def fail(which: list[int], error: WQSError) -> None:
             log.debug("%s failed for %d blocks: %s", opcode.name, len(which), error)
@@ -1130,7 +1115,7 @@ class AsyncClient:
                                         f"the {max_block} B {address} accepts"))
             else:
                 fits.append(i)
-        for chunk in self._chunks(fits, conn, lambda i: bufs[i].nbytes):
+        for chunk in p.frames_for(fits, conn.limits, lambda i: bufs[i].nbytes):
             def answer(req: _Req, msg: Any, chunk: list[int] = chunk) -> None:
                 if not isinstance(msg, p.PutResponse):
                     call.failed(address, chunk, self._request_error(req, msg))
@@ -1156,7 +1141,7 @@ class AsyncClient:
                    views: list[memoryview] | None, results: list[Any],
                    errors: dict[int, WQSError],
                    fail: Callable[[list[int], WQSError], None]) -> None:
-        for chunk in self._chunks(idx, conn, lambda i: 0):
+        for chunk in p.frames_for(idx, conn.limits, lambda i: 0):
             self._send_get_chunk(call, conn, chunk, ids, views, results, fail)
 
     def _send_get_chunk(self, call: _Call, conn: _Conn, chunk: list[int], ids: list[bytes],
@@ -1199,7 +1184,7 @@ class AsyncClient:
                   opcode: p.Opcode, out: list[Any]) -> None:
         """EXISTS and DELETE (a bit per block into out), LOOKUP_PREFIX (out[0])."""
         address = conn.node.address
-        for chunk in self._chunks(idx, conn, lambda i: p.ID_LEN - p.ITEM.size):
+        for chunk in p.frames_for(idx, conn.limits, lambda i: p.ID_LEN - p.ITEM.size):
             def answer(req: _Req, msg: Any, chunk: list[int] = chunk) -> None:
                 if isinstance(msg, p.LookupPrefixResponse):
                     out[0] = msg.count

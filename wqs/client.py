@@ -430,21 +430,6 @@ class Client:
                 fail(sidx, e)
         return out
 
-    def _chunks(self, idx: list[int], conn: Any, size: Callable[[int], int]) -> list[list[int]]:
-        """idx cut so that every frame fits the shard's max_items and max_body."""
-        lim = conn.limits
-        chunks, cur, body = [], [], 0
-        for i in idx:
-            n = p.ITEM.size + size(i)
-            if cur and (len(cur) >= lim.max_items or body + n > lim.max_body):
-                chunks.append(cur)
-                cur, body = [], 0
-            cur.append(i)
-            body += n
-        if cur:
-            chunks.append(cur)
-        return chunks
-
     def _send_puts(self, call: Call, address: str, idx: list[int], ids: list[bytes],
                    bufs: list[memoryview], ok: list[bool], errors: dict[int, WQSError],
                    tries: int = 0) -> None:
@@ -460,7 +445,7 @@ class Client:
                 fail([i], BlockTooLarge(f"block {ids[i].hex()} of {bufs[i].nbytes} B exceeds "
                                         f"the {max_block} B {address} accepts"))
             sidx = [i for i in sidx if bufs[i].nbytes <= max_block]
-            for chunk in self._chunks(sidx, conn, lambda i: bufs[i].nbytes):
+            for chunk in p.frames_for(sidx, conn.limits, lambda i: bufs[i].nbytes):
                 head = p.frame_put_head(0, [(ids[i], bufs[i].nbytes) for i in chunk])
                 frame = [head, *(bufs[i] for i in chunk if bufs[i].nbytes)]
                 req = _Request(call, conn, p.Opcode.PUT, self._put_answer)
@@ -559,7 +544,7 @@ class Client:
             log.debug("%s to %s failed: %s", opcode.name, address, error)
 
         for conn, sidx in self._shard_groups(address, idx, ids, fail):
-            for chunk in self._chunks(sidx, conn, lambda i: p.ID_LEN - p.ITEM.size):
+            for chunk in p.frames_for(sidx, conn.limits, lambda i: p.ID_LEN - p.ITEM.size):
                 def answer(req: _Request, msg: Any, chunk: list[int] = chunk) -> None:
                     if isinstance(msg, p.LookupPrefixResponse):
                         out[chunk[0]] = (msg.count, len(chunk))

@@ -27,7 +27,7 @@ from wqs.engine.allocator import Allocator
 from wqs.engine.dram import make_dram_tier
 from wqs.engine.index import block_tag
 from wqs.engine.policy import make_policy
-from wqs.engine.reader import DEFERRED, GetOp, Reader, ReadResult
+from wqs.engine.reader import DEFERRED, GetOp, Reader, ReadResult  # noqa: F401 - DEFERRED: re-exported
 from wqs.engine.reclaim import Reclaimer
 from wqs.engine.regions import CLEAN, FREE, PREPARING
 from wqs.engine.stats import EngineStats

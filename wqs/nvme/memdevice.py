@@ -15,23 +15,22 @@ import ctypes
 import errno
 import mmap
 import os
-from collections import deque
 from typing import Any, Callable
+
+from wqs.nvme.threadring import DoneQueue
 
 ALIGN = 4096
 
 
-class MemoryRing:
+class MemoryRing(DoneQueue):
     """IoRing over memory: submit() does the copies at once; the callbacks run when the
     loop next calls complete(), as with a real device (never inside submit)."""
 
     def __init__(self, device: "MemoryDevice", base: int) -> None:
+        super().__init__()
         self._device = device
         self._base = base
-        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._queued: list[tuple] = []
-        self._done: deque[tuple[Callable[[Any, int], None], Any, int]] = deque()
-        self.in_flight = 0
 
     @property
     def pending(self) -> int:
@@ -50,22 +49,8 @@ class MemoryRing:
             return
         for write, offset, iov, cb, arg in self._queued:
             self.in_flight += 1
-            self._done.append((cb, arg, self._device.transfer(write, self._base + offset, iov)))
+            self._finished(cb, arg, self._device.transfer(write, self._base + offset, iov))
         self._queued.clear()
-        os.eventfd_write(self.fd, 1)
-
-    def complete(self) -> int:
-        try:
-            os.eventfd_read(self.fd)
-        except BlockingIOError:
-            pass
-        n = 0
-        while self._done:
-            cb, arg, res = self._done.popleft()
-            self.in_flight -= 1
-            cb(arg, res)
-            n += 1
-        return n
 
     def close(self) -> None:
         os.close(self.fd)

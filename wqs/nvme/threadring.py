@@ -20,22 +20,52 @@ from typing import Any
 from wqs.nvme.aio import IOV_MAX, Callback
 
 
+class DoneQueue:
+    """Completions waiting for the loop: (callback, arg, result) on a deque, signalled by
+    an eventfd the loop watches. For rings that complete IO outside the kernel's AIO."""
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._done: deque[tuple[Callback, Any, int]] = deque()
+        self.in_flight = 0
+
+    def _finished(self, cb: Callback, arg: Any, res: int) -> None:
+        """One IO is done (any thread): queue its callback, wake the loop."""
+        self._done.append((cb, arg, res))  # deque.append is atomic
+        try:
+            os.eventfd_write(self.fd, 1)
+        except OSError:
+            pass  # closed under us: the ring is gone
+
+    def complete(self) -> int:
+        """Run the callbacks of the IOs done so far (the loop's thread)."""
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
+        n = 0
+        while self._done:
+            cb, arg, res = self._done.popleft()
+            self.in_flight -= 1
+            cb(arg, res)
+            n += 1
+        return n
+
+
 def _memory(addr: int, nbytes: int) -> memoryview:
     return memoryview((ctypes.c_char * nbytes).from_address(addr)).cast("B")
 
 
-class ThreadRing:
+class ThreadRing(DoneQueue):
     """AioRing's interface (read, writev, submit, complete, fd) over `threads` threads."""
 
     def __init__(self, fd: int, base: int = 0, threads: int = 16) -> None:
         assert threads >= 1
+        super().__init__()
         self._dev_fd = fd
         self._base = base
-        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._work: queue.SimpleQueue = queue.SimpleQueue()
-        self._done: deque[tuple[Callback, Any, int]] = deque()
         self._queued: list[tuple] = []
-        self.in_flight = 0
         self._closed = False
         self._threads = [threading.Thread(target=self._run, name=f"wqs-io-{i}", daemon=True)
                          for i in range(threads)]
@@ -61,19 +91,6 @@ class ThreadRing:
             self._work.put(item)
         self._queued.clear()
 
-    def complete(self) -> int:
-        try:
-            os.eventfd_read(self.fd)
-        except BlockingIOError:
-            pass
-        n = 0
-        while self._done:
-            cb, arg, res = self._done.popleft()
-            self.in_flight -= 1
-            cb(arg, res)
-            n += 1
-        return n
-
     def _run(self) -> None:
         while (item := self._work.get()) is not None:
             write, offset, iov, flags, cb, arg = item
@@ -92,11 +109,7 @@ class ThreadRing:
                     res += n
             except OSError as e:
                 res = -(e.errno or errno.EIO)
-            self._done.append((cb, arg, res))
-            try:
-                os.eventfd_write(self.fd, 1)
-            except OSError:
-                return  # closed under us: the ring is gone
+            self._finished(cb, arg, res)
 
     def close(self) -> None:
         """Finish the IOs already handed to the threads, then stop them."""

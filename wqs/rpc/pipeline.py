@@ -484,7 +484,7 @@ class Pipeline:
                 n = conn.sock.recvmsg_into(bufs)[0]
                 if not n:
                     raise ConnectionError("the node closed the connection")
-                _advance(answer, min(n, due))
+                answer.ti = p.advance_targets(answer.targets, answer.ti, min(n, due))
                 if n > due:
                     conn.rend += n - due
                 if answer.ti == len(answer.targets):
@@ -535,7 +535,7 @@ class Pipeline:
                     k = min(len(target), conn.rend - conn.rstart)
                     target[:k] = rxv[conn.rstart : conn.rstart + k]
                     conn.rstart += k
-                    _advance(answer, k)
+                    answer.ti = p.advance_targets(answer.targets, answer.ti, k)
                 if answer.ti < len(answer.targets):
                     conn.answer = answer  # the rest comes straight from the socket
                     break
@@ -641,17 +641,6 @@ def _any_done(calls: Sequence[Call]) -> bool:
 def _with_rid(head: bytes, rid: int) -> bytes:
     """The frame's first buffer with the request id filled in (bytes 8..16)."""
     return head[:8] + rid.to_bytes(8, "little") + head[16:]
-
-
-def _advance(answer: _GetAnswer, n: int) -> None:
-    targets = answer.targets
-    while n:
-        target = targets[answer.ti]
-        if n < len(target):
-            targets[answer.ti] = target[n:]
-            return
-        n -= len(target)
-        answer.ti += 1
 
 
 def _compact(conn: _Conn) -> None:

@@ -728,6 +728,38 @@ def frame_ping_response(request_id: int) -> bytes:
     return HEADER.pack(*_RESPONSE_HEADER[Opcode.PING], request_id, 0, 0, 0, 0)
 
 
+def frames_for(idx: Sequence[int], limits: Limits,
+               size: Callable[[int], int]) -> list[list[int]]:
+    """idx cut into the batches of consecutive frames that fit `limits`: at most max_items
+    items, and item table plus size(i) payload bytes per item within max_body."""
+    frames: list[list[int]] = []
+    cur: list[int] = []
+    body = 0
+    for i in idx:
+        n = ITEM.size + size(i)
+        if cur and (len(cur) >= limits.max_items or body + n > limits.max_body):
+            frames.append(cur)
+            cur, body = [], 0
+        cur.append(i)
+        body += n
+    if cur:
+        frames.append(cur)
+    return frames
+
+
+def advance_targets(targets: list[memoryview], ti: int, n: int) -> int:
+    """n more payload bytes were received into targets[ti:] in order: the index of the
+    first target not yet full (a partly filled one is replaced by its rest)."""
+    while n:
+        target = targets[ti]
+        if n < len(target):
+            targets[ti] = target[n:]
+            return ti
+        n -= len(target)
+        ti += 1
+    return ti
+
+
 def unpack_ids(body: BytesLike) -> list[bytes]:
     """The block ids of an ids request's body (its length was checked with the header)."""
     raw = bytes(body)

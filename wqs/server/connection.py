@@ -172,7 +172,7 @@ class Connection:
             if not n:
                 raise ConnectionError("peer closed mid-payload")
             self.last_rx = time.monotonic()
-            self._advance_target(put, min(n, due))
+            put.ti = p.advance_targets(put.targets, put.ti, min(n, due))
             if n > due:
                 self.rend += n - due
             if put.ti == len(put.targets):
@@ -198,18 +198,6 @@ class Connection:
         left = self.rend - self.rstart
         self.rx[:left] = self.rxv[self.rstart : self.rend]
         self.rstart, self.rend = 0, left
-
-    @staticmethod
-    def _advance_target(put: _PutFrame, n: int) -> None:
-        """n more payload bytes landed in the targets from put.ti on."""
-        targets = put.targets
-        while n:
-            target = targets[put.ti]
-            if n < len(target):
-                targets[put.ti] = target[n:]
-                return
-            n -= len(target)
-            put.ti += 1
 
     def _parse(self) -> None:
         """Handle every complete frame in the receive buffer."""
@@ -252,7 +240,7 @@ class Connection:
                     k = min(len(target), self.rend - self.rstart)
                     target[:k] = rxv[self.rstart : self.rstart + k]
                     self.rstart += k
-                    self._advance_target(put, k)
+                    put.ti = p.advance_targets(put.targets, put.ti, k)
                 if put.ti < len(put.targets):
                     self.want = RX_AFTER_PUT
                     break
