@@ -91,6 +91,7 @@ class EngineCore:
     def stage(self, block_id: bytes, nbytes: int) -> PutOp:
         """Buffers for a put of nbytes: fill op.targets with the payload, then commit.
         Raises BlockTooLarge if the engine cannot hold a block that large."""
+        self.reactor.assert_owner()
         self._check_open()
         return self.writer.stage(block_id, nbytes)
 
@@ -121,6 +122,7 @@ class EngineCore:
                     callback: Callable[[list[bool]], None]) -> None:
         """Delete blocks; callback(found) once each delete is durable (a tombstone is on
         the device, so a crash scan cannot bring the block back)."""
+        self.reactor.assert_owner()
         self._check_open()
         found, pending = [], [0]
         results_ready = [False]
@@ -158,6 +160,7 @@ class EngineCore:
         """Read a batch; callback(op) with op.results (ReadResult or None per ID; DEFERRED
         past max_bytes) once all are verified. Give each hit back with release() after
         using its views."""
+        self.reactor.assert_owner()
         self._check_open()
         return self.reader.get(ids, callback, arg, max_bytes)
 

@@ -184,13 +184,8 @@ class Engine:
         views = [(block_id, as_byte_view(data)) for block_id, data in items]
         with self._lock:
             self._check_open()
-            ops: list[PutOp] = []
-            try:
-                for block_id, view in views:
-                    ops.append(self.core.stage(block_id, view.nbytes))
-            finally:
-                for op in ops:
-                    self.core.discard(op)  # staged only to check sizes
+            for _, view in views:  # before anything is written
+                self.core.writer.check(view.nbytes)
             errors: list[str] = []
             pending = [0]
 

@@ -143,6 +143,20 @@ class Writer:
 
     # ---- staging ---------------------------------------------------------------------
 
+    def check(self, nbytes: int) -> None:
+        """Raise BlockTooLarge if a block of nbytes cannot be stored (what stage checks)."""
+        if nbytes > self.max_block_size:
+            raise BlockTooLarge(f"block of {nbytes} B exceeds max_block_size "
+                                f"{self.max_block_size}")
+        m = self.segment_max
+        if nbytes > m:
+            elens = [fmt.entry_len(min(m, nbytes - k * m)) for k in range(-(-nbytes // m))]
+            if self.allocator.place(0, 0, elens)[1] > self.max_put_regions:
+                raise BlockTooLarge(
+                    f"a block of {nbytes} B needs more regions than the device can give one "
+                    f"write ({self.sb.num_regions} regions of {self.sb.region_size} B, all "
+                    "but two usable)")
+
     def stage(self, block_id: bytes, nbytes: int, kind: int = PUT) -> PutOp:
         """Buffers for a put of nbytes; raises BlockTooLarge if the engine cannot hold it."""
         assert len(block_id) == 16, "block IDs are 16 bytes"
@@ -165,12 +179,11 @@ class Writer:
                 pieces.append(Piece(block_id, self.pool.acquire(elen), plen, elen, flags,
                                     total_len=nbytes if k == 0 else 0, segment_index=k))
         op = PutOp(block_id, nbytes, pieces, kind, elen_total=sum(p.elen for p in pieces))
-        if self.allocator.place(0, 0, [p.elen for p in pieces])[1] > self.max_put_regions:
+        try:
+            self.check(nbytes)
+        except BlockTooLarge:
             self.discard(op)
-            raise BlockTooLarge(
-                f"a block of {nbytes} B needs more regions than the device can give one "
-                f"write ({self.sb.num_regions} regions of {self.sb.region_size} B, all but "
-                "two usable)")
+            raise
         return op
 
     def stage_tombstone(self, block_id: bytes, hides: bytes, kind: int) -> PutOp:
