@@ -17,10 +17,10 @@ import sys
 import time
 from typing import Any, Sequence
 
-from bench.engines import Engine, EngineError, make_engine
-from bench.fioparse import (OUTPUT_FORMATS, FioOptionError, JobSpec, assign_groups,
+from .engines import Engine, EngineError, make_engine
+from .fioparse import (OUTPUT_FORMATS, FioOptionError, JobSpec, assign_groups,
                             build_jobs, split_argv)
-from bench.report import JobResult, header_lines, merge_results, normal_text, to_json
+from .report import JobResult, header_lines, merge_results, normal_text, to_json
 
 USAGE = """\
 usage: wqs-bench [global options] [--name=JOB [job options]]... [jobfile]...
@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (EngineError, OSError, ValueError) as e:
             print(f"wqs-bench: {e}", file=sys.stderr)
             return 1
-        from bench.runner import Clone, run_group
+        from .runner import Clone, run_group
 
         desc = ", ".join(sorted({e.describe() for e in engines.values()}))
         if "normal" in formats:
@@ -172,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(body if body.endswith("\n") else body + "\n")
     if inv.cli.get("lat_cdf"):
         try:
-            from bench.cdf import plot_cdf
+            from .cdf import plot_cdf
 
             plot_cdf(results, inv.cli["lat_cdf"])
             print(f"latency CDF written to {inv.cli['lat_cdf']}", file=sys.stderr)

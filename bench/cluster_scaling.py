@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 import wqs
-from bench.procs import Daemon
+from .procs import Daemon
 from wqs.config import parse_size
 
 

@@ -62,7 +62,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bench.fioparse import build_job, parse_size
+from .fioparse import build_job, parse_size
 
 SYSTEMS = ("fio", "wqs", "redis", "files", "files-odirect", "rawsock")
 OPS = ("write", "read")
@@ -157,7 +157,7 @@ def fio_point(path: str, size: int, engine: str, op: str, bs: int, qd: int,
 
 def bench_point(system: str, engine: Any, op: str, bs: int, qd: int, size: int,
                 runtime: float, keep: dict[str, Any] | None = None, batch: int = 1) -> Point:
-    from bench.runner import Clone, run_group
+    from .runner import Clone, run_group
 
     opts = {"rw": f"rand{op}", "bs": str(bs), "size": str(size), "iodepth": str(qd),
             "runtime": f"{runtime}", "time_based": "1", "filename": f"compare-{bs}",
@@ -328,7 +328,7 @@ class Services:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.compare",
+    ap = argparse.ArgumentParser(prog=f"python -m {__package__ or 'bench'}.compare",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--bs", default="64k,1m", help="block sizes (default 64k,1m)")
     ap.add_argument("--iodepth", "--qd", default="1,32", help="queue depths (default 1,32)")
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     if size + 4 * 16 * MiB > device_size:
         ap.error("--size must leave room on the device (at least 64 MiB less than --device-size)")
     if args.cdf:
-        from bench.cdf import _pyplot
+        from .cdf import _pyplot
 
         _pyplot()  # fail now, not after the run
         os.makedirs(args.cdf, exist_ok=True)
@@ -384,11 +384,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     meta: dict[str, Any] = {}
     try:
-        from bench.engine_bench import fio_engine, fio_fill, fs_type
-        from bench.engines import FilesEngine, RedisEngine, WqsEngine
-        from bench.procs import Daemon, RawSink, Redis
-        from bench.rawsock import RawSockEngine
-        from bench.usage import PidUsage
+        from .engine_bench import fio_engine, fio_fill, fs_type
+        from .engines import FilesEngine, RedisEngine, WqsEngine
+        from .procs import Daemon, RawSink, Redis
+        from .rawsock import RawSockEngine
+        from .usage import PidUsage
 
         wqs_dir = os.path.join(work, "wqs")
         os.makedirs(wqs_dir)
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
                                 for r in rows],
                        "runs": [asdict(p) for p in points]}, f, indent=2)
     if args.cdf:
-        from bench.cdf import plot_series
+        from .cdf import plot_series
 
         for (op, bs, qd), lats in latencies.items():
             series = []

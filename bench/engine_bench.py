@@ -645,7 +645,7 @@ def render(summary: dict[tuple[str, str, int], Summary], qds: list[int], header:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.engine_bench", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog=f"python -m {__package__ or 'bench'}.engine_bench", description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="1G", help="backing file size (default 1G)")
     ap.add_argument("--bs", default="64k", help="block size (default 64k)")
     ap.add_argument("--runtime", type=float, default=5.0, help="seconds per point (default 5)")

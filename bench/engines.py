@@ -38,7 +38,7 @@ import os
 import threading
 from typing import Any, Sequence
 
-from bench.usage import UsageSource
+from .usage import UsageSource
 
 Buffer = Any
 
@@ -143,7 +143,7 @@ class WqsEngine(Engine):
     def _control_planes(self, cfg: Any, control_servers: Sequence[str] | None) -> list:
         """A usage source per daemon: its control plane at the given address, else at
         data port + 1 (wqsd's default), with the client config's token and timeout."""
-        from bench.usage import ControlPlaneUsage, control_address
+        from .usage import ControlPlaneUsage, control_address
 
         # Under etcd the config lists no servers; the ring knows the registered ones.
         servers = list(self.servers) or list(getattr(self.client, "nodes", ()))
@@ -437,7 +437,7 @@ def make_engine(name: str, *, servers: Sequence[str] | None = None, config: str 
             raise EngineError("ioengine=files needs --files_dir=DIR")
         return FilesEngine(files_dir, files_direct)
     if name == "rawsock":
-        from bench.rawsock import RawSockEngine
+        from .rawsock import RawSockEngine
 
         if not rawsock:
             raise EngineError("ioengine=rawsock needs --rawsock=HOST:PORT (python -m bench.rawsock)")

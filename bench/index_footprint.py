@@ -51,7 +51,7 @@ def measure(n: int, seed: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.index_footprint", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog=f"python -m {__package__ or 'bench'}.index_footprint", description=__doc__.split("\n")[0])
     ap.add_argument("--counts", default="1M,10M", help="block counts, comma separated")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)

@@ -196,7 +196,7 @@ def replay_stream(ctx: Any, clone: Any, stream: int, rec: Any) -> None:
     """
     from wqs.ids import prefix_block_ids
 
-    from bench.blocks import check, content
+    from .blocks import check, content
 
     spec = clone.spec
     engine = clone.engine
@@ -289,7 +289,7 @@ def _store(engine: Any, ids: list[bytes], block_bytes: int, payload: memoryview,
 
 
 def summary(clone: Any) -> dict[str, Any]:
-    from bench.report import finish_kvcache
+    from .report import finish_kvcache
 
     spec = clone.spec
     kv: dict[str, Any] = dict(clone.kv.c)

@@ -13,7 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import wqs
+
+# The directory `wqs` is imported from (the repository, or site-packages once installed):
+# child processes get it on their path so they run this same code.
+ROOT = Path(wqs.__file__).resolve().parent.parent
 
 
 def _bindable(port: int) -> bool:
@@ -131,18 +135,19 @@ class Redis:
 
 
 class RawSink:
-    """`python -m bench.rawsock` on a free loopback port."""
+    """`python -m bench.rawsock` (`wqs.bench.rawsock` once installed) on a free loopback port."""
 
     def __init__(self) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.port = free_ports(1)
         self.address = f"127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.rawsock", "--listen",
+        module = f"{__package__}.rawsock"
+        self.proc = subprocess.Popen([sys.executable, "-m", module, "--listen",
                                       self.address], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, cwd=str(ROOT), env=env)
         try:
-            _wait_port(self.port, self.proc, 20, "bench.rawsock")
+            _wait_port(self.port, self.proc, 20, module)
         except Exception:
             self.stop()
             raise

@@ -29,7 +29,7 @@ import sys
 import threading
 from typing import Sequence
 
-from bench.engines import Engine, EngineError
+from .engines import Engine, EngineError
 
 HDR = struct.Struct("<B3xI16s")
 LEN = struct.Struct("<I")
@@ -110,7 +110,7 @@ def serve(host: str, port: int, ready: threading.Event | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.rawsock", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog=f"python -m {__package__ or 'bench'}.rawsock", description=__doc__.split("\n")[0])
     ap.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: any free port)")
     args = ap.parse_args(argv)
     host, _, port = args.listen.rpartition(":")

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.fioparse import JobSpec, describe_bs, num2str
+from .fioparse import JobSpec, describe_bs, num2str
 
 SAMPLE_MS = 500  # fio's bw_avg_time / iops_avg_time default
 DDIRS = ("read", "write")

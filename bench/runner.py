@@ -46,11 +46,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bench.blocks import block_id, check, content
-from bench.engines import Engine
-from bench.fioparse import JobSpec, num2str
-from bench.report import DDIRS, DirData, JobResult
-from bench.usage import Reading, servers_report, snapshot, usage_report
+from .blocks import block_id, check, content
+from .engines import Engine
+from .fioparse import JobSpec, num2str
+from .report import DDIRS, DirData, JobResult
+from .usage import Reading, servers_report, snapshot, usage_report
 from wqs.procstat import ProcessUsage, self_usage
 
 READ, WRITE = 0, 1
@@ -546,7 +546,7 @@ def verify_written(clone: Clone) -> None:
 
 
 def setup_prefix(clone: Clone) -> None:
-    from bench import kvcache
+    from . import kvcache
 
     spec = clone.spec
     if spec.kv_bytes_per_token:
@@ -638,7 +638,7 @@ class Eta:
 
 def run_group(clones: list[Clone], eta_mode: str, log: Callable[[str], None]) -> list[JobResult]:
     """Run one reporting group: every clone at once; results per clone."""
-    from bench import kvcache
+    from . import kvcache
 
     specs = [c.spec for c in clones]
     for c in clones:
@@ -821,7 +821,7 @@ def _thread(clone: Clone, target: Callable[..., None], args: tuple) -> None:
 
 
 def _prefix_thread(ctx: RunContext, clone: Clone, stream: int, rec: Recorder) -> None:
-    from bench import kvcache
+    from . import kvcache
 
     try:
         kvcache.replay_stream(ctx, clone, stream, rec)
