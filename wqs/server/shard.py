@@ -216,6 +216,10 @@ class Shard:
 
         poll()
 
+    def resume(self) -> None:
+        """Undo `drain`: take new requests again (a drain still polling just reports)."""
+        self.draining = False
+
     def evict_all(self, done: Callable[[int], None]) -> None:
         self.core.quiesce(lambda: done(self.core.evict_all()))
 

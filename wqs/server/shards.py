@@ -204,6 +204,10 @@ class NodeView:
         results = self._all("drain", timeout_s, timeout_s=timeout_s + CALL_TIMEOUT_S)
         return all(d for d, _ in results), sum(r for _, r in results)
 
+    def resume(self) -> None:
+        """Undo `drain` on every shard."""
+        self._all("resume")
+
     def usage(self) -> ProcessUsage:
         """The supervisor's own CPU and switches, plus every shard's."""
         return sum(self._all("usage", timeout_s=5.0), self_usage())

@@ -167,6 +167,10 @@ class _Worker:
     def op_drain(self, reply: Any, timeout_s: float) -> None:
         self.shard.drain(timeout_s, lambda drained, remaining: reply((drained, remaining)))
 
+    def op_resume(self, reply: Any) -> None:
+        self.shard.resume()
+        reply()
+
     def op_evict_all(self, reply: Any) -> None:
         self.shard.evict_all(reply)
 
