@@ -19,8 +19,9 @@ from wqs.rpc.protocol import (
     ExistsRequest, ExistsResponse, FrameDecoder, FrameEnd, FrameHeader, FrameRejected, GetItem,
     GetRequest, GetResponse, HelloRequest, HelloResponse, ItemTable, Limits, LookupPrefixRequest,
     LookupPrefixResponse, Opcode, PayloadChunk, PayloadStart, PingRequest, PingResponse,
-    PutRequest, PutResponse, Status, decode_request, decode_response, encode, encode_request,
-    encode_response, parse_header)
+    PutRequest, PutResponse, RegisterRequest, RegisterResponse, ShmGetResponse, ShmItem,
+    ShmPutResponse, ShmRequest, Status, UnregisterRequest, UnregisterResponse, decode_request,
+    decode_response, encode, encode_request, encode_response, parse_header)
 from wqs.rpc.transport import Transport
 
 KiB = 1024
@@ -72,6 +73,21 @@ EXAMPLES = [
     LookupPrefixResponse(18, 3),
     ErrorResponse(19, Opcode.PUT, Status.AUTH_REQUIRED, "authenticate first"),
     ErrorResponse(20, Opcode.GET, Status.BAD_REQUEST, "żółw ✓"),
+    HelloResponse(21, bytes(32), False, Limits(), instance=b"i" * 16,
+                  local_sockets=("/run/wqs/wqsd.sock",)),
+    HelloResponse(22, bytes(32), True, Limits(), shard=1, shard_ports=(7070, 7071),
+                  instance=bytes(16), local_sockets=("/run/wqs/s.0", "/run/wqs/ś.1")),
+    RegisterRequest(23, 7, 1 << 30),
+    RegisterResponse(24),
+    UnregisterRequest(25, 7),
+    UnregisterResponse(26),
+    ShmRequest(27, Opcode.GET_SHM, [ShmItem(bid(1), 4096 + 64, 65536, 0, p.SHM_SLOT),
+                                    ShmItem(bid(2), 0, 10, 3)]),
+    ShmRequest(28, Opcode.PUT_SHM, [ShmItem(bid(1), 64, 65536, 1, p.SHM_SLOT)]),
+    ShmGetResponse(29, [ShmItem(bid(1), 4160, 65536, 0, Status.OK),
+                        ShmItem(bid(2), 0, 0, 3, Status.NOT_FOUND),
+                        ShmItem(bid(3), 0, 1 << 20, 3, Status.TOO_LARGE)]),
+    ShmPutResponse(30, [Status.OK, Status.NO_SPACE]),
 ]
 
 
@@ -91,13 +107,27 @@ get_items = st.one_of(
     st.builds(GetItem, ids, st.just(Status.OK), payloads),
     st.builds(GetItem, ids, st.sampled_from([s for s in Status if s != Status.OK])))
 
+shm_items = st.builds(ShmItem, ids, st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1),
+                      st.integers(0, 2**16 - 1), st.sampled_from([0, p.SHM_SLOT]))
+shm_answers = st.one_of(
+    st.builds(ShmItem, ids, st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1),
+              st.integers(0, 2**16 - 1), st.sampled_from([Status.OK, Status.TOO_LARGE])),
+    st.builds(ShmItem, ids, st.integers(0, 2**64 - 1), st.just(0), st.integers(0, 2**16 - 1),
+              st.sampled_from(Status)))
+paths = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)),
+                min_size=1, max_size=26)  # at most 104 bytes of UTF-8
+
 requests = st.one_of(
     st.builds(HelloRequest, rids),
     st.builds(AuthRequest, rids, nonces, nonces),
     st.builds(PingRequest, rids),
     st.builds(PutRequest, rids, st.lists(st.tuples(ids, payloads), **batch)),
     *(st.builds(cls, rids, st.lists(ids, **batch))
-      for cls in (GetRequest, ExistsRequest, DeleteRequest, LookupPrefixRequest)))
+      for cls in (GetRequest, ExistsRequest, DeleteRequest, LookupPrefixRequest)),
+    st.builds(RegisterRequest, rids, st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1)),
+    st.builds(UnregisterRequest, rids, st.integers(0, 2**32 - 1)),
+    st.builds(ShmRequest, rids, st.sampled_from([Opcode.GET_SHM, Opcode.PUT_SHM]),
+              st.lists(shm_items, **batch)))
 responses = st.one_of(
     st.builds(HelloResponse, rids, nonces, st.booleans(), limits_st),
     st.builds(AuthResponse, rids, nonces),
@@ -107,6 +137,15 @@ responses = st.one_of(
     st.builds(ExistsResponse, rids, st.lists(st.booleans(), max_size=40)),
     st.builds(DeleteResponse, rids, st.lists(st.booleans(), max_size=40)),
     st.builds(LookupPrefixResponse, rids, st.integers(0, 2**32 - 1)),
+    st.builds(lambda rid, nonce, ports, inst, names: HelloResponse(
+        rid, nonce, False, Limits(), 0, ports, *(
+            (inst, names[: max(len(ports), 1)]) if len(names) >= max(len(ports), 1)
+            else (b"", ()))),
+        rids, nonces, st.lists(st.integers(1, 65535), max_size=4),
+        st.binary(min_size=16, max_size=16), st.lists(paths, min_size=0, max_size=4)),
+    st.builds(RegisterResponse, rids), st.builds(UnregisterResponse, rids),
+    st.builds(ShmGetResponse, rids, st.lists(shm_answers, **batch)),
+    st.builds(ShmPutResponse, rids, st.lists(st.sampled_from(Status), **batch)),
     st.builds(ErrorResponse, rids, st.sampled_from(Opcode),
               st.sampled_from([s for s in Status if s != Status.OK]), st.text(max_size=100)))
 
@@ -129,7 +168,7 @@ def test_header_layout_matches_the_spec():
     assert HEADER.size == FrameHeader.SIZE == 32 and ITEM.size == 24
     assert p.HELLO_BODY.size == 56 and p.ID_LEN == BLOCK_ID_BYTES
     raw = frame(PingRequest(0x0102030405060708))
-    assert raw.hex() == ("57515331" "02" "03" "0000" "0807060504030201" "0000" "0000"
+    assert raw.hex() == ("57515331" "03" "03" "0000" "0807060504030201" "0000" "0000"
                          "00000000" "0000000000000000")
     assert raw[:4] == b"WQS1"
 
@@ -137,7 +176,7 @@ def test_header_layout_matches_the_spec():
 def test_put_frame_known_answer():
     raw = frame(PutRequest(1, [(bid(0xAB), b"xyz")]))
     hdr, table, payload = raw[:32], raw[32:56], raw[56:]
-    assert hdr.hex() == "57515331" "02" "04" "0000" + "01" + "00" * 7 + "0000" "0000" \
+    assert hdr.hex() == "57515331" "03" "04" "0000" + "01" + "00" * 7 + "0000" "0000" \
         "01000000" + "1b" + "00" * 7  # body 24 + 3 = 27
     assert table == bid(0xAB) + b"\x03\x00\x00\x00" + b"\x00\x00" + b"\x00\x00"
     assert payload == b"xyz"
@@ -353,7 +392,7 @@ def test_stream_ending_inside_a_payload():
 def test_wrong_magic_version_opcode_flags():
     good = frame(PingRequest(1))
     for bad, match in [(header(magic=0x31535158), "magic"), (header(version=1), "version"),
-                       (header(opcode=0), "opcode"), (header(opcode=9), "opcode"),
+                       (header(opcode=0), "opcode"), (header(opcode=13), "opcode"),
                        (header(opcode=255), "opcode"), (header(flags=2), "flags"),
                        (header(status=99), "status"), (b"GET / HTTP/1.1\r\n" * 2, "magic")]:
         with pytest.raises(ProtocolError, match=match):
@@ -441,9 +480,58 @@ def test_bitmap_padding_and_hello_limits_are_checked():
     bad = p.HELLO_BODY.pack(bytes(32), 0, 0, 4096, 100, 1 << 30) + unsharded
     with pytest.raises(ProtocolError, match="limits"):
         decode_response(header(Opcode.HELLO, flags=1, body_len=60) + bad)
-    bad = p.HELLO_BODY.pack(bytes(32), 2, 16, 4096, 100, 1 << 30) + unsharded
+    bad = p.HELLO_BODY.pack(bytes(32), 4, 16, 4096, 100, 1 << 30) + unsharded
     with pytest.raises(ProtocolError, match="flags"):
         decode_response(header(Opcode.HELLO, flags=1, body_len=60) + bad)
+
+
+def _hello_local(tail: bytes, flags: int = p.HELLO_LOCAL, ports: tuple[int, ...] = ()) -> bytes:
+    body = (p.HELLO_BODY.pack(bytes(32), flags, 16, 4096, 100, 1 << 30)
+            + p.HELLO_SHARD.pack(0, 0) + struct.pack(f"<{len(ports)}H", *ports) + tail)
+    return header(Opcode.HELLO, flags=1, count=len(ports), body_len=len(body)) + body
+
+
+def _path(raw: bytes) -> bytes:
+    return struct.pack("<H", len(raw)) + raw
+
+
+@pytest.mark.parametrize("tail, flags, ports, match", [
+    (b"x" * 16 + _path(b"/a"), 0, (), "bytes after its shard list"),  # no HELLO_LOCAL flag
+    (b"x" * 16, p.HELLO_LOCAL, (), "truncated"),  # no path
+    (b"x" * 16 + _path(b"/a"), p.HELLO_LOCAL, (7070, 7071), "truncated"),  # one of two
+    (b"x" * 16 + _path(b""), p.HELLO_LOCAL, (), "not valid"),
+    (b"x" * 16 + _path(b"/a\0b"), p.HELLO_LOCAL, (), "not valid"),
+    (b"x" * 16 + _path(b"\xff"), p.HELLO_LOCAL, (), "UTF-8"),
+    (b"x" * 16 + _path(b"/a") + b"z", p.HELLO_LOCAL, (), "does not match"),
+    (b"x" * 16 + struct.pack("<H", 9) + b"/a", p.HELLO_LOCAL, (), "not valid"),  # short
+    (b"x" * 16 + _path(b"/" * 108), p.HELLO_LOCAL, (), "HELLO answer of|not valid"),
+])
+def test_hello_local_sockets_are_checked(tail, flags, ports, match):
+    with pytest.raises(ProtocolError, match=match):
+        decode_response(_hello_local(tail, flags, ports))
+
+
+def test_hello_local_sockets_must_name_every_shard_when_encoded():
+    with pytest.raises(ProtocolError, match="local socket list"):
+        encode_response(HelloResponse(1, bytes(32), False, Limits(), 0, (7070, 7071),
+                                      bytes(16), ("/only-one",)))
+    with pytest.raises(ProtocolError, match="instance"):
+        encode_response(HelloResponse(1, bytes(32), False, Limits(), 0, (), b"short", ("/a",)))
+
+
+def test_shm_tables_are_checked():
+    row = p.SHM_ITEM.pack(bid(1), 0, 10, 0, 2)  # an unknown flag in a request
+    with pytest.raises(FrameRejected, match="unknown flags"):
+        decode_request(header(Opcode.GET_SHM, count=1, body_len=len(row)) + row)
+    row = p.SHM_ITEM.pack(bid(1), 0, 10, 0, Status.NOT_FOUND)  # a miss with a length
+    with pytest.raises(FrameRejected, match="NOT_FOUND with a length"):
+        decode_response(header(Opcode.GET_SHM, flags=1, count=1, body_len=len(row)) + row)
+    with pytest.raises(FrameRejected, match="expected 32"):
+        decode_request(header(Opcode.PUT_SHM, count=1, body_len=24) + row[:24])
+    with pytest.raises(FrameRejected, match="reserved"):
+        decode_request(header(Opcode.REGISTER, body_len=16) + p.SEGMENT.pack(1, 1, 4096))
+    with pytest.raises(ProtocolError, match="not a shared-memory request"):
+        ShmRequest(1, Opcode.GET, [])
 
 
 @pytest.mark.parametrize("shard, ports, match", [

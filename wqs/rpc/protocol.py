@@ -29,9 +29,13 @@ from wqs.errors import ConfigError, ProtocolError
 from wqs.rpc.auth import NONCE_LEN, PROOF_LEN
 
 MAGIC = 0x31535157  # the bytes b"WQS1" read as a little-endian u32
-VERSION = 2  # 2: HELLO answers list the node's shards; the WRONG_SHARD status
+# 2: HELLO answers list the node's shards; the WRONG_SHARD status.
+# 3: HELLO answers may announce local sockets; the shared-memory opcodes.
+VERSION = 3
 FLAG_RESPONSE = 0x0001  # the only header flag of version 1; any other bit is an error
 HELLO_AUTH_REQUIRED = 0x0001  # HelloResponse flags: the server wants AUTH before data ops
+HELLO_LOCAL = 0x0002  # HelloResponse flags: the node's instance and local socket paths follow
+HELLO_FLAGS = HELLO_AUTH_REQUIRED | HELLO_LOCAL
 ID_LEN = 16  # block ids travel in canonical form (wqs.ids.BLOCK_ID_BYTES)
 
 # Defaults of `Limits`.
@@ -47,6 +51,14 @@ HELLO_BODY = struct.Struct("<32sIIIIQ")  # nonce flags max_items max_block max_e
 HELLO_SHARD = struct.Struct("<HH")  # this connection's shard, reserved; then u16 ports
 MAX_SHARDS = 1024
 AUTH_BODY = struct.Struct("<32s32s")  # client_nonce proof
+INSTANCE_LEN = 16  # a daemon's random identity, the same on every socket it serves
+MAX_PATH = 107  # bytes of a Unix socket path (sun_path holds 108 with the NUL)
+# One-sided frames (shared memory): REGISTER's body, and the item of GET_SHM and PUT_SHM
+# requests and of GET_SHM answers: block_id offset length segment flags-or-status.
+SEGMENT = struct.Struct("<IIQ")  # segment reserved size
+UNREGISTER_BODY = struct.Struct("<II")  # segment reserved
+SHM_ITEM = struct.Struct("<16sQIHH")
+SHM_SLOT = 0x0001  # item flag: the bytes around the payload are the node's (see DATAPLANE.md)
 U32 = struct.Struct("<I")
 
 BytesLike = Union[bytes, bytearray, memoryview]  # any C-contiguous buffer is accepted
@@ -61,6 +73,10 @@ class Opcode(IntEnum):
     EXISTS = 6
     DELETE = 7
     LOOKUP_PREFIX = 8
+    REGISTER = 9  # a shared-memory segment (its fd rides along, SCM_RIGHTS)
+    UNREGISTER = 10
+    GET_SHM = 11  # GET into registered memory: only the table crosses the socket
+    PUT_SHM = 12  # PUT from registered memory
 
 
 class Status(IntEnum):
@@ -179,10 +195,15 @@ class HelloResponse:
     # No ports: the node is not sharded, this connection serves every block.
     shard: int = 0
     shard_ports: tuple[int, ...] = ()
+    # Same-host clients: the daemon's identity (random per start) and each shard's Unix
+    # socket, where the shared-memory opcodes are served. Empty: none announced.
+    instance: bytes = b""
+    local_sockets: tuple[str, ...] = ()
     opcode: ClassVar[Opcode] = Opcode.HELLO
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shard_ports", tuple(self.shard_ports))
+        object.__setattr__(self, "local_sockets", tuple(self.local_sockets))
 
 
 @dataclass(frozen=True)
@@ -303,6 +324,82 @@ class LookupPrefixResponse:
 
 
 @dataclass(frozen=True)
+class RegisterRequest:
+    """A shared-memory segment of `size` bytes, named `segment` on this connection. Its
+    file descriptor (a memfd sealed against shrinking) travels with the frame."""
+
+    request_id: int
+    segment: int
+    size: int
+    opcode: ClassVar[Opcode] = Opcode.REGISTER
+
+
+@dataclass(frozen=True)
+class RegisterResponse:
+    request_id: int
+    opcode: ClassVar[Opcode] = Opcode.REGISTER
+
+
+@dataclass(frozen=True)
+class UnregisterRequest:
+    request_id: int
+    segment: int
+    opcode: ClassVar[Opcode] = Opcode.UNREGISTER
+
+
+@dataclass(frozen=True)
+class UnregisterResponse:
+    request_id: int
+    opcode: ClassVar[Opcode] = Opcode.UNREGISTER
+
+
+class ShmItem(NamedTuple):
+    """A block in registered memory: `length` bytes at `offset` of `segment`. In a GET_SHM
+    request, length is the room there; in its answer, where the payload now lies, its
+    length and `status` (the last field: flags in a request)."""
+
+    block_id: bytes
+    offset: int
+    length: int
+    segment: int
+    flags: int = 0  # SHM_SLOT in a request; the Status in a GET_SHM answer
+
+
+@dataclass(frozen=True)
+class ShmRequest:
+    """GET_SHM or PUT_SHM."""
+
+    request_id: int
+    opcode: Opcode
+    items: tuple[ShmItem, ...]
+
+    def __post_init__(self) -> None:
+        if self.opcode not in (Opcode.GET_SHM, Opcode.PUT_SHM):
+            raise ProtocolError(f"{self.opcode.name} is not a shared-memory request")
+        object.__setattr__(self, "items", tuple(ShmItem(*it) for it in self.items))
+
+
+@dataclass(frozen=True)
+class ShmGetResponse:
+    request_id: int
+    items: tuple[ShmItem, ...]  # flags holds each item's Status
+    opcode: ClassVar[Opcode] = Opcode.GET_SHM
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "items", tuple(ShmItem(*it) for it in self.items))
+
+
+@dataclass(frozen=True)
+class ShmPutResponse:
+    request_id: int
+    statuses: tuple[Status, ...]
+    opcode: ClassVar[Opcode] = Opcode.PUT_SHM
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "statuses", tuple(self.statuses))
+
+
+@dataclass(frozen=True)
 class ErrorResponse:
     """The answer to any request that failed as a whole; message is truncated to max_error."""
 
@@ -313,13 +410,17 @@ class ErrorResponse:
 
 
 Request = Union[HelloRequest, AuthRequest, PingRequest, PutRequest, GetRequest, ExistsRequest,
-                DeleteRequest, LookupPrefixRequest]
+                DeleteRequest, LookupPrefixRequest, RegisterRequest, UnregisterRequest,
+                ShmRequest]
 Response = Union[HelloResponse, AuthResponse, PingResponse, PutResponse, GetResponse,
-                 ExistsResponse, DeleteResponse, LookupPrefixResponse, ErrorResponse]
+                 ExistsResponse, DeleteResponse, LookupPrefixResponse, RegisterResponse,
+                 UnregisterResponse, ShmGetResponse, ShmPutResponse, ErrorResponse]
 Message = Union[Request, Response]
 _RESPONSES = (HelloResponse, AuthResponse, PingResponse, PutResponse, GetResponse, _BitsResponse,
-              LookupPrefixResponse, ErrorResponse)
-_REQUESTS = (HelloRequest, AuthRequest, PingRequest, PutRequest, _IdsRequest)
+              LookupPrefixResponse, RegisterResponse, UnregisterResponse, ShmGetResponse,
+              ShmPutResponse, ErrorResponse)
+_REQUESTS = (HelloRequest, AuthRequest, PingRequest, PutRequest, _IdsRequest, RegisterRequest,
+             UnregisterRequest, ShmRequest)
 
 
 # --- frame shapes -----------------------------------------------------------------------
@@ -332,17 +433,34 @@ def _bitmap(n: int) -> int:
     return (n + 7) // 8
 
 
+def _shm_items(n: int) -> int:
+    return n * SHM_ITEM.size
+
+
+def _hello_fixed(n: int) -> int:
+    """A HELLO answer's body without its local-socket part (n: shard ports)."""
+    return HELLO_BODY.size + HELLO_SHARD.size + 2 * n
+
+
+def _hello_local_max(n: int) -> int:
+    return INSTANCE_LEN + max(n, 1) * (2 + MAX_PATH)
+
+
 # (opcode, is_response) -> the exact body length of a frame without payloads: an int for
 # a frame that carries no items (count must be 0), else a function of count.
 _BODY_LEN: dict[tuple[Opcode, bool], int | Callable[[int], int]] = {
     (Opcode.HELLO, False): 0,
-    (Opcode.HELLO, True): lambda n: HELLO_BODY.size + HELLO_SHARD.size + 2 * n,
+    (Opcode.HELLO, True): _hello_fixed,  # at least: a local-socket part may follow
     (Opcode.AUTH, False): AUTH_BODY.size, (Opcode.AUTH, True): PROOF_LEN,
     (Opcode.PING, False): 0, (Opcode.PING, True): 0,
     (Opcode.GET, False): _ids, (Opcode.EXISTS, False): _ids, (Opcode.DELETE, False): _ids,
     (Opcode.LOOKUP_PREFIX, False): _ids, (Opcode.LOOKUP_PREFIX, True): U32.size,
     (Opcode.PUT, True): lambda n: 2 * n, (Opcode.EXISTS, True): _bitmap,
     (Opcode.DELETE, True): _bitmap,
+    (Opcode.REGISTER, False): SEGMENT.size, (Opcode.REGISTER, True): 0,
+    (Opcode.UNREGISTER, False): UNREGISTER_BODY.size, (Opcode.UNREGISTER, True): 0,
+    (Opcode.GET_SHM, False): _shm_items, (Opcode.GET_SHM, True): _shm_items,
+    (Opcode.PUT_SHM, False): _shm_items, (Opcode.PUT_SHM, True): lambda n: 2 * n,
 }
 _PAYLOAD_FRAMES = {(Opcode.PUT, False), (Opcode.GET, True)}  # item table, then payloads
 
@@ -354,6 +472,7 @@ def carries_payloads(h: FrameHeader) -> bool:
 
 _OPCODE_OF = {int(op): op for op in Opcode}
 _IDS_REQUEST_OPS = frozenset({Opcode.GET, Opcode.EXISTS, Opcode.DELETE, Opcode.LOOKUP_PREFIX})
+_SHM_DATA_OPS = frozenset({Opcode.GET_SHM, Opcode.PUT_SHM})
 _STATUS_OK = Status.OK
 
 
@@ -375,6 +494,8 @@ def parse_header(data: BytesLike, limits: Limits = DEFAULT_LIMITS, *,
                     return FrameHeader(opcode, 0, rid, _STATUS_OK, count, body_len)
                 if opcode is Opcode.PUT and \
                         0 <= body_len - count * ITEM.size <= count * limits.max_block:
+                    return FrameHeader(opcode, 0, rid, _STATUS_OK, count, body_len)
+                if opcode in _SHM_DATA_OPS and body_len == count * SHM_ITEM.size:
                     return FrameHeader(opcode, 0, rid, _STATUS_OK, count, body_len)
             elif flags == FLAG_RESPONSE and response is not False:
                 if opcode is Opcode.GET and \
@@ -424,6 +545,10 @@ def _parse_header(data: BytesLike, limits: Limits, response: bool | None) -> Fra
                             f"{limits.max_block}-byte block limit", Status.TOO_LARGE)
     elif isinstance(rule, int) and count:
         raise _rejected(h, f"count is {count} in a frame that carries no items")
+    elif opcode is Opcode.HELLO and h.is_response:  # the local-socket part is optional
+        lo = _hello_fixed(count)
+        if count > MAX_SHARDS or not lo <= body_len <= lo + _hello_local_max(count):
+            raise _rejected(h, f"HELLO answer of {body_len} bytes for {count} shards")
     elif body_len != (want := rule if isinstance(rule, int) else rule(count)):
         raise _rejected(h, f"body is {body_len} bytes, expected {want}")
     return h
@@ -489,6 +614,8 @@ def decode_body(h: FrameHeader, body: bytes) -> Message:
             return ErrorResponse(rid, op, h.status, body.decode("utf-8"))
         except UnicodeDecodeError:
             raise ProtocolError(f"{op.name} #{rid}: error message is not UTF-8") from None
+    if op in _SHM_OPS:
+        return _decode_shm(h, body)
     if not h.is_response:
         if op == Opcode.HELLO:
             return HelloRequest(rid)
@@ -499,7 +626,7 @@ def decode_body(h: FrameHeader, body: bytes) -> Message:
         return _IDS_REQUESTS[op](rid, [body[i:i + ID_LEN] for i in range(0, len(body), ID_LEN)])
     if op == Opcode.HELLO:
         nonce, flags, max_items, max_block, max_error, max_body = HELLO_BODY.unpack_from(body)
-        if flags & ~HELLO_AUTH_REQUIRED:
+        if flags & ~HELLO_FLAGS:
             raise ProtocolError(f"unknown HELLO flags 0x{flags:08x}")
         try:
             limits = Limits(max_body, max_items, max_block, max_error)
@@ -513,8 +640,10 @@ def decode_body(h: FrameHeader, body: bytes) -> Message:
             raise ProtocolError(f"HELLO names shard {shard} of ports {list(ports)}")
         if not ports and shard:
             raise ProtocolError(f"HELLO names shard {shard} of an unsharded node")
+        instance, paths = _decode_local(body, _hello_fixed(h.count), max(h.count, 1),
+                                        bool(flags & HELLO_LOCAL))
         return HelloResponse(rid, nonce, bool(flags & HELLO_AUTH_REQUIRED), limits, shard,
-                             ports)
+                             ports, instance, paths)
     if op == Opcode.AUTH:
         return AuthResponse(rid, body)
     if op == Opcode.PING:
@@ -530,6 +659,79 @@ def decode_body(h: FrameHeader, body: bytes) -> Message:
 
 _IDS_REQUESTS: dict[Opcode, type[_IdsRequest]] = {
     c.opcode: c for c in (GetRequest, ExistsRequest, DeleteRequest, LookupPrefixRequest)}
+_SHM_OPS = frozenset({Opcode.REGISTER, Opcode.UNREGISTER, Opcode.GET_SHM, Opcode.PUT_SHM})
+
+
+def _decode_local(body: bytes, at: int, shards: int, announced: bool
+                  ) -> tuple[bytes, tuple[str, ...]]:
+    """A HELLO answer's local-socket part: (instance, one path per shard), or nothing."""
+    if not announced:
+        if len(body) != at:
+            raise ProtocolError("HELLO carries bytes after its shard list")
+        return b"", ()
+    instance = body[at : at + INSTANCE_LEN]
+    at += INSTANCE_LEN
+    paths = []
+    for _ in range(shards):
+        if len(body) < at + 2:
+            raise ProtocolError("HELLO local socket list is truncated")
+        (n,) = struct.unpack_from("<H", body, at)
+        raw = body[at + 2 : at + 2 + n]
+        if not 0 < n <= MAX_PATH or len(raw) != n or b"\0" in raw:
+            raise ProtocolError(f"HELLO local socket path of {n} bytes is not valid")
+        try:
+            paths.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ProtocolError("HELLO local socket path is not UTF-8") from None
+        at += 2 + n
+    if len(instance) != INSTANCE_LEN or at != len(body):
+        raise ProtocolError("HELLO local socket part does not match its length")
+    return instance, tuple(paths)
+
+
+def _decode_shm(h: FrameHeader, body: bytes) -> Message:
+    rid, op = h.request_id, h.opcode
+    if op == Opcode.REGISTER:
+        if h.is_response:
+            return RegisterResponse(rid)
+        segment, reserved, size = SEGMENT.unpack(body)
+        if reserved:
+            raise _rejected(h, "reserved field is not zero")
+        return RegisterRequest(rid, segment, size)
+    if op == Opcode.UNREGISTER:
+        if h.is_response:
+            return UnregisterResponse(rid)
+        segment, reserved = UNREGISTER_BODY.unpack(body)
+        if reserved:
+            raise _rejected(h, "reserved field is not zero")
+        return UnregisterRequest(rid, segment)
+    if op == Opcode.PUT_SHM and h.is_response:
+        return ShmPutResponse(rid, tuple(_enum(Status, s, "item status")
+                                         for s in struct.unpack(f"<{h.count}H", body)))
+    items = parse_shm_table(h, body)
+    if h.is_response:
+        return ShmGetResponse(rid, items)
+    return ShmRequest(rid, op, items)
+
+
+def parse_shm_table(h: FrameHeader, body: BytesLike) -> tuple[ShmItem, ...]:
+    """The items of a GET_SHM or PUT_SHM request, or of a GET_SHM answer (parse_header
+    checked the body's length). Bounds against registered memory are the receiver's to
+    check: this checks only what the frame alone can say."""
+    items = []
+    response = h.is_response
+    for i, row in enumerate(SHM_ITEM.iter_unpack(body)):
+        last = row[4]
+        if response:
+            st = _enum(Status, last, f"status in item {i}")
+            if st != Status.OK and row[2]:
+                if st != Status.TOO_LARGE:  # TOO_LARGE says how large the block is
+                    raise _rejected(h, f"item {i}: status {st.name} with a length")
+            row = ShmItem(row[0], row[1], row[2], row[3], st)
+        elif last & ~SHM_SLOT:
+            raise _rejected(h, f"item {i}: unknown flags 0x{last:04x}")
+        items.append(ShmItem(*row))
+    return tuple(items)
 
 
 # --- encoding ---------------------------------------------------------------------------
@@ -582,11 +784,29 @@ def _encode_body(m: Message, limits: Limits) -> tuple[bytes, int, list[memoryvie
         if len(ports) > MAX_SHARDS or (ports and not 0 <= m.shard < len(ports)) \
                 or (not ports and m.shard) or not all(0 < p < 65536 for p in ports):
             raise ProtocolError(f"bad shard list: shard {m.shard} of ports {list(ports)}")
-        return (HELLO_BODY.pack(_exact(m.nonce, NONCE_LEN, "nonce"),
-                                HELLO_AUTH_REQUIRED if m.auth_required else 0, lim.max_items,
+        flags = (HELLO_AUTH_REQUIRED if m.auth_required else 0) | \
+            (HELLO_LOCAL if m.local_sockets else 0)
+        return (HELLO_BODY.pack(_exact(m.nonce, NONCE_LEN, "nonce"), flags, lim.max_items,
                                 lim.max_block, lim.max_error, lim.max_body)
-                + HELLO_SHARD.pack(m.shard, 0) + struct.pack(f"<{len(ports)}H", *ports),
-                len(ports), [], ok)
+                + HELLO_SHARD.pack(m.shard, 0) + struct.pack(f"<{len(ports)}H", *ports)
+                + _encode_local(m, max(len(ports), 1)), len(ports), [], ok)
+    if isinstance(m, RegisterRequest):
+        return SEGMENT.pack(m.segment, 0, m.size), 0, [], ok
+    if isinstance(m, UnregisterRequest):
+        return UNREGISTER_BODY.pack(m.segment, 0), 0, [], ok
+    if isinstance(m, (RegisterResponse, UnregisterResponse)):
+        return b"", 0, [], ok
+    if isinstance(m, (ShmRequest, ShmGetResponse)):
+        n = _batch(len(m.items), limits)
+        try:
+            return b"".join(SHM_ITEM.pack(_id(it.block_id), *it[1:]) for it in m.items), n, \
+                [], ok
+        except struct.error as e:
+            raise ProtocolError(f"shared-memory item out of range: {e}") from None
+    if isinstance(m, ShmPutResponse):
+        n = _batch(len(m.statuses), limits)
+        sts = [_enum(Status, s, "item status") for s in m.statuses]
+        return struct.pack(f"<{n}H", *sts), n, [], ok
     if isinstance(m, AuthRequest):
         return (_exact(m.client_nonce, NONCE_LEN, "client nonce")
                 + _exact(m.proof, PROOF_LEN, "proof")), 0, [], ok
@@ -624,6 +844,16 @@ def _encode_body(m: Message, limits: Limits) -> tuple[bytes, int, list[memoryvie
             raise ProtocolError(f"prefix count {m.count} out of range")
         return U32.pack(m.count), 0, [], ok
     raise ProtocolError(f"not a WQS message: {type(m).__name__}")
+
+
+def _encode_local(m: HelloResponse, shards: int) -> bytes:
+    if not m.local_sockets:
+        return b""
+    paths = [p.encode("utf-8") for p in m.local_sockets]
+    if len(paths) != shards or any(not 0 < len(p) <= MAX_PATH or b"\0" in p for p in paths):
+        raise ProtocolError(f"bad local socket list {list(m.local_sockets)} for {shards} shards")
+    return _exact(m.instance, INSTANCE_LEN, "instance") + b"".join(
+        struct.pack("<H", len(p)) + p for p in paths)
 
 
 def encode(msg: Message, limits: Limits = DEFAULT_LIMITS) -> list[memoryview]:
@@ -705,9 +935,11 @@ def frame_get_head(request_id: int, rows: Sequence[tuple[bytes, int, int]]) -> b
 _ONE_OK = struct.pack("<H", Status.OK)
 
 
-def frame_put_response(request_id: int, statuses: Sequence[int]) -> bytes:
+def frame_put_response(request_id: int, statuses: Sequence[int],
+                       opcode: Opcode = Opcode.PUT) -> bytes:
+    """A PUT (or PUT_SHM) answer: a status per item."""
     n = len(statuses)
-    head = HEADER.pack(*_RESPONSE_HEADER[Opcode.PUT], request_id, 0, 0, n, 2 * n)
+    head = HEADER.pack(*_RESPONSE_HEADER[opcode], request_id, 0, 0, n, 2 * n)
     if n == 1 and statuses[0] == Status.OK:  # the usual answer, without a format string
         return head + _ONE_OK
     return head + struct.pack(f"<{n}H", *statuses)
@@ -726,6 +958,27 @@ def frame_lookup_response(request_id: int, count: int) -> bytes:
 
 def frame_ping_response(request_id: int) -> bytes:
     return HEADER.pack(*_RESPONSE_HEADER[Opcode.PING], request_id, 0, 0, 0, 0)
+
+
+def frame_shm_request(opcode: Opcode, request_id: int,
+                      rows: Sequence[tuple[bytes, int, int, int, int]]) -> bytes:
+    """A GET_SHM or PUT_SHM request of (block id, offset, length, segment, flags) rows."""
+    table = b"".join([SHM_ITEM.pack(*r) for r in rows])
+    return HEADER.pack(MAGIC, VERSION, opcode, 0, request_id, 0, 0, len(rows), len(table)) \
+        + table
+
+
+def frame_shm_get_response(request_id: int,
+                           rows: Sequence[tuple[bytes, int, int, int, int]]) -> bytes:
+    """A GET_SHM answer of (block id, payload offset, length, segment, status) rows."""
+    table = b"".join([SHM_ITEM.pack(*r) for r in rows])
+    return HEADER.pack(*_RESPONSE_HEADER[Opcode.GET_SHM], request_id, 0, 0, len(rows),
+                       len(table)) + table
+
+
+def frame_empty_response(opcode: Opcode, request_id: int) -> bytes:
+    """The OK answer of a REGISTER or UNREGISTER."""
+    return HEADER.pack(*_RESPONSE_HEADER[opcode], request_id, 0, 0, 0, 0)
 
 
 def frames_for(idx: Sequence[int], limits: Limits,
