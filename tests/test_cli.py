@@ -446,6 +446,51 @@ def test_control_servers_override(wqsd: DaemonProcess, capsys: pytest.CaptureFix
     assert "one per server" in capsys.readouterr().err
 
 
+# --------------------------------------------------------------------------- drain, resume
+
+
+def test_drain_and_resume_a_node(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`wqs drain NODE` makes the node refuse data-plane requests, `wqs resume NODE` undoes
+    it; both need the token of a daemon that has one, and say which node failed."""
+    import wqs
+
+    daemon = start_wqsd(tmp_path, auth_token="hunter2")
+    try:
+        node = daemon.address
+        assert main(["drain", node]) == 1  # no token
+        assert "auth" in capsys.readouterr().err.lower()
+
+        monkeypatch.setenv("WQS_AUTH_TOKEN", "hunter2")
+        with wqs.Client([node], auth_token="hunter2", timeout_s=2.0) as client:
+            assert client.put(7, b"before the drain")
+            assert main(["drain", node, "--wait", "5"]) == 0
+            out = capsys.readouterr().out
+            assert out.startswith(f"{node}  drained in ") and "not_serving" in out
+            assert client.get(7) is None and client.put(8, b"x") is False  # refused
+
+            out = run_cli("resume", node, "--json")  # as an operator's shell runs it
+            assert out.returncode == 1 and b"auth" in out.stderr.lower()  # _env(): no token
+            assert main(["resume", node, "--json"]) == 0
+            (row,) = json.loads(capsys.readouterr().out)
+            assert row == {"address": node, "control_address": f"127.0.0.1:{daemon.port + 1}",
+                           "status": "serving", "previous": "not_serving", "ok": True}
+            assert client.get(7) == b"before the drain" and client.put(8, b"x")
+            assert main(["resume", node]) == 0
+            assert capsys.readouterr().out == f"{node}  serving (was serving)\n"
+
+        down = f"127.0.0.1:{closed_port()}"
+        assert main(["resume", node, down]) == 1
+        captured = capsys.readouterr()
+        assert f"{node}  serving" in captured.out and f"{down}  failed: " in captured.out
+        assert "1 of 2 nodes failed" in captured.err and captured.err.count("\n") == 1
+        assert main(["drain", "nonsense"]) == 2
+        assert "NODE 'nonsense'" in capsys.readouterr().err
+        assert main(["resume"]) == 2  # NODE is required: no accidental whole-cluster drain
+    finally:
+        daemon.cleanup()
+
+
 # --------------------------------------------------------------------------- unreachable
 
 

@@ -129,6 +129,56 @@ def test_drain_callback_and_status(serve):
         assert c.health() == "serving"
 
 
+def test_resume_undoes_drain(serve):
+    """Resume calls the daemon's callback and serves again, from any state; a serving
+    node stays serving."""
+    resumed: list[str] = []
+    server = serve(on_drain=lambda timeout: DrainResult(True),
+                   on_resume=lambda: resumed.append(server.service.status))
+    with _client(server) as c:
+        assert c.drain(1.0)["status"] == "not_serving"
+        assert c.resume() == {"status": "serving", "previous": "not_serving"}
+        assert resumed == ["not_serving"]  # the data plane is resumed before the status
+        assert c.health() == "serving" and c.node_info()["status"] == "serving"
+        assert c.resume() == {"status": "serving", "previous": "serving"}
+        assert len(resumed) == 2
+
+
+def test_resume_while_a_drain_waits_wins(serve):
+    """A Resume that arrives while a Drain still waits for in-flight requests is not
+    undone when that Drain finishes."""
+    waiting, release = threading.Event(), threading.Event()
+
+    def on_drain(timeout: float) -> DrainResult:
+        waiting.set()
+        release.wait(5)
+        return DrainResult(drained=True)
+
+    server = serve(on_drain=on_drain, on_resume=lambda: None)
+    with _client(server) as c:
+        result: dict = {}
+        t = threading.Thread(target=lambda: result.update(c.drain(timeout_s=3.0)))
+        t.start()
+        assert waiting.wait(5)
+        assert c.resume() == {"status": "serving", "previous": "draining"}
+        release.set()
+        t.join(10)
+        assert result["drained"] and result["status"] == "serving"
+        assert c.health() == "serving"
+
+
+def test_resume_refused_by_the_daemon_says_why(serve):
+    def on_resume() -> None:
+        raise RuntimeError("the daemon is stopping")
+
+    server = serve(on_resume=on_resume)
+    with _client(server) as c:
+        c.drain(1.0)
+        with pytest.raises(RemoteError, match="cannot resume: the daemon is stopping"):
+            c.resume()
+        assert c.health() == "not_serving"  # unchanged
+
+
 def test_engine_not_open(engine):
     current: list[Engine | None] = [None]
     server = start_control_server(lambda: current[0], "127.0.0.1:0",
@@ -139,6 +189,8 @@ def test_engine_not_open(engine):
             assert c.node_info()["device_uuid"] == ""
             with pytest.raises(NodeUnavailable):
                 c.stats()
+            with pytest.raises(NodeUnavailable, match="not open"):
+                c.resume()
             current[0] = engine
             assert c.health() == "serving"
             assert c.stats()["engine"]["capacity_bytes"] > 0
@@ -241,6 +293,7 @@ def test_auth_right_token_works(serve):
         assert len(c.cluster_map()) == 1
         assert c.evict_all() == 0
         assert c.drain(1.0)["drained"]
+        assert c.resume()["status"] == "serving"
     # One nonce per channel: several calls used one challenge.
     assert len(server.service._nonces) == 1
 
@@ -250,6 +303,8 @@ def test_auth_missing_token_is_unauthenticated(serve):
     with _client(server) as c:
         with pytest.raises(AuthError) as exc:
             c.health()
+        with pytest.raises(AuthError):
+            c.resume()  # nobody without the token undoes an operator's drain
     assert exc.value.__cause__.code() == grpc.StatusCode.UNAUTHENTICATED
 
 

@@ -27,6 +27,7 @@ from tests.daemons import DaemonFactory, DaemonProcess, daemon_factory, hello  #
 from wqs.errors import AuthError, BlockTooLarge
 from wqs.rpc import protocol as p
 from wqs.rpc.control import ControlClient
+from wqs.ring import shard_of
 
 MiB = 1 << 20
 SMALL = {"engine": {"region_size": "1M", "max_block_size": "2M", "dram_cache_bytes": "8M",
@@ -576,3 +577,29 @@ def test_control_health_stats_evict_all_drain(daemon_factory, caplog):
     with wqs.Client([d.address]) as c:
         assert c.get(bid(99)) == b"after evict-all"  # a restart serves again
         assert c.get(bid(0)) is None  # evicted blocks stay evicted
+
+
+def test_resume_after_drain_serves_every_shard_again(daemon_factory):
+    """Drain a daemon of 2 shards, then Resume it: every shard refuses while drained and
+    serves again after, with the blocks stored before the drain; no restart."""
+    d = daemon_factory(config={**SMALL, "workers": 2})
+    with ControlClient(d.control_address) as cc, wqs.Client([d.address],
+                                                            timeout_s=2.0) as c:
+        items = [(bid(i), os.urandom(10_000)) for i in range(40)]
+        assert all(c.put_many(items))
+        assert {shard_of(b, 2) for b, _ in items} == {0, 1}  # blocks on both shards
+        assert cc.node_info()["labels"]["shards"] == "2"
+        assert cc.drain(5.0)["drained"]
+        failed = c.failed_requests
+        assert c.get_many([b for b, _ in items]) == [None] * 40  # both shards refuse
+        assert c.put(bid(100), b"refused") is False
+        assert c.failed_requests > failed
+
+        assert cc.resume() == {"status": "serving", "previous": "not_serving"}
+        assert cc.health() == "serving"
+        assert c.get_many([b for b, _ in items]) == [v for _, v in items]
+        assert c.put(bid(100), b"after resume") and c.get(bid(100)) == b"after resume"
+        assert cc.resume()["previous"] == "serving"  # a second resume changes nothing
+        assert cc.drain(5.0)["drained"] and c.get(bid(100)) is None  # and drain again
+        assert cc.resume()["status"] == "serving" and c.get(bid(100)) == b"after resume"
+    assert d.terminate() == 0

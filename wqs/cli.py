@@ -7,6 +7,8 @@
     wqs delete BLOCK_ID...           one line per ID; deleting a missing block is no error
     wqs stat [--json]                engine stats of every node, through the control plane
     wqs ping [--count N] [--json]    data-plane round trip and control-plane health per node
+    wqs drain NODE... [--wait S]     stop taking data-plane requests, wait for those in flight
+    wqs resume NODE...               undo drain: take data-plane requests again
 
 Block IDs (128-bit) are written as a decimal integer (``42``), a hex integer with a
 ``0x`` prefix (``0x2a``), or exactly 32 hex digits, the canonical form ``wqs`` prints
@@ -744,6 +746,81 @@ def cmd_ping(args: argparse.Namespace, ctx: Context) -> int:
     return _report_failures(len(rows), failures)
 
 
+# --------------------------------------------------------------------------- drain, resume
+
+
+def node_controls(ctx: Context, nodes: Sequence[str]) -> dict[str, str]:
+    """Data-plane address -> control-plane address of each NODE argument: as
+    --control-servers maps it when NODE is one of the servers, else data port + 1."""
+    given = getattr(ctx.args, "control_servers", None)
+    mapped = ctx.control_addresses() if given else {}
+    out = {}
+    for node in nodes:
+        try:
+            host, port = parse_hostport(node)
+        except ValueError as e:
+            raise CLIError(f"NODE {node!r}: {e}", code=2) from None
+        if node in mapped:
+            out[node] = mapped[node]
+        elif port + CONTROL_PORT_OFFSET > 65535:
+            raise CLIError(f"{node}: the control port (data port + 1) exceeds 65535; pass "
+                           "--servers and --control-servers")
+        else:
+            out[node] = format_hostport(host, port + CONTROL_PORT_OFFSET)
+    return out
+
+
+def _node_calls(args: argparse.Namespace, ctx: Context, call: Callable[[Any], dict],
+                describe: Callable[[dict], tuple[str, str | None]]) -> int:
+    """call(control client) on every NODE in parallel; one line (or JSON row) each.
+    describe(answer) -> (text, failure or None)."""
+    controls = node_controls(ctx, args.nodes)
+
+    def one(node: str) -> dict[str, Any]:
+        row: dict[str, Any] = {"address": node, "control_address": controls[node]}
+        try:
+            row.update(call(ctx.control(controls[node])))
+        except WQSError as e:
+            row["error"] = str(e)
+        return row
+
+    rows = _parallel(one, list(controls))
+    failures = []
+    for row in rows:
+        if "error" in row:
+            text, failure = f"failed: {row['error']}", f"control plane {row['error']}"
+        else:
+            text, failure = describe(row)
+        row["ok"] = failure is None
+        if failure is not None:
+            failures.append(f"{row['address']}: {failure}")
+        if not args.json:
+            print(f"{row['address']}  {text}")
+    if args.json:
+        _print_json(rows)
+    return _report_failures(len(rows), failures)
+
+
+def cmd_drain(args: argparse.Namespace, ctx: Context) -> int:
+    def describe(r: dict) -> tuple[str, str | None]:
+        took = f"{r['elapsed_seconds']:.2f} s"
+        if r["drained"]:
+            return f"drained in {took}: {r['status']}", None
+        left = f"{r['inflight_remaining']} requests still in flight after {took}"
+        return f"draining: {left}", f"not drained ({left})"
+
+    return _node_calls(args, ctx, lambda cc: cc.drain(timeout_s=args.wait), describe)
+
+
+def cmd_resume(args: argparse.Namespace, ctx: Context) -> int:
+    def describe(r: dict) -> tuple[str, str | None]:
+        if r["status"] != "serving":
+            return f"{r['status']} (was {r['previous']})", f"still {r['status']}"
+        return f"serving (was {r['previous']})", None
+
+    return _node_calls(args, ctx, lambda cc: cc.resume(), describe)
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -848,6 +925,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between pings (default 0.2)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_ping)
+
+    node_help = "a node's data-plane address (its control plane: data port + 1, or as " \
+                "--servers/--control-servers map it)"
+    p = sub.add_parser("drain", parents=[common],
+                       help="stop a node taking data-plane requests (undo: resume)",
+                       description="Each NODE answers new data-plane requests BUSY (clients "
+                                   "re-ask, then treat its blocks as misses) and finishes "
+                                   "those in flight. Exit 1 if any NODE still has requests "
+                                   "in flight after --wait or did not answer.")
+    p.add_argument("nodes", nargs="+", metavar="NODE", help=node_help)
+    p.add_argument("--wait", type=_positive_float, default=30.0, metavar="SECONDS",
+                   help="how long to wait for requests in flight (default 30)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_drain)
+
+    p = sub.add_parser("resume", parents=[common],
+                       help="undo drain: a node takes data-plane requests again",
+                       description="Each NODE takes data-plane requests again (a serving "
+                                   "node stays serving). Exit 1 if any NODE did not answer.")
+    p.add_argument("nodes", nargs="+", metavar="NODE", help=node_help)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_resume)
     return parser
 
 

@@ -129,13 +129,19 @@ class Daemon:
             drained, remaining = self.node.drain(timeout_s)
             return DrainResult(drained, remaining)
 
+        def on_resume() -> None:
+            assert self.node is not None
+            if self._stop.is_set():
+                raise RuntimeError("the daemon is stopping")
+            self.node.resume()
+
         info = self.node.info()
         self.control = start_control_server(
             lambda: self.node, cfg.control_listen,
             {"node_id": cfg.node_id, "data_address": self.data_address, "version": __version__,
              "start_time": self.started_at, "transport": "tcp",
              "shards": str(info["shards"]), "shard_ports": str(info["shard_ports"])},
-            cfg.auth_token, on_drain, request_metrics=request_metrics,
+            cfg.auth_token, on_drain, on_resume=on_resume, request_metrics=request_metrics,
             cluster_provider=self._cluster_map if cfg.etcd is not None else None,
             usage_provider=self.node.usage)
         if cfg.metrics_addr is not None:

@@ -1,4 +1,4 @@
-"""The gRPC control plane: health, stats, node info, drain, evict-all, cluster map.
+"""The gRPC control plane: health, stats, node info, drain and resume, evict-all, cluster map.
 
 Server side: `ControlService` (the servicer) and `start_control_server`, which returns a
 `ControlServer` handle. Client side: `ControlClient`.
@@ -90,6 +90,10 @@ class DrainResult:
 # on_drain(timeout_seconds) stops new data-plane requests and waits for in-flight ones.
 # It may return a DrainResult, a bool (drained?) or None (= drained).
 DrainCallback = Callable[[float], "DrainResult | bool | None"]
+
+# on_resume() undoes a drain: the data plane takes new requests again. It raises (any
+# exception, its message reported to the caller) when it cannot, e.g. while stopping.
+ResumeCallback = Callable[[], None]
 
 # What Stats reports as the daemon's CPU and context switches. The default is the
 # process the control plane runs in; a daemon of several processes passes a function
@@ -255,6 +259,7 @@ class ControlService(pb_grpc.ControlServicer):
     def __init__(self, engine_provider: Callable[[], "Engine | None"],
                  node_info: Mapping[str, Any], *,
                  on_drain: DrainCallback | None = None,
+                 on_resume: ResumeCallback | None = None,
                  request_metrics: "RequestMetrics | None" = None,
                  cluster_provider: Callable[[], Sequence[ClusterNodeInfo]] | None = None,
                  nonces: NonceTable | None = None,
@@ -270,6 +275,7 @@ class ControlService(pb_grpc.ControlServicer):
         self.labels = {str(k): str(v) for k, v in {**info, **labels}.items() if v is not None}
         self._engine_provider = engine_provider
         self._on_drain = on_drain
+        self._on_resume = on_resume
         self._metrics = request_metrics
         self._cluster_provider = cluster_provider
         self._nonces = nonces
@@ -368,13 +374,30 @@ class ControlService(pb_grpc.ControlServicer):
             raw = self._on_drain(timeout)
             result = raw if isinstance(raw, DrainResult) else DrainResult(raw is None or bool(raw))
         if result.drained:
-            self.set_status(NOT_SERVING)
+            with self._lock:  # unless a Resume came in meanwhile
+                if self._status == DRAINING:
+                    self._status = NOT_SERVING
         log.info("drain: drained=%s in-flight=%d", result.drained, result.inflight_remaining)
         return pb.DrainResponse(
             drained=result.drained, inflight_remaining=result.inflight_remaining,
             elapsed_seconds=time.monotonic() - start, status=_STATUS_TO_PB[self.status],
             message=result.message,
         )
+
+    def Resume(self, request: pb.ResumeRequest,
+               context: grpc.ServicerContext) -> pb.ResumeResponse:
+        self._require_engine(context)
+        previous = self.status
+        if self._on_resume is not None:
+            try:
+                self._on_resume()
+            except Exception as e:  # noqa: BLE001 - reported to the caller, state unchanged
+                log.warning("resume refused: %s", e)
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot resume: {e}")
+        self.set_status(SERVING)
+        log.info("resume: %s -> serving", previous)
+        return pb.ResumeResponse(status=_STATUS_TO_PB[self.status],
+                                 previous=_STATUS_TO_PB[previous])
 
     def EvictAll(self, request: pb.EvictAllRequest,
                  context: grpc.ServicerContext) -> pb.EvictAllResponse:
@@ -439,6 +462,7 @@ class ControlServer:
 def start_control_server(engine_provider: Callable[[], "Engine | None"], address: str,
                          node_info: Mapping[str, Any], auth_token: str | None,
                          on_drain: DrainCallback | None = None, *,
+                         on_resume: ResumeCallback | None = None,
                          request_metrics: "RequestMetrics | None" = None,
                          cluster_provider: Callable[[], Sequence[ClusterNodeInfo]] | None = None,
                          nonce_ttl: float = DEFAULT_NONCE_TTL,
@@ -472,7 +496,7 @@ def start_control_server(engine_provider: Callable[[], "Engine | None"], address
     host = address.rsplit(":", 1)[0]
     info = dict(node_info)
     info.setdefault("control_address", f"{host}:{port}")
-    service = ControlService(engine_provider, info, on_drain=on_drain,
+    service = ControlService(engine_provider, info, on_drain=on_drain, on_resume=on_resume,
                              request_metrics=request_metrics,
                              cluster_provider=cluster_provider, nonces=nonces,
                              usage_provider=usage_provider)
@@ -575,6 +599,11 @@ class ControlClient:
         return {"drained": r.drained, "inflight_remaining": r.inflight_remaining,
                 "elapsed_seconds": r.elapsed_seconds, "status": _status_name(r.status),
                 "message": r.message}
+
+    def resume(self) -> dict[str, str]:
+        """Undo a drain: {"status": "serving", "previous": what the node was before}."""
+        r = self._call("Resume", pb.ResumeRequest())
+        return {"status": _status_name(r.status), "previous": _status_name(r.previous)}
 
     def evict_all(self) -> int:
         """Drop every block on the node; returns how many were dropped."""

@@ -172,6 +172,18 @@ class DrainResponse(_message.Message):
     message: str
     def __init__(self, drained: bool = ..., inflight_remaining: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., status: _Optional[_Union[ServingStatus, str]] = ..., message: _Optional[str] = ...) -> None: ...
 
+class ResumeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ResumeResponse(_message.Message):
+    __slots__ = ("status", "previous")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    status: ServingStatus
+    previous: ServingStatus
+    def __init__(self, status: _Optional[_Union[ServingStatus, str]] = ..., previous: _Optional[_Union[ServingStatus, str]] = ...) -> None: ...
+
 class EvictAllRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -61,6 +61,11 @@ class ControlStub(object):
                 request_serializer=wqs_dot_rpc_dot_control__pb2.DrainRequest.SerializeToString,
                 response_deserializer=wqs_dot_rpc_dot_control__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.Resume = channel.unary_unary(
+                '/wqs.v1.Control/Resume',
+                request_serializer=wqs_dot_rpc_dot_control__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=wqs_dot_rpc_dot_control__pb2.ResumeResponse.FromString,
+                _registered_method=True)
         self.EvictAll = channel.unary_unary(
                 '/wqs.v1.Control/EvictAll',
                 request_serializer=wqs_dot_rpc_dot_control__pb2.EvictAllRequest.SerializeToString,
@@ -113,6 +118,13 @@ class ControlServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Resume(self, request, context):
+        """Undo Drain: accept data-plane requests again. A serving node stays serving.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def EvictAll(self, request, context):
         """Drop every cached block (admin).
         """
@@ -154,6 +166,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=wqs_dot_rpc_dot_control__pb2.DrainRequest.FromString,
                     response_serializer=wqs_dot_rpc_dot_control__pb2.DrainResponse.SerializeToString,
+            ),
+            'Resume': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=wqs_dot_rpc_dot_control__pb2.ResumeRequest.FromString,
+                    response_serializer=wqs_dot_rpc_dot_control__pb2.ResumeResponse.SerializeToString,
             ),
             'EvictAll': grpc.unary_unary_rpc_method_handler(
                     servicer.EvictAll,
@@ -303,6 +320,33 @@ class Control(object):
             '/wqs.v1.Control/Drain',
             wqs_dot_rpc_dot_control__pb2.DrainRequest.SerializeToString,
             wqs_dot_rpc_dot_control__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wqs.v1.Control/Resume',
+            wqs_dot_rpc_dot_control__pb2.ResumeRequest.SerializeToString,
+            wqs_dot_rpc_dot_control__pb2.ResumeResponse.FromString,
             options,
             channel_credentials,
             insecure,
