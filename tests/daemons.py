@@ -204,7 +204,9 @@ class DaemonProcess:
             cmd += ["--device-size", self.device_size]
         cmd += self.extra_args
         if self.netns:
-            cmd = ["ip", "netns", "exec", self.netns, *cmd]
+            # A namespace stands for another host, which shares no files with the test:
+            # no Unix socket, so clients reach it over the network only.
+            cmd = ["ip", "netns", "exec", self.netns, *cmd, "--local-socket", "off"]
         return cmd
 
     def spawn(self) -> None:

@@ -409,9 +409,10 @@ def test_token_never_crosses_the_wire_in_clear(auth_daemon):
     data_proxy = RecordingProxy(auth_daemon.address)
     control_proxy = RecordingProxy(auth_daemon.control_address)
     try:
-        with wqs.Client([data_proxy.address], auth_token=TOKEN) as c:
+        # Over TCP (the daemon's local socket would bypass the proxy).
+        with wqs.Client([data_proxy.address], auth_token=TOKEN, transport="tcp") as c:
             assert c.put(bid(5), b"through the proxy") and c.get(bid(5)) == b"through the proxy"
-        with wqs.Client([data_proxy.address], auth_token="wrong-token") as c:
+        with wqs.Client([data_proxy.address], auth_token="wrong-token", transport="tcp") as c:
             with pytest.raises(AuthError):
                 c.get(bid(5))
         with ControlClient(control_proxy.address, auth_token=TOKEN) as cc:

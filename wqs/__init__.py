@@ -11,10 +11,11 @@ from wqs.asyncio_client import AsyncClient
 from wqs.client import Client
 from wqs.errors import WQSError
 from wqs.ids import block_id_to_int, prefix_block_ids, to_block_id
+from wqs.rpc.shm import SharedMemory
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AsyncClient", "Client", "WQSError", "block_id_to_int", "prefix_block_ids", "to_block_id",
-    "__version__",
+    "AsyncClient", "Client", "SharedMemory", "WQSError", "block_id_to_int", "prefix_block_ids",
+    "to_block_id", "__version__",
 ]

@@ -11,6 +11,10 @@ A batch never fails as a whole for one block's trouble: that block's result is N
 node accepts, or than its out buffer), NodeUnavailable (its node is down), RemoteError.
 A node that cannot be reached makes its blocks misses and its puts False within
 `timeout_s`; the client tries it again at most once per `retry_interval_s`.
+
+Same host: memory from `shared_memory(size)` is shared with the daemons on this host
+(`transport: auto` or `shm`), and blocks there are read and written by the daemon
+itself; only (segment, offset, length) crosses the socket (wqs/rpc/shm.py).
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ from wqs.ids import BlockIdLike, to_block_id
 from wqs.ring import HashRing, shard_of, weight_unit_for
 from wqs.rpc import protocol as p
 from wqs.rpc.pipeline import Call, NodeDown, Pipeline, _GetAnswer, _Request
+from wqs.rpc.shm import SharedMemory, SharedMemoryMap
 
 log = logging.getLogger("wqs.client")
 
-__all__ = ["BatchResult", "Client", "NodeDown", "Pending"]
+__all__ = ["BatchResult", "Client", "NodeDown", "Pending", "SharedMemory"]
 
 
 def _buffer(data: Any) -> memoryview:
@@ -95,6 +100,7 @@ class Client:
         config = with_token_file(config)
         self.config = config
         self._pipe = Pipeline(config)
+        self._shm = SharedMemoryMap()
         self._members_lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None  # only for the *_async calls
         self._watcher = None
@@ -128,10 +134,19 @@ class Client:
     def from_config(cls, path: str) -> "Client":
         return cls(config=load_client_config(path))
 
+    def shared_memory(self, size: int) -> SharedMemory:
+        """`size` bytes shared with the daemons on this host: blocks placed here (any
+        slice of `.buffer`, numpy or torch arrays over it) as get_many out buffers or
+        put_many payloads are moved by the daemon itself, with no copy through a socket.
+        `.block_views(block_size)` lays blocks out so SSD reads land in them directly.
+        Anywhere else (TCP nodes) it is ordinary memory. Close it, or the client."""
+        return self._shm.create(size)
+
     def close(self) -> None:
         if self._watcher is not None:
             self._watcher.stop()
         self._pipe.close()
+        self._shm.close()
         if self._executor is not None:
             self._executor.shutdown(wait=False)
 
@@ -445,6 +460,9 @@ class Client:
                 fail([i], BlockTooLarge(f"block {ids[i].hex()} of {bufs[i].nbytes} B exceeds "
                                         f"the {max_block} B {address} accepts"))
             sidx = [i for i in sidx if bufs[i].nbytes <= max_block]
+            if conn.local:
+                sidx = self._send_shm(call, conn, p.Opcode.PUT_SHM, sidx, ids, bufs,
+                                      self._put_answer, (ids, bufs, ok, errors, fail, tries))
             for chunk in p.frames_for(sidx, conn.limits, lambda i: bufs[i].nbytes):
                 head = p.frame_put_head(0, [(ids[i], bufs[i].nbytes) for i in chunk])
                 frame = [head, *(bufs[i] for i in chunk if bufs[i].nbytes)]
@@ -454,7 +472,7 @@ class Client:
 
     def _put_answer(self, req: _Request, msg: Any) -> None:
         chunk, ids, bufs, ok, errors, fail, tries = req.ctx
-        if not isinstance(msg, p.PutResponse):
+        if not isinstance(msg, (p.PutResponse, p.ShmPutResponse)):
             error = self._request_error(req, msg)
             if self._resend(msg, tries):
                 self._send_puts(req.call, req.conn.node.address, chunk, ids, bufs, ok, errors,
@@ -489,6 +507,11 @@ class Client:
     def _send_get_chunk(self, call: Call, conn: Any, chunk: list[int], ids: list[bytes],
                         views: list[memoryview] | None, results: list[Any],
                         errors: dict[int, WQSError], tries: int) -> None:
+        if conn.local and views is not None:
+            chunk = self._send_shm(call, conn, p.Opcode.GET_SHM, chunk, ids, views,
+                                   self._get_shm_answer, (ids, views, results, errors, tries))
+            if not chunk:
+                return
         chunk_ids = [ids[i] for i in chunk]
         outs = [views[i] for i in chunk] if views is not None else None
         req = _Request(call, conn, p.Opcode.GET, self._get_answer, chunk_ids, outs)
@@ -532,6 +555,72 @@ class Client:
                 again.append(i)  # did not fit the answer: ask again
             elif status != p.Status.NOT_FOUND:
                 results[i] = None
+                errors.setdefault(i, RemoteError(f"{req.conn.address}: {status.name}"))
+        if again:
+            self._send_get_chunk(req.call, req.conn, again, ids, views, results, errors, tries)
+
+    def _send_shm(self, call: Call, conn: Any, opcode: p.Opcode, idx: list[int],
+                  ids: list[bytes], bufs: list[memoryview], on_answer: Callable, ctx: tuple
+                  ) -> list[int]:
+        """GET_SHM / PUT_SHM requests for the blocks of idx whose buffer lies in shared
+        memory (handed to conn first if need be); the others are returned, to go inline."""
+        find = self._shm.find
+        rest: list[int] = []
+        rows: list[tuple[int, tuple]] = []
+        for i in idx:
+            found = find(bufs[i])
+            if found is None:
+                rest.append(i)
+                continue
+            mem, offset = found
+            n = bufs[i].nbytes
+            self._pipe.share(call, conn, mem)
+            rows.append((i, (ids[i], offset, n, mem.segment_id,
+                             p.SHM_SLOT if mem.slotted and mem.in_slot(offset, n) else 0)))
+        step = conn.limits.max_items
+        for k in range(0, len(rows), step):
+            part = rows[k : k + step]
+            req = _Request(call, conn, opcode, on_answer, [r[1][0] for r in part])
+            req.ctx = ([i for i, _ in part], *ctx)
+            self._pipe.send(req, [p.frame_shm_request(opcode, 0, [r for _, r in part])])
+        return rest
+
+    def _get_shm_answer(self, req: _Request, msg: Any) -> None:
+        chunk, ids, views, results, errors, tries = req.ctx
+        if not isinstance(msg, p.ShmGetResponse):  # the request failed as a whole
+            error = self._request_error(req, msg)
+            if self._resend(msg, tries):
+                self._send_gets(req.call, req.conn.node.address, chunk, ids, views, results,
+                                errors, tries + 1)
+                return
+            for i in chunk:
+                results[i] = None
+                errors.setdefault(i, error)
+            return
+        if len(msg.items) != len(chunk) or any(
+                it.block_id != ids[i] for it, i in zip(msg.items, chunk)):
+            error = RemoteError(f"{req.conn.address}: GET_SHM answer #{req.rid} does not "
+                                "answer its request")
+            for i in chunk:
+                errors.setdefault(i, error)
+            return
+        node = req.conn.node
+        if node.last_error is not None:
+            self._pipe.mark_up(node)
+        again = None
+        for i, it in zip(chunk, msg.items):
+            status = it.flags
+            if status == p.Status.OK:
+                results[i] = views[i][: it.length]
+            elif status == p.Status.BUSY:
+                if again is None:
+                    again = []
+                again.append(i)  # did not fit the shard's budget: ask again
+            elif status == p.Status.TOO_LARGE:
+                errors.setdefault(i, BlockTooLarge(
+                    f"block {ids[i].hex()} is {it.length} B, its out buffer holds "
+                    f"{views[i].nbytes} B"))
+            elif status != p.Status.NOT_FOUND:
                 errors.setdefault(i, RemoteError(f"{req.conn.address}: {status.name}"))
         if again:
             self._send_get_chunk(req.call, req.conn, again, ids, views, results, errors, tries)

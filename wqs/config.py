@@ -278,6 +278,8 @@ class EngineConfig:
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _OFF = ("", "off")
+MAX_SOCKET_PATH = 107  # bytes of a Unix socket path (sun_path is 108 with its NUL)
+TRANSPORTS = ("auto", "tcp", "shm", "rdma")
 
 
 @dataclass
@@ -306,6 +308,12 @@ class DaemonConfig:
     max_connection_bytes: int = 64 * MiB
     max_inflight_bytes: int = 512 * MiB
     frame_timeout_s: float = 30.0  # a client stalled mid-request this long is dropped
+    # Same-host clients: a Unix socket per shard (shard 0 at this path, shard k at
+    # PATH.k) over which they register shared memory and move blocks through it.
+    # "auto": <data_dir>/wqsd.sock; "off" (or null): TCP only.
+    local_socket: str | None = "auto"
+    local_socket_mode: int | str = 0o660  # who may connect: the socket file's mode ...
+    local_socket_group: str | None = None  # ... and group (None: the daemon's)
     etcd: EtcdConfig | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
 
@@ -351,6 +359,29 @@ class DaemonConfig:
         self.max_inflight_bytes = _size("max_inflight_bytes", self.max_inflight_bytes, MiB)
         self.max_connections = _int("max_connections", self.max_connections, 1, 1 << 20)
         self.frame_timeout_s = _float("frame_timeout_s", self.frame_timeout_s)
+        ls = self.local_socket
+        if ls is None or ls is False or (isinstance(ls, str) and ls.lower() in _OFF):
+            self.local_socket = None
+        else:
+            ls = _str("local_socket", ls)
+            if ls.lower() == "auto":
+                ls = "auto"
+            elif not os.path.isabs(ls):
+                raise _fail("local_socket", "must be an absolute path, auto or off", ls)
+            elif len(ls.encode()) + 4 > MAX_SOCKET_PATH:  # room for ".NNN" of shard 253
+                raise _fail("local_socket", f"is longer than {MAX_SOCKET_PATH - 4} bytes, "
+                            "the most a Unix socket path takes with a shard suffix", ls)
+            self.local_socket = ls
+        mode = self.local_socket_mode
+        if isinstance(mode, str):
+            try:
+                mode = int(mode, 8)
+            except ValueError:
+                raise _fail("local_socket_mode", "must be an octal mode such as 0660",
+                            self.local_socket_mode) from None
+        self.local_socket_mode = _int("local_socket_mode", mode, 0, 0o777)
+        self.local_socket_group = _str("local_socket_group", self.local_socket_group,
+                                       optional=True)
         self.etcd = _nested("etcd", self.etcd, EtcdConfig)
         self.engine = _nested("engine", self.engine, EngineConfig)
         if self.engine is None:
@@ -359,6 +390,13 @@ class DaemonConfig:
     @property
     def listen_addr(self) -> tuple[str, int]:
         return parse_hostport(self.listen)
+
+    @property
+    def local_socket_path(self) -> str | None:
+        """Shard 0's Unix socket (None: off); "auto" resolved under data_dir."""
+        if self.local_socket == "auto":
+            return os.path.join(self.data_dir, "wqsd.sock")
+        return self.local_socket
 
     @property
     def shard_count(self) -> int | None:
@@ -389,6 +427,10 @@ class ClientConfig:
     connect_timeout_s: float = 2.0
     connections_per_node: int = 2
     replicas: int = 1
+    # How blocks travel: "tcp"; "shm" (shared memory through a daemon on this host, an
+    # error where there is none); "rdma"; "auto": shm where the node is on this host
+    # (it announces a Unix socket this process can reach), else tcp.
+    transport: str = "auto"
     etcd: EtcdConfig | None = None
 
     def __post_init__(self) -> None:
@@ -414,6 +456,7 @@ class ClientConfig:
             "connections_per_node", self.connections_per_node, 1, 1024
         )
         self.replicas = _int("replicas", self.replicas, 1, 16)
+        self.transport = _choice("transport", self.transport, TRANSPORTS)
         self.etcd = _nested("etcd", self.etcd, EtcdConfig)
         if not self.servers and self.etcd is None:
             raise _fail("servers", "needs at least one host:port, or configure etcd", self.servers)

@@ -27,9 +27,10 @@ import time
 from typing import Sequence
 
 from wqs import __version__
-from wqs.config import DaemonConfig, format_hostport, load_daemon_config
+from wqs.config import MAX_SOCKET_PATH, DaemonConfig, format_hostport, load_daemon_config
 from wqs.errors import ConfigError, WQSError
 from wqs.notify import Notifier
+from wqs.server.local import close_local, listen_local, shard_paths
 
 log = logging.getLogger("wqs.daemon")
 
@@ -78,6 +79,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--data-dir", help="directory of the default device file")
     ap.add_argument("--auth-token-file", help="file holding the shared auth token")
     ap.add_argument("--workers", help="shard processes: a number, or auto")
+    ap.add_argument("--local-socket", help="Unix socket for same-host clients: a path, auto "
+                    "(<data-dir>/wqsd.sock) or off")
     ap.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--version", action="version", version=f"wqsd {__version__}")
     return ap.parse_args(argv)
@@ -99,6 +102,7 @@ class Daemon:
         self._stop = threading.Event()
         self.failed: str | None = None  # why the daemon stops on its own
         self.started_at = time.time()
+        self.local: list[tuple[str, socket.socket]] = []  # (path, listener) per shard
 
     def start(self) -> None:
         from wqs.engine.node import open_node_device
@@ -111,12 +115,24 @@ class Daemon:
         self.device, table = open_node_device(cfg.device, cfg.device_size, cfg.engine,
                                               cfg.shard_count)
         socks = self._listen(len(table.partitions))
+        try:
+            self.local = self._listen_local(len(table.partitions))
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
         self.notifier.status(f"recovering {len(socks)} shard(s)")
         try:
-            self.shards = start_shards(cfg, self.device, table, socks)
+            self.shards = start_shards(cfg, self.device, table, socks, self.local,
+                                       os.urandom(16))
+        except BaseException:
+            close_local(self.local)
+            raise
         finally:
             for sock in socks:
                 sock.close()  # each shard process holds its own
+            for _, sock in self.local:
+                sock.close()
         self.node = NodeView(self.shards, cfg.device, table, cfg.engine)
         host, _ = cfg.listen_addr
         self.data_address = format_hostport(host, self.shards[0].spec.ports[0])
@@ -139,7 +155,8 @@ class Daemon:
         self.control = start_control_server(
             lambda: self.node, cfg.control_listen,
             {"node_id": cfg.node_id, "data_address": self.data_address, "version": __version__,
-             "start_time": self.started_at, "transport": "tcp",
+             "start_time": self.started_at,
+             "transport": "tcp+shm" if self.local else "tcp",
              "shards": str(info["shards"]), "shard_ports": str(info["shard_ports"])},
             cfg.auth_token, on_drain, on_resume=on_resume, request_metrics=request_metrics,
             cluster_provider=self._cluster_map if cfg.etcd is not None else None,
@@ -154,6 +171,9 @@ class Daemon:
 
         rdma = probe()
         log.info("data-plane transport: tcp (RDMA transport not built yet; %s)", rdma.reason)
+        if self.local:
+            log.info("same-host clients: shared memory through %s", ", ".join(
+                path for path, _ in self.local))
         log.info("wqsd %s serving %s (%s, %d MiB in %d regions, %d shard%s on ports %s) on "
                  "%s, control %s, metrics %s", __version__, cfg.device, info["uuid"],
                  int(info["capacity_bytes"]) >> 20, info["num_regions"], info["shards"],
@@ -185,6 +205,20 @@ class Daemon:
                 sock.close()
             raise
         return socks
+
+    def _listen_local(self, n: int) -> list[tuple[str, socket.socket]]:
+        """A Unix socket per shard for same-host clients, unless local_socket is off."""
+        cfg = self.config
+        base = cfg.local_socket_path
+        if base is None:
+            return []
+        if cfg.local_socket == "auto" and len(shard_paths(base, n)[-1].encode()) > \
+                MAX_SOCKET_PATH:
+            log.warning("local_socket: the default %s is too long for a Unix socket; "
+                        "same-host clients use TCP (set local_socket to a shorter path)",
+                        base)
+            return []
+        return listen_local(base, n, cfg.local_socket_mode, cfg.local_socket_group)
 
     def _register(self, cfg: DaemonConfig) -> None:
         from wqs.membership import EtcdClient, NodeRecord, Registrar
@@ -268,6 +302,7 @@ class Daemon:
         if self.device is not None:
             self.device.close()
             self.device = None
+        close_local(self.local)  # the socket files; the shards closed the sockets
         if self.node is not None and self.failed is None:
             log.info("clean shutdown: every shard checkpointed")
 
@@ -279,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "metrics_listen": args.metrics_listen, "device": args.device,
         "device_size": args.device_size, "data_dir": args.data_dir, "log_level": args.log_level,
         "auth_token_file": args.auth_token_file, "workers": args.workers,
+        "local_socket": args.local_socket,
     }
     try:
         config = load_daemon_config(args.config, overrides)

@@ -35,3 +35,8 @@ class RemoteError(WQSError):
 
 class NodeUnavailable(WQSError):
     """A storage node could not be reached within the configured timeout."""
+
+
+class TransportUnavailable(WQSError):
+    """The configured transport cannot reach a node (transport: shm with no daemon on
+    this host, rdma without an RDMA device): the message says why. Not a node outage."""

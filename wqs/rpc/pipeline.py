@@ -15,12 +15,21 @@ at once), PUT payloads are sent straight from the caller's buffers (sendmsg).
 Requests sent are answered in any order; a whole call is bounded by its deadline, and a
 connection that misses it is closed, failing what else was in flight on it (the node is
 then down for its back-off interval, so a stuck node never holds a caller twice).
+
+Transport: the first connection to a node is TCP. If its HELLO announces local sockets
+(a daemon on this host) and `transport` is auto or shm, the client connects to the
+announced Unix socket, checks that the same daemon answers there (its instance id), and
+from then on speaks to every shard of that node over Unix sockets, where blocks in the
+client's shared memory move by GET_SHM / PUT_SHM (wqs/rpc/shm.py). A memfd is handed
+to a connection once, with a REGISTER frame, before the first request that needs it.
 """
 
 from __future__ import annotations
 
+import array
 import itertools
 import logging
+import os
 import select
 import socket
 import threading
@@ -28,9 +37,10 @@ import time
 from typing import Any, Callable, Sequence
 
 from wqs.config import ClientConfig, parse_hostport
-from wqs.errors import AuthError, NodeUnavailable, ProtocolError
+from wqs.errors import AuthError, NodeUnavailable, ProtocolError, TransportUnavailable
 from wqs.rpc import protocol as p
 from wqs.rpc.session import ClientSession
+from wqs.rpc.shm import SharedMemory
 
 log = logging.getLogger("wqs.client")
 
@@ -92,20 +102,44 @@ class _GetAnswer:
         self.too_small: dict[int, int] = {}  # item -> block length, out buffer too small
 
 
+class _WithFd:
+    """A frame to send with a file descriptor (SCM_RIGHTS), in a sendmsg of its own."""
+
+    __slots__ = ("frame", "fd")
+
+    def __init__(self, frame: bytes, fd: int) -> None:
+        self.frame = frame
+        self.fd = fd  # a duplicate, closed once sent
+
+
 class _Conn:
-    """One connection to one shard, past the handshake; non-blocking from then on."""
+    """One connection to one shard, past the handshake; non-blocking from then on. TCP,
+    or the shard's Unix socket (`path`) when the node runs on this host."""
 
     def __init__(self, node: "_Node", shard: int, host: str, port: int,
-                 config: ClientConfig) -> None:
+                 config: ClientConfig, path: str | None = None) -> None:
         self.node = node
         self.shard = shard
-        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.local = path is not None
+        self.address = path if path is not None else \
+            f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
-            self.sock = socket.create_connection((host, port), timeout=config.connect_timeout_s)
+            if path is None:
+                self.sock = socket.create_connection((host, port),
+                                                     timeout=config.connect_timeout_s)
+            else:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.settimeout(config.connect_timeout_s)
+                try:
+                    self.sock.connect(path)
+                except BaseException:
+                    self.sock.close()
+                    raise
         except OSError as e:
             raise NodeUnavailable(f"{self.address}: cannot connect: {e}") from None
         try:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if path is None:
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.hello = self._handshake(config)
         except BaseException:
             self.sock.close()
@@ -127,6 +161,8 @@ class _Conn:
         self.closed = False
         self.error: Exception | None = None
         self.mask = 0  # the epoll events registered for it
+        self.registered: set[int] = set()  # shared memory segments handed over (local)
+        self.fds_queued = 0  # _WithFd frames in out
 
     def _handshake(self, config: ClientConfig) -> p.HelloResponse:
         """HELLO (and AUTH), blocking, before the connection is used for anything else."""
@@ -163,6 +199,8 @@ class _Node:
         self.config = config
         self.host, self.port = parse_hostport(address)
         self.ports: tuple[int, ...] | None = None  # every shard's port, once known
+        self.local_paths: tuple[str, ...] = ()  # every shard's Unix socket, if local
+        self.transport_noted = False  # the choice of transport was logged
         self.conns: list[list[_Conn | None]] = []
         self.next = itertools.count()
         self.lock = threading.Lock()
@@ -222,7 +260,7 @@ class Pipeline:
                 raise NodeDown(f"{node.address}: down ({node.last_error})")
             try:
                 if node.ports is None:
-                    first = _Conn(node, 0, node.host, node.port, self.config)
+                    first = self._first_connection(node)
                     ports = first.hello.shard_ports or (node.port,)
                     node.ports = ports
                     node.conns = [[None] * per for _ in ports]
@@ -233,7 +271,8 @@ class Pipeline:
                 conn = slots[k]
                 if conn is None or conn.closed:
                     port = node.port if shard == 0 else node.ports[shard]
-                    conn = _Conn(node, shard, node.host, port, self.config)
+                    path = node.local_paths[shard] if node.local_paths else None
+                    conn = _Conn(node, shard, node.host, port, self.config, path)
                     if conn.hello.shard_ports and conn.hello.shard != shard:
                         conn.sock.close()
                         raise ProtocolError(f"{conn.address} is shard {conn.hello.shard}, "
@@ -244,12 +283,52 @@ class Pipeline:
             except NodeUnavailable as e:
                 self._mark_down(node, str(e))
                 raise
-            except (AuthError, ProtocolError) as e:
+            except (AuthError, ProtocolError, TransportUnavailable) as e:
                 # Misconfiguration rather than an outage: raise it, naming the node.
                 text = str(e)
                 if not text.startswith(node.address):
                     text = f"{node.address}: {text}"
                 raise type(e)(text) from None
+
+    def _first_connection(self, node: _Node) -> _Conn:
+        """Shard 0 over TCP; then, if the node is on this host and the transport allows,
+        over its Unix socket instead (node.local_paths set)."""
+        want = self.config.transport
+        if want == "rdma":
+            from wqs.rdma import probe
+
+            raise TransportUnavailable(f"transport rdma: {probe().reason}; the RDMA "
+                                       "transport is not built yet (use tcp, shm or auto)")
+        first = _Conn(node, 0, node.host, node.port, self.config)
+        node.local_paths = ()
+        if want == "tcp":
+            return first
+        hello = first.hello
+        why = "the node announces no local socket"
+        if hello.local_sockets:
+            try:
+                local = _Conn(node, 0, node.host, node.port, self.config,
+                              hello.local_sockets[0])
+            except NodeUnavailable as e:
+                why = f"its local socket is not reachable from here ({e})"
+            else:
+                if local.hello.instance == hello.instance:
+                    first.sock.close()
+                    node.local_paths = hello.local_sockets
+                    if not node.transport_noted:
+                        node.transport_noted = True
+                        log.info("node %s: on this host, shared memory through %s",
+                                 node.address, hello.local_sockets[0])
+                    return local
+                local.sock.close()
+                why = f"another daemon answers at {hello.local_sockets[0]}"
+        if want == "shm":
+            first.sock.close()
+            raise TransportUnavailable(f"transport shm: {why}")
+        if not node.transport_noted:
+            node.transport_noted = True
+            log.info("node %s: tcp (%s)", node.address, why)
+        return first
 
     def _register(self, conn: _Conn) -> None:
         with self._lock:
@@ -291,23 +370,63 @@ class Pipeline:
             if not closed:
                 req.rid = next(self._ids)
                 conn.inflight[req.rid] = req
+        head = frame[0]
         if closed:
+            if isinstance(head, _WithFd):
+                os.close(head.fd)
             self.fail(req, conn.error or NodeUnavailable(f"{conn.address}: connection closed"))
             return
-        frame[0] = _with_rid(frame[0], req.rid)
+        if isinstance(head, _WithFd):
+            head.frame = _with_rid(head.frame, req.rid)
+        else:
+            frame[0] = _with_rid(head, req.rid)
         with conn.send_lock:
+            if isinstance(head, _WithFd):
+                conn.fds_queued += 1
             if conn.out:
                 conn.out.extend(frame)
                 return
             conn.out = frame
             self._flush(conn)
 
+    def share(self, call: Call, conn: _Conn, mem: SharedMemory) -> None:
+        """Hand `mem` to a local connection (once), ahead of the requests that use it.
+        A refusal fails those requests in turn (unknown segment) and is logged here."""
+        if mem.segment_id in conn.registered:
+            return
+        conn.registered.add(mem.segment_id)
+
+        def answered(req: _Request, msg: Any) -> None:
+            if not isinstance(msg, p.RegisterResponse):
+                conn.registered.discard(mem.segment_id)
+                log.warning("%s: shared memory segment %d refused: %s", conn.address,
+                            mem.segment_id, getattr(msg, "message", msg))
+
+        def forget(mem: SharedMemory, conn: _Conn = conn) -> None:
+            if mem.segment_id in conn.registered and not conn.closed:
+                conn.registered.discard(mem.segment_id)
+                req = _Request(Call(self.config.timeout_s), conn, p.Opcode.UNREGISTER,
+                               lambda r, m: None)
+                self.send(req, [p.encode_request(p.UnregisterRequest(0, mem.segment_id))])
+
+        mem.on_close.append(forget)
+        req = _Request(call, conn, p.Opcode.REGISTER, answered)
+        frame = p.encode_request(p.RegisterRequest(0, mem.segment_id, mem.size))
+        self.send(req, [_WithFd(frame, os.dup(mem.fd))])
+
     def _flush(self, conn: _Conn) -> None:
         """Send queued bytes as far as the socket takes them (send_lock held)."""
         out = conn.out
         try:
             while out:
-                batch = out[:IOV_MAX]
+                if conn.fds_queued:
+                    if isinstance(out[0], _WithFd):
+                        self._send_fd(conn, out)
+                        continue
+                    batch = out[:next((k for k, b in enumerate(out[:IOV_MAX])
+                                       if isinstance(b, _WithFd)), IOV_MAX)]
+                else:
+                    batch = out[:IOV_MAX]
                 n = conn.sock.sendmsg(batch)
                 k = 0
                 for b in batch:
@@ -324,8 +443,12 @@ class Pipeline:
         except BlockingIOError:
             pass
         except OSError as e:
-            out.clear()
-            self._fail_conn(conn, NodeUnavailable(f"{conn.address}: send failed: {e}"))
+            _drop_queued(conn)
+            reason = f"{conn.address}: send failed: {e}"
+            self._fail_conn(conn, NodeUnavailable(reason))
+            # Its other connections are as dead (the daemon went away): closed now, not
+            # when their end-of-file fails a later call on the restarted node.
+            self._mark_down(conn.node, reason)
             return
         mask = _IN_OUT if out else _IN
         if mask != conn.mask:
@@ -334,6 +457,19 @@ class Pipeline:
                 self._epoll.modify(conn.fd, mask)
             except (OSError, ValueError):
                 pass  # closed meanwhile
+
+    @staticmethod
+    def _send_fd(conn: _Conn, out: list[Any]) -> None:
+        """The frame at out[0] with its descriptor; the rest of it (rarely) as bytes."""
+        item = out[0]
+        n = conn.sock.sendmsg([item.frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                              array.array("i", [item.fd]))])
+        os.close(item.fd)
+        conn.fds_queued -= 1
+        if n < len(item.frame):
+            out[0] = memoryview(item.frame)[n:]
+        else:
+            del out[0]
 
     def fail(self, req: _Request, error: Exception) -> None:
         """Answer a request that was never sent with error (pending already counted)."""
@@ -610,6 +746,13 @@ class Pipeline:
             conn.sock.close()
         except OSError:
             pass
+        # What was queued goes too (its descriptors closed). A sender holding the lock
+        # (this may be its own failure) meets the closed socket and drops it itself.
+        if conn.send_lock.acquire(blocking=False):
+            try:
+                _drop_queued(conn)
+            finally:
+                conn.send_lock.release()
         for req in inflight.values():
             self.failed_requests += 1
             try:
@@ -641,6 +784,15 @@ def _any_done(calls: Sequence[Call]) -> bool:
 def _with_rid(head: bytes, rid: int) -> bytes:
     """The frame's first buffer with the request id filled in (bytes 8..16)."""
     return head[:8] + rid.to_bytes(8, "little") + head[16:]
+
+
+def _drop_queued(conn: _Conn) -> None:
+    """Forget what was queued to send (send_lock held), closing descriptors not sent."""
+    for item in conn.out:
+        if isinstance(item, _WithFd):
+            os.close(item.fd)
+    conn.out.clear()
+    conn.fds_queued = 0
 
 
 def _compact(conn: _Conn) -> None:

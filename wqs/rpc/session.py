@@ -42,6 +42,8 @@ class ServerSession:
     limits: p.Limits
     shard: int = 0
     shard_ports: tuple[int, ...] = ()
+    instance: bytes = b""
+    local_sockets: tuple[str, ...] = ()
     nonce: bytes = field(default_factory=auth.make_nonce)
     state: str = AWAIT_HELLO
 
@@ -50,7 +52,8 @@ class ServerSession:
         if self.state == AWAIT_HELLO:
             self.state = READY if self.token is None else AWAIT_AUTH
         return Verdict(p.HelloResponse(req.request_id, self.nonce, self.token is not None,
-                                       self.limits, self.shard, self.shard_ports))
+                                       self.limits, self.shard, self.shard_ports,
+                                       self.instance, self.local_sockets))
 
     def on_auth(self, req: p.AuthRequest) -> Verdict:
         if self.token is None:

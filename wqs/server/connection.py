@@ -17,12 +17,19 @@ budget and the shard's; past either, or past MAX_PENDING requests in flight, the
 connection stops reading (its requests wait in the kernel, then in the client) until
 enough is released to fall under the low mark. Nothing is buffered without bound.
 
+Same-host clients connect over the shard's Unix socket instead ("local"): the same
+frames, plus REGISTER (a memfd arrives with it, SCM_RIGHTS) and GET_SHM / PUT_SHM, whose
+blocks are read into and written from the client's registered memory
+(wqs/server/segments.py), so only item tables cross the socket.
+
 Owned by the shard's loop.
 """
 
 from __future__ import annotations
 
+import array
 import logging
+import os
 import socket
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -31,6 +38,7 @@ from wqs.engine.core import DEFERRED, GetOp, PutOp
 from wqs.errors import BlockTooLarge, ProtocolError
 from wqs.rpc import protocol as p
 from wqs.rpc.session import READY, ServerSession, Verdict
+from wqs.server.segments import Segment, SegmentError, Segments
 
 if TYPE_CHECKING:
     from wqs.server.shard import Shard
@@ -45,10 +53,18 @@ MAX_PENDING = 256  # requests in flight per connection before it stops reading
 # Answer bytes queued but not sent (a client that sends but does not read): past this,
 # stop reading its requests until the socket has taken half of them.
 MAX_UNSENT = 4 << 20
+# File descriptors a local client may have sent ahead of the REGISTER frames they go
+# with; more is a protocol error (each REGISTER carries one, in its own sendmsg).
+MAX_FDS = 8
+FDS_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 GET = p.Opcode.GET
+GET_SHM, PUT_SHM = p.Opcode.GET_SHM, p.Opcode.PUT_SHM
 OPS = {p.Opcode.PUT: "put", p.Opcode.GET: "get", p.Opcode.EXISTS: "exists",
        p.Opcode.DELETE: "delete", p.Opcode.LOOKUP_PREFIX: "lookup_prefix",
-       p.Opcode.PING: "ping"}
+       p.Opcode.PING: "ping", GET_SHM: "get", PUT_SHM: "put"}
+
+
+_SHM_OPS = frozenset({p.Opcode.REGISTER, p.Opcode.UNREGISTER, GET_SHM})
 
 
 class _PutFrame:
@@ -56,10 +72,11 @@ class _PutFrame:
     engine refused: its bytes are received and dropped) per item."""
 
     __slots__ = ("rid", "ops", "statuses", "targets", "ti", "charged", "started", "waiting",
-                 "refuse", "failed")
+                 "refuse", "failed", "opcode")
 
-    def __init__(self, rid: int, started: float) -> None:
+    def __init__(self, rid: int, started: float, opcode: p.Opcode = p.Opcode.PUT) -> None:
         self.rid = rid
+        self.opcode = opcode  # PUT, or PUT_SHM (payloads copied from registered memory)
         self.ops: list[PutOp | None] = []
         self.statuses: list[int] = []
         self.targets: list[memoryview] = []  # where the payload bytes go, in order
@@ -72,15 +89,22 @@ class _PutFrame:
 
 
 class Connection:
-    def __init__(self, shard: "Shard", sock: socket.socket, peer: Any) -> None:
+    def __init__(self, shard: "Shard", sock: socket.socket, peer: Any,
+                 local: bool = False) -> None:
         self.shard = shard
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer
         sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.local = local  # over the shard's Unix socket: shared memory is allowed
+        if not local:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.segments = Segments()
+        self.fds: list[int] = []  # received with the bytes, waiting for their REGISTER
+        self.need = 0  # payload bytes the frame waiting for budget needs staged
         self.session = ServerSession(shard.options.auth_token, shard.limits, shard.index,
-                                     shard.ports)
+                                     shard.ports, shard.instance if shard.local_paths else b"",
+                                     shard.local_paths)
         self.limits = shard.limits
         self.rx = bytearray(RX_BUFFER)
         self.rxv = memoryview(self.rx)
@@ -168,7 +192,7 @@ class Connection:
                 if self.rend + RX_AFTER_PUT > RX_BUFFER:
                     self._compact()
                 bufs.append(self.rxv[self.rend : self.rend + RX_AFTER_PUT])
-            n = self.sock.recvmsg_into(bufs)[0]
+            n = self._recv_local(bufs) if self.local else self.sock.recvmsg_into(bufs)[0]
             if not n:
                 raise ConnectionError("peer closed mid-payload")
             self.last_rx = time.monotonic()
@@ -184,7 +208,8 @@ class Connection:
         # Never full: a frame without payloads fits, and a PUT waiting for budget stops
         # the reading (it does not resume before that PUT can be staged).
         assert self.rend < RX_BUFFER, "receive buffer full"
-        n = self.sock.recv_into(self.rxv[self.rend : self.rend + self.want])
+        view = self.rxv[self.rend : self.rend + self.want]
+        n = self._recv_local([view]) if self.local else self.sock.recv_into(view)
         if not n:
             if self.header is not None or self.rstart != self.rend:
                 raise ConnectionError("peer closed mid-frame")
@@ -193,6 +218,19 @@ class Connection:
         self.last_rx = time.monotonic()
         self.rend += n
         self._parse()
+
+    def _recv_local(self, bufs: list[memoryview]) -> int:
+        """recvmsg_into on the Unix socket, keeping the file descriptors that come along."""
+        n, ancdata, flags, _ = self.sock.recvmsg_into(bufs, FDS_SPACE)
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+                self.fds.extend(fds)
+        if flags & socket.MSG_CTRUNC or len(self.fds) > MAX_FDS:
+            raise ProtocolError(f"more than {MAX_FDS} file descriptors sent ahead of their "
+                                "REGISTER frames")
+        return n
 
     def _compact(self) -> None:
         left = self.rend - self.rstart
@@ -248,6 +286,17 @@ class Connection:
                 continue
             if avail < h.body_len:
                 break
+            if h.opcode is PUT_SHM:  # its payloads are staged from the client's memory
+                items = p.parse_shm_table(h, rxv[self.rstart : self.rstart + h.body_len])
+                need = sum(it.length for it in items)
+                if not self._room_for(need):
+                    self.need = need
+                    self._wait_for_budget()  # staged when enough is released
+                    break
+                self.rstart += h.body_len
+                self.header = None
+                self._put_shm(h, items)
+                continue
             body = bytes(rxv[self.rstart : self.rstart + h.body_len])
             self.rstart += h.body_len
             self.header = None
@@ -278,6 +327,9 @@ class Connection:
             return
         if op == p.Opcode.PING:
             self._send([p.frame_ping_response(rid)])
+            return
+        if op in _SHM_OPS:
+            self._shm_request(h, body)
             return
         ids = p.unpack_ids(body)
         if shard.draining:
@@ -407,6 +459,131 @@ class Connection:
         self.shard.observe("delete", time.perf_counter() - started)
         self._maybe_resume()
 
+    # ---- shared memory (local connections) ------------------------------------------
+
+    def _shm_request(self, h: p.FrameHeader, body: bytes) -> None:
+        op, rid = h.opcode, h.request_id
+        if not self.local:
+            self._answer_error(rid, op, p.Status.BAD_REQUEST,
+                               f"{op.name} is served on the node's local socket only")
+            return
+        try:
+            if op == p.Opcode.REGISTER:
+                msg = p.decode_body(h, body)
+                if not self.fds:
+                    raise SegmentError("REGISTER came without a file descriptor (send the "
+                                       "memfd with the frame, SCM_RIGHTS)")
+                self.segments.register(msg.segment, self.fds.pop(0), msg.size)
+                self._send([p.frame_empty_response(op, rid)])
+            elif op == p.Opcode.UNREGISTER:
+                self.segments.unregister(p.decode_body(h, body).segment)
+                self._send([p.frame_empty_response(op, rid)])
+            else:
+                self._get_shm(rid, p.parse_shm_table(h, body))
+        except SegmentError as e:
+            self._answer_error(rid, op, p.Status.BAD_REQUEST, str(e))
+
+    def _shm_ranges(self, rid: int, op: p.Opcode, items: tuple[p.ShmItem, ...]
+                    ) -> list[Segment] | None:
+        """The segment of each item, every range checked; None (answered) if one is not
+        valid, or the request may not be served now."""
+        try:
+            segs = [self.segments.range(it.segment, it.offset, it.length) for it in items]
+        except SegmentError as e:
+            self._answer_error(rid, op, p.Status.BAD_REQUEST, str(e))
+            return None
+        if self.shard.draining:
+            self._answer_error(rid, op, p.Status.BUSY, "the node is draining")
+            return None
+        misrouted = self.shard.misrouted([it.block_id for it in items])
+        if misrouted is not None:
+            self._answer_error(rid, op, p.Status.WRONG_SHARD, misrouted)
+            return None
+        return segs
+
+    def _get_shm(self, rid: int, items: tuple[p.ShmItem, ...]) -> None:
+        segs = self._shm_ranges(rid, GET_SHM, items)
+        if segs is None:
+            return
+        shard = self.shard
+        for seg in segs:
+            Segments.hold(seg)  # mapped until the answer is written into it
+        self.pending += 1
+        room = min(shard.options.max_connection_bytes - self.held, shard.budget.room())
+        state = [rid, time.perf_counter(), 0, items, segs]
+        get = shard.core.get([it.block_id for it in items], self._got_shm, state,
+                             room if room > 0 else 1)
+        if not state[2] and get.remaining:  # still reading: its buffers are held now
+            state[2] = get.reserved
+            self._charge(get.reserved)
+
+    def _got_shm(self, op: GetOp) -> None:
+        """Copy each hit into the client's memory, then answer where it is."""
+        rid, started, charged, items, segs = op.arg
+        self.pending -= 1
+        release = self.shard.core.release
+        rows = []
+        OK, NOT_FOUND, BUSY, TOO_LARGE = (p.Status.OK, p.Status.NOT_FOUND, p.Status.BUSY,
+                                          p.Status.TOO_LARGE)
+        for it, seg, r in zip(items, segs, op.results):
+            if r is None:
+                rows.append((it.block_id, it.offset, 0, it.segment, NOT_FOUND))
+            elif r is DEFERRED:
+                rows.append((it.block_id, it.offset, 0, it.segment, BUSY))
+            else:
+                if r.nbytes > it.length:
+                    rows.append((it.block_id, it.offset, r.nbytes, it.segment, TOO_LARGE))
+                else:  # (held: still mapped even if unregistered meanwhile)
+                    at = it.offset
+                    dest = seg.view
+                    for v in r.views:
+                        dest[at : at + len(v)] = v
+                        at += len(v)
+                    rows.append((it.block_id, it.offset, r.nbytes, it.segment, OK))
+                release(r)
+        for seg in segs:
+            self.segments.unhold(seg)
+        if charged:
+            self._uncharge(charged)
+        if not self.closed:
+            self._send([p.frame_shm_get_response(rid, rows)])
+        self.shard.observe("get", time.perf_counter() - started)
+
+    def _put_shm(self, h: p.FrameHeader, items: tuple[p.ShmItem, ...]) -> None:
+        """Stage each block from the client's memory and commit it (the answer once
+        every one is written, as for a PUT)."""
+        rid = h.request_id
+        verdict = self.session.admit(rid, PUT_SHM)
+        if verdict is not None:
+            self._verdict(verdict)
+            return
+        if not self.local:
+            self._answer_error(rid, PUT_SHM, p.Status.BAD_REQUEST,
+                               "PUT_SHM is served on the node's local socket only")
+            return
+        segs = self._shm_ranges(rid, PUT_SHM, items)
+        if segs is None:
+            return
+        core = self.shard.core
+        put = _PutFrame(rid, time.perf_counter(), PUT_SHM)
+        for it, seg in zip(items, segs):
+            try:
+                op = core.stage(it.block_id, it.length)
+            except BlockTooLarge:
+                put.ops.append(None)
+                put.statuses.append(p.Status.TOO_LARGE)
+                continue
+            at, src = it.offset, seg.view
+            for t in op.targets:
+                t[:] = src[at : at + len(t)]
+                at += len(t)
+            put.ops.append(op)
+            put.statuses.append(p.Status.OK)
+            put.charged += it.length
+        self._charge(put.charged)
+        self.pending += 1
+        self._put_received(put)
+
     # ---- PUT ---------------------------------------------------------------------------
 
     def _start_put(self, h: p.FrameHeader, table: memoryview) -> None:
@@ -482,7 +659,7 @@ class Connection:
         self.pending -= 1
         self._uncharge(put.charged)
         if not self.closed:
-            self._send([p.frame_put_response(put.rid, put.statuses)])
+            self._send([p.frame_put_response(put.rid, put.statuses, put.opcode)])
         if put.failed:
             self.shard.error("put", "SERVER_ERROR")
         self.shard.observe("put", time.perf_counter() - put.started)
@@ -514,8 +691,9 @@ class Connection:
         if self.reading or self.closed or self.closing:
             return
         h = self.header
-        if h is not None and h.opcode == p.Opcode.PUT:  # waiting to stage this PUT
-            if not self._room_for(h.body_len - h.count * p.ITEM.size):
+        if h is not None and h.opcode in (p.Opcode.PUT, PUT_SHM):  # waiting to stage it
+            need = h.body_len - h.count * p.ITEM.size if h.opcode == p.Opcode.PUT else self.need
+            if not self._room_for(need):
                 self.shard.budget.wait(self)
                 return
         elif not (self.held <= self.shard.options.max_connection_bytes // 2
@@ -624,6 +802,10 @@ class Connection:
             return
         self.closed = True
         self._abandon_put()
+        self.segments.close()  # each unmapped once no read into it is in flight
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
         self.shard.loop.forget(self.fd)
         try:
             self.sock.close()

@@ -12,6 +12,7 @@ queued during the turn leaves in one sendmsg per connection.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from concurrent.futures import Future
@@ -89,7 +90,8 @@ class Shard:
 
     def __init__(self, core: EngineCore, loop: Reactor, options: ShardOptions, *,
                  index: int = 0, count: int = 1, sock: socket.socket | None = None,
-                 accepting: bool = True) -> None:
+                 accepting: bool = True, local_sock: socket.socket | None = None,
+                 instance: bytes = b"") -> None:
         self.core = core
         self.loop = loop
         self.options = options
@@ -112,6 +114,13 @@ class Shard:
         self._sock = sock
         self.port = sock.getsockname()[1]
         self.ports = (self.port,) if count == 1 else ()
+        # Same-host clients: this shard's Unix socket, and what HELLO announces of them.
+        self._local = local_sock
+        if local_sock is not None:
+            local_sock.setblocking(False)
+        self.instance = instance or os.urandom(16)
+        self.local_paths: tuple[str, ...] = (local_sock.getsockname(),) \
+            if local_sock is not None and count == 1 else ()
         if accepting:
             self.start_accepting()
         loop.on_turn_end(self._flush)
@@ -122,22 +131,27 @@ class Shard:
         host = self.options.host
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
-    def set_ports(self, ports: tuple[int, ...]) -> None:
-        """Every shard's data port, as HELLO answers announce them."""
+    def set_ports(self, ports: tuple[int, ...], local_paths: tuple[str, ...] = ()) -> None:
+        """Every shard's data port (and Unix socket), as HELLO answers announce them."""
         assert len(ports) == self.count and ports[self.index] == self.port
+        assert not local_paths or len(local_paths) == self.count
         self.ports = ports
+        self.local_paths = local_paths
 
     def start_accepting(self) -> None:
         """Take connections (until now they wait in the listen backlog)."""
         if not self.stopped:
-            self.loop.add_reader(self._sock.fileno(), self._accept)
+            self.loop.add_reader(self._sock.fileno(), lambda: self._accept(self._sock))
+            if self._local is not None:
+                self.loop.add_reader(self._local.fileno(),
+                                     lambda: self._accept(self._local, local=True))
 
     # ---- connections ----------------------------------------------------------------
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket, local: bool = False) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, peer = self._sock.accept()
+                sock, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -149,7 +163,7 @@ class Shard:
                                 self.options.max_connections)
                 sock.close()
                 continue
-            conn = Connection(self, sock, peer)
+            conn = Connection(self, sock, peer or "local client", local=local)
             self.connections.add(conn)
             conn.start()
 
@@ -230,8 +244,10 @@ class Shard:
             return
         self.stopped = True
         self._check_timer.cancel()
-        self.loop.forget(self._sock.fileno())
-        self._sock.close()
+        for listener in (self._sock, self._local):
+            if listener is not None:
+                self.loop.forget(listener.fileno())
+                listener.close()
         for conn in list(self.connections):
             conn.close()
 

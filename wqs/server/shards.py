@@ -40,13 +40,14 @@ class ShardError(WQSError):
 
 
 class ShardProcess:
-    def __init__(self, spec: ShardSpec, device: Any, socks: list[socket.socket]) -> None:
+    def __init__(self, spec: ShardSpec, device: Any, socks: list[socket.socket],
+                 local: list[socket.socket]) -> None:
         self.spec = spec
         self.index = spec.index
         ctx = multiprocessing.get_context("fork")
         self._conn, child = ctx.Pipe(duplex=True)
         self.process = ctx.Process(target=shard_main, name=f"wqsd-shard-{spec.index}",
-                                   args=(spec, device, socks, child, os.getpid()))
+                                   args=(spec, device, socks, local, child, os.getpid()))
         self.process.start()
         child.close()
         self.info: dict[str, Any] = {}
@@ -136,15 +137,19 @@ class ShardProcess:
 
 
 def start_shards(config: Any, device: Any, table: fmt.ShardTable,
-                 socks: list[socket.socket]) -> list[ShardProcess]:
+                 socks: list[socket.socket], local: list[tuple[str, socket.socket]] = (),
+                 instance: bytes = b"") -> list[ShardProcess]:
     """Fork every shard, wait until each has recovered its partition, then start the
-    pipe readers. On any failure the shards already started are killed."""
+    pipe readers. On any failure the shards already started are killed. `local`: each
+    shard's Unix socket (path, listener), or none; `instance` names this daemon run."""
     ports = tuple(s.getsockname()[1] for s in socks)
+    paths = tuple(path for path, _ in local)
     shards: list[ShardProcess] = []
     try:
         for k, (offset, size) in enumerate(table.partitions):
-            spec = ShardSpec(k, len(table.partitions), ports, offset, size, config)
-            shards.append(ShardProcess(spec, device, socks))
+            spec = ShardSpec(k, len(table.partitions), ports, offset, size, config, paths,
+                             instance)
+            shards.append(ShardProcess(spec, device, socks, [s for _, s in local]))
         for shard in shards:
             shard.wait_ready()
     except BaseException:

@@ -46,20 +46,23 @@ class ShardSpec:
     offset: int  # this shard's partition of the device
     size: int
     config: DaemonConfig
+    local_paths: tuple[str, ...] = ()  # every shard's Unix socket, or none
+    instance: bytes = b""  # this daemon run's identity, announced with the paths
 
 
-def shard_main(spec: ShardSpec, device: Any, socks: list[socket.socket], conn: Any,
-               parent: int) -> None:
+def shard_main(spec: ShardSpec, device: Any, socks: list[socket.socket],
+               local: list[socket.socket], conn: Any, parent: int) -> None:
     """The body of a shard process (fork start method: everything is inherited)."""
     _die_with_parent(parent)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for k, s in enumerate(socks):
+    for k, s in [*enumerate(socks), *enumerate(local)]:
         if k != spec.index:
             s.close()  # the other shards' listeners are theirs alone
     _tag_logs(spec.index)
     try:
-        worker = _Worker(spec, device, socks[spec.index], conn)
+        worker = _Worker(spec, device, socks[spec.index],
+                         local[spec.index] if local else None, conn)
     except Exception as e:  # noqa: BLE001 - reported to the supervisor, which says why
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         log.debug("start-up failed:\n%s", traceback.format_exc())
@@ -83,7 +86,8 @@ def _tag_logs(index: int) -> None:
 
 
 class _Worker:
-    def __init__(self, spec: ShardSpec, device: Any, sock: socket.socket, conn: Any) -> None:
+    def __init__(self, spec: ShardSpec, device: Any, sock: socket.socket,
+                 local: socket.socket | None, conn: Any) -> None:
         cfg = spec.config
         self.spec = spec
         self.conn = conn
@@ -99,8 +103,9 @@ class _Worker:
             max_connections=cfg.max_connections,
             max_connection_bytes=cfg.max_connection_bytes,
             max_inflight_bytes=cfg.max_inflight_bytes, frame_timeout_s=cfg.frame_timeout_s),
-            index=spec.index, count=spec.count, sock=sock, accepting=False)
-        self.shard.set_ports(spec.ports)
+            index=spec.index, count=spec.count, sock=sock, accepting=False,
+            local_sock=local, instance=spec.instance)
+        self.shard.set_ports(spec.ports, spec.local_paths)
         self.loop.add_reader(conn.fileno(), self._on_message)
         # What start-up made lives for good: keep the cyclic collector off it, and let it
         # run rarely (the request path makes few cycles), not every few hundred objects.

@@ -1,0 +1,364 @@
+"""The same-host shared-memory transport: memfd segments, the daemon's Unix sockets,
+GET_SHM / PUT_SHM through real daemons, and what a lying client can and cannot do."""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import logging
+import mmap
+import os
+import socket
+import stat
+import time
+
+import numpy as np
+import pytest
+
+import wqs
+from tests.daemons import daemon_factory  # noqa: F401 (fixture)
+from wqs.errors import BlockTooLarge, TransportUnavailable
+from wqs.rpc import protocol as p
+from wqs.rpc.shm import ENTRY_HEADER, SharedMemory, SharedMemoryMap, slot_size
+from wqs.server.segments import SegmentError, Segments
+
+BS = 64 << 10
+KiB = 1024
+
+
+def bid(i: int) -> bytes:
+    return i.to_bytes(16, "big")
+
+
+def block(i: int, n: int = BS) -> bytes:
+    return np.random.default_rng(i).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
+# --- the client's segments ------------------------------------------------------------
+
+def test_shared_memory_is_a_sealed_memfd():
+    with SharedMemory(1 << 20) as mem:
+        seals = fcntl.fcntl(mem.fd, fcntl.F_GET_SEALS)
+        assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW
+        assert seals & fcntl.F_SEAL_SEAL  # and no one can lift them
+        with pytest.raises(PermissionError):
+            os.ftruncate(mem.fd, 4096)  # the pages a daemon maps cannot go away
+        assert os.readlink(f"/proc/self/fd/{mem.fd}").startswith("/memfd:")
+        mem.buffer[:3] = b"abc"
+        assert bytes(mem.buffer[:3]) == b"abc" and len(mem) == 1 << 20
+
+
+def test_block_views_are_placed_for_direct_reads():
+    with SharedMemory(1 << 20) as mem:
+        views = mem.block_views(BS)
+        stride = slot_size(BS)
+        assert stride == 68 * KiB and len(views) == (1 << 20) // stride
+        m = SharedMemoryMap()
+        m._starts, m._segs = [mem.address], [mem]
+        for k, v in enumerate(views[:3]):
+            seg, offset = m.find(v)
+            assert seg is mem and offset == k * stride + ENTRY_HEADER
+            assert (mem.address + offset - ENTRY_HEADER) % 4096 == 0
+            assert mem.in_slot(offset, BS)
+        assert not mem.in_slot(0, BS) and not mem.in_slot(ENTRY_HEADER + 1, BS)
+        assert not mem.in_slot(ENTRY_HEADER, stride)  # longer than its slot
+        with pytest.raises(ValueError):
+            mem.block_views(BS, count=100)
+
+
+def test_the_map_finds_only_live_shared_buffers():
+    m = SharedMemoryMap()
+    a, b = m.create(64 * KiB), m.create(64 * KiB)
+    assert a.segment_id != b.segment_id
+    assert m.find(b.buffer[100:200]) == (b, 100)
+    arr = np.frombuffer(a.buffer, dtype=np.uint8)
+    assert m.find(memoryview(arr[4096:8192])) == (a, 4096)
+    assert m.find(memoryview(bytearray(10))) is None  # private memory
+    assert m.find(memoryview(b"bytes")) is None  # read-only: never shared
+    view = b.buffer[10:20]
+    b.close()
+    assert m.find(view) is None  # closed: no longer registered
+    m.close()
+
+
+# --- the daemon's segments ------------------------------------------------------------
+
+def _memfd(size: int, seals: int = fcntl.F_SEAL_SHRINK) -> int:
+    fd = os.memfd_create("t", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+def test_segments_accept_only_memfds_sealed_against_shrinking(tmp_path):
+    segs = Segments(max_segments=2, max_bytes=1 << 20)
+    seg = segs.register(1, _memfd(8192), 8192)
+    seg.view[:2] = b"hi"
+    with pytest.raises(SegmentError, match="F_SEAL_SHRINK"):
+        segs.register(2, _memfd(8192, seals=0), 8192)
+    path = tmp_path / "f"
+    path.write_bytes(bytes(8192))
+    with pytest.raises(SegmentError, match="cannot be sealed"):
+        segs.register(2, os.open(path, os.O_RDWR), 8192)
+    r, w = os.pipe()
+    os.close(w)
+    with pytest.raises(SegmentError, match="not a pipe"):
+        segs.register(2, r, 8192)
+    with pytest.raises(SegmentError, match="frame says 4096"):
+        segs.register(2, _memfd(8192), 4096)
+    with pytest.raises(SegmentError, match="already registered"):
+        segs.register(1, _memfd(8192), 8192)
+    with pytest.raises(SegmentError, match="must be 1.."):
+        segs.register(2, _memfd(8192), 2 << 20)
+    segs.register(2, _memfd(4096), 4096)
+    with pytest.raises(SegmentError, match="more than 2 segments"):
+        segs.register(3, _memfd(4096), 4096)
+    assert segs.range(1, 4096, 4096) is seg
+    with pytest.raises(SegmentError, match="outside segment 1"):
+        segs.range(1, 4097, 4096)
+    with pytest.raises(SegmentError, match="not registered"):
+        segs.range(9, 0, 1)
+
+
+def test_a_segment_in_use_is_unmapped_only_when_its_io_is_done():
+    segs = Segments()
+    seg = segs.register(1, _memfd(8192), 8192)
+    Segments.hold(seg)
+    segs.unregister(1)
+    assert seg.dead and not seg.mem.closed  # the read into it may still land
+    seg.view[:1] = b"x"
+    segs.unhold(seg)
+    assert seg.mem.closed
+    seg = segs.register(2, _memfd(8192), 8192)
+    segs.close()
+    assert seg.mem.closed and len(segs) == 0
+
+
+# --- through a daemon -----------------------------------------------------------------
+
+@pytest.fixture
+def node(daemon_factory):  # noqa: F811
+    return daemon_factory(extra_args=["--workers", "2"], device_size="256M")
+
+
+def _client(d, **options) -> wqs.Client:
+    return wqs.Client([d.address], **options)
+
+
+def test_blocks_move_through_shared_memory_bit_exact(node):
+    with _client(node) as c:
+        mem = c.shared_memory(8 << 20)
+        src = mem.block_views(BS, 40)
+        for k, v in enumerate(src):
+            v[:] = block(k)
+        ids = [bid(k) for k in range(40)]
+        assert all(c.put_many(zip(ids, src)))
+        assert c._pipe.node(node.address).local_paths  # a local node: shared memory
+        out = mem.block_views(BS, 40, start=(40 * slot_size(BS) + 4095) // 4096 * 4096)
+        got = c.get_many(ids, outs=out)
+        assert not got.errors
+        for k in range(40):
+            assert bytes(got[k]) == block(k)
+            # No copy in the SDK: the result is the out buffer, filled by the daemon.
+            assert got[k].obj is out[k].obj and len(got[k]) == BS
+        # Plain buffers and bytes on the same connection go inline, as over TCP.
+        assert c.get(bid(3)) == block(3)
+        plain = [bytearray(BS) for _ in range(4)]
+        assert [bytes(x) for x in c.get_many(ids[:4], outs=plain)] == [block(k)
+                                                                       for k in range(4)]
+        assert c.put(bid(100), block(100)) and c.get(bid(100)) == block(100)
+
+
+def test_mixed_buffers_misses_and_small_outs(node):
+    with _client(node) as c:
+        mem = c.shared_memory(1 << 20)
+        arr = np.frombuffer(mem.buffer, dtype=np.uint8)
+        arr[:BS] = np.frombuffer(block(1), dtype=np.uint8)
+        assert all(c.put_many([(bid(1), arr[:BS]), (bid(2), block(2)),
+                               (bid(3), block(3, 100))]))
+        outs = [arr[BS : 2 * BS], bytearray(BS), arr[2 * BS : 2 * BS + 10],
+                arr[3 * BS : 4 * BS]]
+        got = c.get_many([bid(1), bid(2), bid(3), bid(99)], outs=outs)
+        assert bytes(got[0]) == block(1) and bytes(got[1]) == block(2)
+        assert got[2] is None and isinstance(got.errors[2], BlockTooLarge)
+        assert "100 B" in str(got.errors[2])
+        assert got[3] is None and 3 not in got.errors  # a plain miss
+        with pytest.raises(BlockTooLarge):
+            c.get(bid(1), out=arr[4 * BS : 4 * BS + 100])
+
+
+def test_transport_choices(daemon_factory, caplog):  # noqa: F811
+    local = daemon_factory()
+    remote_like = daemon_factory(extra_args=["--local-socket", "off"])
+    with _client(local, transport="tcp") as c:
+        assert c.put(bid(1), b"x") and not c._pipe.node(local.address).local_paths
+    with caplog.at_level(logging.INFO, logger="wqs.client"):
+        with _client(remote_like) as c:  # auto: tcp, and says why
+            assert c.put(bid(1), b"x") and not c._pipe.node(remote_like.address).local_paths
+    assert "tcp (the node announces no local socket)" in caplog.text
+    with _client(remote_like, transport="shm") as c:  # shm where there is none: an error
+        with pytest.raises(TransportUnavailable, match="transport shm: the node announces no"):
+            c.put(bid(1), b"x")
+    with _client(local, transport="rdma") as c:
+        with pytest.raises(TransportUnavailable, match="transport rdma"):
+            c.put(bid(1), b"x")
+
+
+def test_socket_files_permissions_and_stale_files(daemon_factory, tmp_path):  # noqa: F811
+    path = str(tmp_path / "s" / "w.sock")
+    d = daemon_factory(config={"local_socket": path, "local_socket_mode": "0600"},
+                       extra_args=["--workers", "2"], device_size="256M")
+    for k in (path, path + ".1"):
+        st = os.stat(k)
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+    d.kill()  # leaves the socket files behind
+    assert os.path.exists(path)
+    d.start()  # recognised as stale and replaced
+    with _client(d, transport="shm") as c:
+        assert c.put(bid(1), b"x") and c.get(bid(1)) == b"x"
+    assert d.terminate() == 0
+    assert not os.path.exists(path) and not os.path.exists(path + ".1")  # removed on stop
+    os.makedirs(tmp_path / "f", exist_ok=True)
+    (tmp_path / "f" / "x.sock").write_text("not a socket")
+    bad = daemon_factory(config={"local_socket": str(tmp_path / "f" / "x.sock")}, wait=False)
+    assert bad.wait() != 0 and "exists and is not a socket" in bad.stderr_text()
+
+
+def test_a_killed_daemon_fails_calls_then_comes_back(node):
+    with _client(node, timeout_s=2.0) as c:
+        mem = c.shared_memory(1 << 20)
+        views = mem.block_views(BS, 4)
+        views[0][:] = block(7)
+        assert c.put(bid(7), views[0])
+        node.kill()
+        got = c.get_many([bid(7)], outs=[views[1]])
+        assert got[0] is None and 0 in got.errors  # NodeUnavailable, not a hang
+        node.start()
+        time.sleep(1.1)  # the node's retry interval
+        got = c.get_many([bid(7)], outs=[views[2]])  # recovered: a new daemon, new socket
+        assert got[0] is not None, got.errors
+        assert bytes(got[0]) == block(7)
+
+
+# --- a lying client, by hand, over the Unix socket ------------------------------------
+
+class Raw:
+    """A bare data-plane connection that sends whatever it is told."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(path)
+        self.dec = p.FrameDecoder(response=True)
+        assert isinstance(self.ask(p.encode_request(p.HelloRequest(1))), p.HelloResponse)
+
+    def ask(self, frame: bytes, fds: list[int] = ()) -> p.Message | None:
+        """The answer, or None if the daemon closed the connection."""
+        try:
+            if fds:
+                self.sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                             array.array("i", fds))])
+            else:
+                self.sock.sendall(frame)
+            while True:
+                msg = self.dec.next_message()
+                if msg is not None:
+                    return msg
+                data = self.sock.recv(65536)
+                if not data:
+                    return None
+                self.dec.feed(data)
+        except (BrokenPipeError, ConnectionResetError):
+            return None
+
+    def register(self, seg: int, fd: int, size: int) -> p.Message | None:
+        return self.ask(p.encode_request(p.RegisterRequest(5, seg, size)), [fd])
+
+    def get(self, rows) -> p.Message | None:
+        return self.ask(p.frame_shm_request(p.Opcode.GET_SHM, 6, rows))
+
+
+def _error(msg, status=p.Status.BAD_REQUEST) -> str:
+    assert isinstance(msg, p.ErrorResponse) and msg.status == status, msg
+    return msg.message
+
+
+def test_lying_clients_get_errors_and_hurt_no_one(daemon_factory):  # noqa: F811
+    d = daemon_factory()
+    path = str(d.data_dir / "wqsd.sock")
+    with _client(d) as good:
+        assert good.put(bid(1), block(1))
+        raw = Raw(path)
+        fd = _memfd(1 << 20)
+        assert "without a file descriptor" in _error(raw.ask(p.encode_request(
+            p.RegisterRequest(5, 1, 1 << 20))))
+        assert "F_SEAL_SHRINK" in _error(raw.register(1, _memfd(1 << 20, seals=0), 1 << 20))
+        assert isinstance(raw.register(1, os.dup(fd), 1 << 20), p.RegisterResponse)
+        # Out of range, unknown segments: refused, the connection goes on.
+        assert "outside segment 1" in _error(raw.get([(bid(1), (1 << 20) - 10, BS, 1, 0)]))
+        assert "outside segment 1" in _error(raw.get([(bid(1), 2**64 - 1, 1, 1, 0)]))
+        assert "not registered" in _error(raw.get([(bid(1), 0, BS, 2, 0)]))
+        ans = raw.get([(bid(1), 0, BS, 1, 0), (bid(2), BS, BS, 1, 0)])
+        assert [it.flags for it in ans.items] == [p.Status.OK, p.Status.NOT_FOUND]
+        view = mmap.mmap(fd, 1 << 20)  # the daemon wrote the hit into our memory
+        assert view[:BS] == block(1)
+        # A flag the protocol does not know: the frame is refused and the connection closed.
+        assert "unknown flags" in _error(raw.get([(bid(1), 0, BS, 1, 0x80)]))
+        assert raw.ask(p.encode_request(p.PingRequest(1))) is None
+        # Too many descriptors sent ahead of any REGISTER: dropped.
+        raw = Raw(path)
+        fds = [_memfd(4096) for _ in range(9)]
+        assert raw.ask(b"\0", fds) is None
+        for f in fds:
+            os.close(f)
+        # Over TCP the shared-memory opcodes do not exist.
+        tcp = socket.create_connection(("127.0.0.1", d.port))
+        tcp.sendall(p.encode_request(p.HelloRequest(1))
+                    + p.frame_shm_request(p.Opcode.GET_SHM, 2, [(bid(1), 0, BS, 1, 0)]))
+        dec = p.FrameDecoder(response=True)
+        msgs = []
+        while len(msgs) < 2:
+            dec.feed(tcp.recv(65536))
+            while (m := dec.next_message()) is not None:
+                msgs.append(m)
+        assert "local socket only" in _error(msgs[1])
+        tcp.close()
+        # Everyone else is served all along.
+        assert good.get(bid(1)) == block(1)
+        view.close()
+        os.close(fd)
+
+
+def test_segments_are_unmapped_when_the_connection_closes(daemon_factory):  # noqa: F811
+    d = daemon_factory()
+    raw = Raw(str(d.data_dir / "wqsd.sock"))
+    fd = os.memfd_create("wqs-test-marker", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 1 << 20)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    assert isinstance(raw.register(3, fd, 1 << 20), p.RegisterResponse)
+    shard = d.shard_pids()[0]
+
+    def mapped() -> bool:
+        with open(f"/proc/{shard}/maps") as f:
+            return "memfd:wqs-test-marker" in f.read()
+
+    assert mapped()
+    raw.sock.close()
+    deadline = time.monotonic() + 5
+    while mapped() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not mapped()
+
+
+def test_auth_applies_on_the_local_socket(daemon_factory):  # noqa: F811
+    d = daemon_factory(config={"auth_token": "s3cret"})
+    raw = Raw(str(d.data_dir / "wqsd.sock"))
+    fd = _memfd(4096)
+    msg = raw.register(1, fd, 4096)
+    _error(msg, p.Status.AUTH_REQUIRED)
+    with _client(d, transport="shm", auth_token="s3cret") as c:
+        mem = c.shared_memory(1 << 20)
+        v = mem.block_views(BS, 2)
+        v[0][:] = block(5)
+        assert c.put(bid(5), v[0]) and bytes(c.get_many([bid(5)], outs=[v[1]])[0]) == block(5)
