@@ -249,6 +249,28 @@ class EtcdConfig:
 
 
 @dataclass
+class SpdkConfig:
+    """The SPDK device backend (a device named ``spdk:<transport ID> ns:<n>``)."""
+
+    # Directory of SPDK's shared libraries (libspdk_nvme.so, ...); None: the system's
+    # library path. The daemon loads SPDK from here; nothing of SPDK ships with WQS.
+    lib_dir: str | None = None
+    mem_size: int = GiB  # DMA memory per process (each shard): IO buffers come from it
+    hugepages: bool = False  # back it with hugepages (PCIe needs them); else plain memory
+    # Longest a shard's loop sleeps between polls of its queue pair while IO is
+    # outstanding (0: spin); with nothing outstanding it sleeps as usual.
+    poll_wait_us: int = 20
+
+    def __post_init__(self) -> None:
+        self.lib_dir = _str("lib_dir", self.lib_dir, optional=True)
+        if self.lib_dir is not None and not os.path.isabs(self.lib_dir):
+            raise _fail("lib_dir", "must be an absolute path", self.lib_dir)
+        self.mem_size = _size("mem_size", self.mem_size, 64 * MiB, multiple=MiB)
+        self.hugepages = _bool("hugepages", self.hugepages)
+        self.poll_wait_us = _int("poll_wait_us", self.poll_wait_us, 0, 100_000)
+
+
+@dataclass
 class EngineConfig:
     """The storage engine's knobs."""
 
@@ -263,6 +285,7 @@ class EngineConfig:
     # threads, one IO each), or "auto" (AIO where the kernel allows it, else threads).
     io_engine: Literal["auto", "aio", "threads"] = "auto"
     io_threads: int = 16
+    spdk: SpdkConfig = field(default_factory=SpdkConfig)  # for a device named spdk:...
 
     def __post_init__(self) -> None:
         self.region_size = _size("region_size", self.region_size, MiB, 4 * GiB, 4096)
@@ -274,6 +297,7 @@ class EngineConfig:
         self.sync = _bool("sync", self.sync)
         self.io_engine = _choice("io_engine", self.io_engine, ("auto", "aio", "threads"))
         self.io_threads = _int("io_threads", self.io_threads, 1, 1024)
+        self.spdk = _nested("spdk", self.spdk, SpdkConfig) or SpdkConfig()
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")

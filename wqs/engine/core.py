@@ -34,8 +34,8 @@ from wqs.engine.stats import EngineStats
 from wqs.engine.writer import BURY, DELETE, PutOp, Writer
 from wqs.errors import DeviceError
 from wqs.loop.reactor import Reactor
-from wqs.nvme.buffers import BufferPool
-from wqs.nvme.device import BlockDevice
+from wqs.nvme.buffers import BufferPool, IoBuffer
+from wqs.nvme.device import BlockDevice, unwatch_ring, watch_ring
 
 log = logging.getLogger("wqs.engine")
 
@@ -68,7 +68,9 @@ class EngineCore:
         self.stats_counters = EngineStats(recovered_blocks=rec.index.count)
         self.regions = rec.regions
         self.index = rec.index
-        self.pool = BufferPool()
+        # The device's own IO memory where it has some (SPDK: DMA buffers, which the
+        # sockets then read into and send from directly).
+        self.pool = BufferPool(allocate=getattr(device, "alloc_buffer", IoBuffer))
         self.dram = make_dram_tier(config.dram_cache_bytes, config.dram_policy)
         self.ring = device.open_ring()
         self.allocator = Allocator(self.regions, sb.region_size, rec.next_seq)
@@ -83,7 +85,7 @@ class EngineCore:
                                    reinsert_hits=config.reinsert_hits, sync=config.sync)
         self._quiesced: list[Callable[[], None]] = []
         self._closed = False
-        reactor.add_reader(self.ring.fd, self.ring.complete)
+        watch_ring(reactor, self.ring)
         reactor.on_turn_end(self.flush)
 
     # ---- writes -------------------------------------------------------------------
@@ -251,7 +253,7 @@ class EngineCore:
         self.allocator.seal()
         self.sb = recovery.write_checkpoint(self.device, self.sb, self.regions, self.index,
                                             self.allocator.next_seq())
-        self.reactor.forget(self.ring.fd)
+        unwatch_ring(self.reactor, self.ring)
         self.ring.close()
         self.pool.clear()
 

@@ -13,6 +13,13 @@ connection cannot stop a shard.
 
 Level-triggered epoll: a handler that leaves bytes unread is called again next turn,
 which is what flow control relies on (stop watching a socket, and it simply waits).
+
+Pollers are for devices that signal completions through no file descriptor (SPDK's
+user-space NVMe driver): while a poller has IO outstanding the loop calls its
+`complete()` every turn and never sleeps longer than the poller's `poll_wait_s` (no
+wait at all right after a poll that found completions), waking early for any fd; with
+nothing outstanding it sleeps as usual and polls only every `idle_poll_s`, for the
+device's housekeeping (keep-alives). So the loop spins only while completions flow.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import select
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 log = logging.getLogger("wqs.loop")
 
@@ -34,6 +41,21 @@ WRITE = select.EPOLLOUT
 _ERR = select.EPOLLERR | select.EPOLLHUP
 MAX_EVENTS = 1024  # readiness events taken per turn; the rest wait for the next
 MAX_WAIT_S = 1.0  # longest single wait, so a lost wake-up costs at most this
+_MS = 0.001  # epoll's timeout is whole milliseconds; shorter waits go through select
+
+
+class Poller(Protocol):
+    """A completion source the loop polls (see the module's docstring)."""
+
+    poll_wait_s: float  # longest sleep between polls while IO is outstanding
+    idle_poll_s: float  # longest time between polls while nothing is outstanding
+
+    @property
+    def pending(self) -> int:
+        """IO outstanding: poll every turn while this is not 0."""
+
+    def complete(self) -> int:
+        """Poll; run the callbacks of what completed; how many."""
 
 
 class Timer:
@@ -63,6 +85,8 @@ class Reactor:
         self._timer_seq = itertools.count()
         self._ready: deque[tuple[Callable[..., Any], tuple]] = deque()
         self._turn_end: list[Callable[[], None]] = []
+        self._pollers: list[Poller] = []
+        self._polled = 0  # completions the pollers found last turn
         self._foreign: deque[tuple[Callable[..., Any], tuple]] = deque()  # from other threads
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wake_fd, READ)
@@ -100,6 +124,22 @@ class Reactor:
                 self._epoll.unregister(fd)
             except (OSError, ValueError):
                 pass  # already closed: the kernel dropped it from the set
+
+    def add_poller(self, poller: Poller) -> None:
+        """Poll `poller` from this loop (see the module's docstring)."""
+        assert poller not in self._pollers
+        self._pollers.append(poller)
+        self.call_later(poller.idle_poll_s, self._idle_poll, poller)
+
+    def remove_poller(self, poller: Poller) -> None:
+        if poller in self._pollers:
+            self._pollers.remove(poller)
+
+    def _idle_poll(self, poller: Poller) -> None:
+        if poller in self._pollers:
+            if not poller.pending:  # a busy poller is polled every turn anyway
+                poller.complete()
+            self.call_later(poller.idle_poll_s, self._idle_poll, poller)
 
     def _update(self, fd: int) -> None:
         mask = (READ if fd in self._readers else 0) | (WRITE if fd in self._writers else 0)
@@ -188,8 +228,18 @@ class Reactor:
             timeout = 0.0
         elif self._timers:
             timeout = max(0.0, min(timeout, self._timers[0][0] - time.monotonic()))
+        pollers = self._pollers
+        busy = False
+        if pollers:
+            for p in pollers:
+                if p.pending:
+                    busy = True
+                    timeout = min(timeout, 0.0 if self._polled else p.poll_wait_s)
         try:
-            events = self._epoll.poll(timeout, MAX_EVENTS)
+            if 0.0 < timeout < _MS and busy:
+                events = self._short_wait(timeout)
+            else:
+                events = self._epoll.poll(timeout, MAX_EVENTS)
         except InterruptedError:
             events = []
         readers, writers = self._readers, self._writers
@@ -202,6 +252,11 @@ class Reactor:
                 cb = writers.get(fd)
                 if cb is not None:
                     self._guard(cb)
+        if busy:
+            self._polled = 0
+            for p in pollers:
+                if p.pending:
+                    self._polled += self._guard(p.complete) or 0
         if self._timers:
             now = time.monotonic()
             while self._timers and self._timers[0][0] <= now:
@@ -217,12 +272,22 @@ class Reactor:
             self._guard(hook)
         self.turns += 1
 
+    def _short_wait(self, timeout: float) -> list[tuple[int, int]]:
+        """Wait up to `timeout` (under a millisecond) for readiness: select() on the
+        epoll fd itself takes microseconds, then epoll says which fds are ready."""
+        fd = self._epoll.fileno()
+        if fd < 1024:  # select's FD_SETSIZE
+            select.select([fd], [], [], timeout)
+            return self._epoll.poll(0, MAX_EVENTS)
+        return self._epoll.poll(_MS, MAX_EVENTS)
+
     @staticmethod
-    def _guard(cb: Callable[..., Any], *args: Any) -> None:
+    def _guard(cb: Callable[..., Any], *args: Any) -> Any:
         try:
-            cb(*args)
+            return cb(*args)
         except Exception:  # noqa: BLE001 - one handler's bug must not stop the loop
             log.exception("loop callback %r failed", cb)
+            return None
 
     def assert_owner(self) -> None:
         """Debug check at entry points of state owned by this loop's thread."""

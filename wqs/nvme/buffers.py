@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 PAGE_SIZE = mmap.PAGESIZE
 SMALL_CLASS_LIMIT = 1 << 20  # up to here sizes are rounded to pages, above to powers of 2
@@ -64,10 +64,15 @@ class IoBuffer:
 
 
 class BufferPool:
-    """Free lists of IoBuffers by size class, keeping at most `max_cached_bytes` idle."""
+    """Free lists of IoBuffers by size class, keeping at most `max_cached_bytes` idle.
 
-    def __init__(self, max_cached_bytes: int = 256 << 20) -> None:
+    `allocate(size)` makes a new buffer of a size class: plain memory by default, the
+    device's own where it has a say (SPDK's DMA memory, spdk.py)."""
+
+    def __init__(self, max_cached_bytes: int = 256 << 20,
+                 allocate: Callable[[int], IoBuffer] = IoBuffer) -> None:
         self.max_cached_bytes = max_cached_bytes
+        self._allocate = allocate
         self.cached_bytes = 0
         self.outstanding = 0  # buffers handed out and not yet released (a leak check)
         self._free: dict[int, list[IoBuffer]] = {}
@@ -84,7 +89,7 @@ class BufferPool:
         if free:
             self.cached_bytes -= c
             return free.pop()
-        return IoBuffer(c)
+        return self._allocate(c)
 
     def release(self, buf: IoBuffer) -> None:
         self.outstanding -= 1

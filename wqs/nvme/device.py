@@ -12,6 +12,9 @@ Two ways to do IO:
 * `open_ring()`: an IO ring owned by one event loop, for the data path: Linux native AIO
   with eventfd completions (aio.py) or, where AIO is unavailable or not wanted, the
   same interface over a few threads (threadring.py).
+
+SPDK's user-space NVMe driver (spdk.py) is the other backend: its rings have no fd and
+are polled by the loop (`watch_ring`).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class IoRing(Protocol):
     read/writev prepare an IO; submit() hands what was prepared to the device; when `fd`
     is readable, complete() runs callback(arg, result) for each finished IO, result
     being the bytes moved or -errno. The caller keeps buffers alive until then.
+    A ring whose `fd` is -1 is polled instead (a reactor.Poller: spdk.SpdkRing).
     """
 
     fd: int
@@ -76,7 +80,7 @@ class BlockDevice(Protocol):
     path: str
     size: int
     align: int
-    io_engine: str  # how its rings do IO: "aio", "threads" or "memory"
+    io_engine: str  # how its rings do IO: "aio", "threads", "memory" or "spdk"
 
     def read_into(self, offset: int, buf: memoryview) -> None: ...
 
@@ -88,6 +92,22 @@ class BlockDevice(Protocol):
     def flush(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+def watch_ring(reactor: Any, ring: IoRing) -> None:
+    """Have `reactor` complete `ring`'s IO: when its fd is readable, or, for a ring with
+    no fd, by polling it while IO is outstanding."""
+    if ring.fd >= 0:
+        reactor.add_reader(ring.fd, ring.complete)
+    else:
+        reactor.add_poller(ring)
+
+
+def unwatch_ring(reactor: Any, ring: IoRing) -> None:
+    if ring.fd >= 0:
+        reactor.forget(ring.fd)
+    else:
+        reactor.remove_poller(ring)
 
 
 def _transfer(call: Callable[..., int], fd: int, offset: int, buf: memoryview) -> int:
@@ -271,6 +291,12 @@ class DevicePart:
 
     def open_ring(self) -> IoRing:
         return self.device.open_ring(self.offset)
+
+    def __getattr__(self, name: str) -> Any:
+        # What else the device offers (SPDK's alloc_buffer), at the device's level.
+        if name == "alloc_buffer":
+            return getattr(self.device, name)
+        raise AttributeError(name)
 
     def flush(self) -> None:
         self.device.flush()
