@@ -19,7 +19,8 @@ import wqs
 from tests.daemons import daemon_factory  # noqa: F401 (fixture)
 from wqs.errors import BlockTooLarge, TransportUnavailable
 from wqs.rpc import protocol as p
-from wqs.rpc.shm import ENTRY_HEADER, SharedMemory, SharedMemoryMap, slot_size
+from wqs.engine import format as fmt
+from wqs.rpc.shm import ENTRY_HEADER, SLOT_ALIGN, SharedMemory, SharedMemoryMap, slot_size
 from wqs.server.segments import SegmentError, Segments
 
 BS = 64 << 10
@@ -49,6 +50,7 @@ def test_shared_memory_is_a_sealed_memfd():
 
 
 def test_block_views_are_placed_for_direct_reads():
+    assert ENTRY_HEADER == fmt.ENTRY_HEADER_SIZE and SLOT_ALIGN == fmt.UNIT
     with SharedMemory(1 << 20) as mem:
         views = mem.block_views(BS)
         stride = slot_size(BS)
@@ -362,3 +364,51 @@ def test_auth_applies_on_the_local_socket(daemon_factory):  # noqa: F811
         v = mem.block_views(BS, 2)
         v[0][:] = block(5)
         assert c.put(bid(5), v[0]) and bytes(c.get_many([bid(5)], outs=[v[1]])[0]) == block(5)
+
+
+def _flip_payload(device: str, block_id: bytes) -> int:
+    """Flip a byte in the payload of every copy of the block's entry on the device."""
+    flipped = 0
+    with open(device, "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+        at = m.find(block_id)
+        while at >= 0:
+            if m[at - 8 : at - 4] == fmt.ENTRY_MAGIC.to_bytes(4, "little"):
+                m[at - 8 + ENTRY_HEADER + 100] ^= 0xFF
+                flipped += 1
+            at = m.find(block_id, at + 1)
+        m.flush()
+        os.fsync(f.fileno())
+    return flipped
+
+
+def test_the_device_reads_into_and_writes_from_client_memory(daemon_factory):  # noqa: F811
+    from wqs.rpc.control import ControlClient
+
+    d = daemon_factory(config={"engine": {"dram_cache_bytes": 0}})  # every hit from the SSD
+    with _client(d) as c, ControlClient(d.control_address) as cc:
+        mem = c.shared_memory(4 << 20)
+        src = mem.block_views(BS, 8)
+        ids = [bid(50 + k) for k in range(8)]
+        for k, v in enumerate(src):
+            v[:] = block(50 + k)
+        assert all(c.put_many(zip(ids, src)))
+        # The entry header went into the room in front of each payload, written there.
+        first = mem.buffer[:ENTRY_HEADER]
+        assert fmt.unpack_entry_header(first).block_id == ids[0]
+        out = mem.block_views(BS, 8, start=1 << 20)
+        got = c.get_many(ids, outs=out)
+        assert [bytes(g) for g in got] == [block(50 + k) for k in range(8)]
+        stats = cc.stats()["engine"]
+        assert stats["direct_writes"] == 8 and stats["direct_reads"] == 8
+        # Plain shared buffers (not slots) are copied to and from, as the DRAM tier is.
+        arr = np.frombuffer(mem.buffer, dtype=np.uint8)
+        assert bytes(c.get_many(ids[:1], outs=[arr[3 << 20 : (3 << 20) + BS]])[0]) == block(50)
+        assert cc.stats()["engine"]["direct_reads"] == 8
+        # A damaged entry: the check in client memory fails, the engine reads it again
+        # into its own buffer, finds it corrupt (a miss, counted), and drops it.
+        assert _flip_payload(str(d.device_path), ids[3]) == 1
+        got = c.get_many(ids[3:5], outs=out[3:5])
+        assert got[0] is None and not got.errors and bytes(got[1]) == block(54)
+        stats = cc.stats()["engine"]
+        assert stats["checksum_failures"] == 1 and stats["direct_reads"] == 9
+        assert not c.exists(ids[3])

@@ -59,6 +59,10 @@ _COUNTERS: dict[str, tuple[str, str]] = {
     "evicted_blocks": ("wqs_evicted_blocks", "Blocks dropped by eviction or evict-all."),
     "evicted_regions": ("wqs_evicted_regions", "Regions reclaimed by eviction."),
     "reinserted_blocks": ("wqs_reinserted_blocks", "Hot blocks copied forward on reclaim."),
+    "direct_reads": ("wqs_direct_reads", "Hits read from the device straight into a "
+                     "client's shared memory."),
+    "direct_writes": ("wqs_direct_writes", "Blocks written to the device straight from a "
+                      "client's shared memory."),
 }
 # EngineStats field -> (metric name, help). Current values.
 _GAUGES: dict[str, tuple[str, str]] = {

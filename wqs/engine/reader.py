@@ -263,6 +263,49 @@ class Reader:
         s.misses += 1
         callback(arg, None)
 
+    def get_into(self, block_id: bytes, slot: memoryview, slot_addr: int,
+                 callback: Callable[[Any, ReadResult | None], None], arg: Any) -> bool:
+        """Read a block straight into memory the caller does not own (a client's shared
+        memory): `slot` is page-aligned and room for the whole entry (its header, the
+        payload at slot[64:], padding to the unit). False, with nothing done, if this
+        block cannot be read that way (not on the device, segmented, larger than the
+        slot): use get_one. Else callback(arg, result) with the payload as a view of
+        the slot once verified there.
+
+        What lands in the slot is checked there, but the slot's owner can write it at
+        any time: so a hit read this way never fills the DRAM tier, and an entry that
+        fails the check there is read again into the engine's own buffer (get_one),
+        which alone decides whether the entry on the device is damaged."""
+        if not getattr(self.ring, "external_memory", True):
+            return False  # a ring that needs its own DMA memory
+        if self.dram is not None and block_id in self.dram:
+            return False  # a copy from the tier is cheaper than the device
+        found = self._lookup(block_id)
+        if found is None:
+            return False
+        loc, plen, gen, head = found
+        elen = (HEADER + plen + UNIT - 1) & ~(UNIT - 1)  # fmt.entry_len
+        if head or elen > len(slot):
+            return False
+        assert slot_addr % UNIT == 0, "a direct read needs a unit-aligned slot"
+        self.reads_in_flight += 1
+        self.ring.read(self.device_offset(loc), slot_addr, elen, self._read_into_done,
+                       (callback, arg, block_id, slot, gen, plen, elen))
+        return True
+
+    def _read_into_done(self, t: tuple, res: int) -> None:
+        callback, arg, block_id, slot, gen, plen, elen = t
+        self.reads_in_flight -= 1
+        if res == elen and fmt.entry_matches(slot[:elen], block_id, gen, plen):
+            s = self.stats
+            s.gets += 1
+            s.hits_ssd += 1
+            s.direct_reads += 1
+            s.get_bytes += plen
+            callback(arg, ReadResult([slot[HEADER : HEADER + plen]], [], plen))
+            return
+        self.get_one(block_id, callback, arg)  # the authoritative read
+
     def _one_done(self, op: GetOp) -> None:
         op.remaining -= 1
         if op.remaining:

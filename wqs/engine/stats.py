@@ -22,6 +22,10 @@ class EngineStats:
     evicted_blocks: int = 0
     evicted_regions: int = 0
     reinserted_blocks: int = 0
+    # Blocks moved by the device straight into / out of a client's shared memory (also
+    # counted as hits_ssd / puts): no copy by the daemon's CPU.
+    direct_reads: int = 0
+    direct_writes: int = 0
     recovered_blocks: int = 0  # found by the last start-up (checkpoint or scan)
     # Gauges, refreshed by Engine.stats().
     regions_total: int = 0

@@ -62,12 +62,26 @@ _ZEROS = memoryview(bytes(UNIT))  # padding source: an entry pads less than one 
 PUT, DELETE, BURY, REINSERT = range(4)
 
 
+class ExternalBuffer:
+    """Memory the engine writes an entry from but does not own (a client's shared
+    memory, already laid out as an entry: header room, payload, padding): never
+    returned to the pool."""
+
+    __slots__ = ("view", "addr", "size")
+
+    def __init__(self, view: memoryview, addr: int) -> None:
+        assert addr % UNIT == 0 and len(view) % UNIT == 0, "an entry-shaped slot"
+        self.view = view
+        self.addr = addr
+        self.size = len(view)
+
+
 @dataclass(slots=True, eq=False)
 class Piece:
     """One entry to append: a whole block, the head of a segmented one, or a segment."""
 
     entry_id: bytes  # the block ID; a segment's own ID once its head's seq is known
-    buf: IoBuffer | None  # header room, then payload, then padding
+    buf: IoBuffer | ExternalBuffer | None  # header room, then payload, then padding
     plen: int
     elen: int
     flags: int = 0
@@ -186,6 +200,21 @@ class Writer:
             raise
         return op
 
+    def stage_into(self, block_id: bytes, nbytes: int, slot: memoryview,
+                   slot_addr: int) -> PutOp | None:
+        """A put written to the device straight from `slot`, memory the caller keeps
+        (its payload already at slot[64:], room for the header before it and padding
+        after it), so no byte of it is copied; None if this block cannot be written that
+        way (segmented, too large, a ring that needs its own DMA memory): use stage.
+        The slot must stay mapped, and unchanged, until the put's callback."""
+        elen = (HEADER + nbytes + UNIT - 1) & ~(UNIT - 1)  # fmt.entry_len
+        if nbytes > self.segment_max or nbytes > self.max_block_size or elen > len(slot) \
+                or not getattr(self.ring, "external_memory", True):
+            return None
+        buf = ExternalBuffer(slot[:elen], slot_addr)
+        return PutOp(block_id, nbytes, [Piece(block_id, buf, nbytes, elen)], PUT,
+                     elen_total=elen)
+
     def stage_tombstone(self, block_id: bytes, hides: bytes, kind: int) -> PutOp:
         op = self.stage(block_id, len(hides), kind)
         piece = op.pieces[0]
@@ -197,7 +226,8 @@ class Writer:
         """Give back a staged put's buffers (its payload never arrived, or is written)."""
         for p in op.pieces:
             if p.buf is not None:
-                self.pool.release(p.buf)
+                if type(p.buf) is not ExternalBuffer:
+                    self.pool.release(p.buf)
                 p.buf = None
                 p.payload = _ZEROS
 
@@ -369,6 +399,8 @@ class Writer:
             if op.kind == PUT:
                 self.stats.puts += 1
                 self.stats.put_bytes += op.nbytes
+                if type(op.pieces[0].buf) is ExternalBuffer:
+                    self.stats.direct_writes += 1
             elif op.kind == DELETE:
                 self.stats.deletes += 1
             if self.dram is None:

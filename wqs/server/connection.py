@@ -34,6 +34,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from wqs.engine import format as fmt
 from wqs.engine.core import DEFERRED, GetOp, PutOp
 from wqs.errors import BlockTooLarge, ProtocolError
 from wqs.rpc import protocol as p
@@ -65,6 +66,34 @@ OPS = {p.Opcode.PUT: "put", p.Opcode.GET: "get", p.Opcode.EXISTS: "exists",
 
 
 _SHM_OPS = frozenset({p.Opcode.REGISTER, p.Opcode.UNREGISTER, GET_SHM})
+ENTRY_HEADER = fmt.ENTRY_HEADER_SIZE  # a slot's room in front of its payload
+UNIT = fmt.UNIT  # slots start on it
+
+
+class _ShmGet:
+    """A GET_SHM being served: one answer row per item, filled as reads complete."""
+
+    __slots__ = ("rid", "items", "segs", "rows", "waiting", "charged", "started")
+
+    def __init__(self, rid: int, items: tuple[p.ShmItem, ...], segs: list[Segment],
+                 started: float) -> None:
+        self.rid = rid
+        self.items = items
+        self.segs = segs
+        self.rows: list[Any] = [None] * len(items)
+        self.waiting = 1  # reads outstanding, plus one until all are started
+        self.charged = 0  # budget units held for reads into the engine's buffers
+        self.started = started
+
+
+def _slot(it: p.ShmItem, seg: Segment) -> memoryview | None:
+    """The entry-shaped slot around item it (SHM_SLOT: its payload 64 bytes into a
+    unit-aligned slot, padding after it), if the item has one inside its segment."""
+    start = it.offset - ENTRY_HEADER
+    if not it.flags & p.SHM_SLOT or start < 0 or start % UNIT:
+        return None
+    end = start + (ENTRY_HEADER + it.length + UNIT - 1) // UNIT * UNIT
+    return seg.view[start:end] if end <= seg.size else None
 
 
 class _PutFrame:
@@ -72,11 +101,12 @@ class _PutFrame:
     engine refused: its bytes are received and dropped) per item."""
 
     __slots__ = ("rid", "ops", "statuses", "targets", "ti", "charged", "started", "waiting",
-                 "refuse", "failed", "opcode")
+                 "refuse", "failed", "opcode", "segs")
 
     def __init__(self, rid: int, started: float, opcode: p.Opcode = p.Opcode.PUT) -> None:
         self.rid = rid
-        self.opcode = opcode  # PUT, or PUT_SHM (payloads copied from registered memory)
+        self.opcode = opcode  # PUT, or PUT_SHM (payloads from registered memory)
+        self.segs: list[Segment] = []  # PUT_SHM: client memory written from, held
         self.ops: list[PutOp | None] = []
         self.statuses: list[int] = []
         self.targets: list[memoryview] = []  # where the payload bytes go, in order
@@ -502,52 +532,85 @@ class Connection:
         return segs
 
     def _get_shm(self, rid: int, items: tuple[p.ShmItem, ...]) -> None:
+        """Each hit goes into the client's memory: read from the device straight into
+        its slot where the item allows (SHM_SLOT), else copied there from the DRAM tier
+        or the engine's buffers. The answer says, per item, whether it is there."""
         segs = self._shm_ranges(rid, GET_SHM, items)
         if segs is None:
             return
         shard = self.shard
-        for seg in segs:
-            Segments.hold(seg)  # mapped until the answer is written into it
+        get = _ShmGet(rid, items, segs, time.perf_counter())
         self.pending += 1
-        room = min(shard.options.max_connection_bytes - self.held, shard.budget.room())
-        state = [rid, time.perf_counter(), 0, items, segs]
-        get = shard.core.get([it.block_id for it in items], self._got_shm, state,
-                             room if room > 0 else 1)
-        if not state[2] and get.remaining:  # still reading: its buffers are held now
-            state[2] = get.reserved
-            self._charge(get.reserved)
+        get_into = shard.core.reader.get_into
+        batch = []
+        for k, (it, seg) in enumerate(zip(items, segs)):
+            Segments.hold(seg)  # mapped until the answer is written into it
+            slot = _slot(it, seg)
+            if slot is not None:
+                get.waiting += 1
+                if get_into(it.block_id, slot, seg.addr + it.offset - ENTRY_HEADER,
+                            self._got_shm_one, (get, k)):
+                    continue
+                get.waiting -= 1
+            batch.append(k)
+        if batch:
+            get.waiting += 1
+            room = min(shard.options.max_connection_bytes - self.held, shard.budget.room())
+            op = shard.core.get([items[k].block_id for k in batch], self._got_shm_batch,
+                                (get, batch), room if room > 0 else 1)
+            if op.remaining and not get.charged:  # still reading: its buffers are held
+                get.charged = op.reserved
+                self._charge(op.reserved)
+        get.waiting -= 1  # every read is started: the last to finish answers
+        if not get.waiting:
+            self._answer_shm_get(get)
 
-    def _got_shm(self, op: GetOp) -> None:
-        """Copy each hit into the client's memory, then answer where it is."""
-        rid, started, charged, items, segs = op.arg
+    def _got_shm_one(self, arg: tuple, result: Any) -> None:
+        get, k = arg
+        self._place(get, k, result)
+        get.waiting -= 1
+        if not get.waiting:
+            self._answer_shm_get(get)
+
+    def _got_shm_batch(self, op: GetOp) -> None:
+        get, batch = op.arg
+        for k, r in zip(batch, op.results):
+            self._place(get, k, r)
+        if get.charged:
+            self._uncharge(get.charged)
+            get.charged = 0
+        get.waiting -= 1
+        if not get.waiting:
+            self._answer_shm_get(get)
+
+    def _place(self, get: "_ShmGet", k: int, r: Any) -> None:
+        """Item k's answer row; a hit not already in place is copied into the client's
+        memory (it stays mapped: held) and its buffers go back to the engine."""
+        it, seg = get.items[k], get.segs[k]
+        if r is None:
+            get.rows[k] = (it.block_id, it.offset, 0, it.segment, p.Status.NOT_FOUND)
+            return
+        if r is DEFERRED:  # past this connection's budget: the client asks again
+            get.rows[k] = (it.block_id, it.offset, 0, it.segment, p.Status.BUSY)
+            return
+        if r.nbytes > it.length:
+            get.rows[k] = (it.block_id, it.offset, r.nbytes, it.segment, p.Status.TOO_LARGE)
+        else:
+            if r.views[0].obj is not seg.mem:  # not read straight into the slot
+                at, dest = it.offset, seg.view
+                for v in r.views:
+                    dest[at : at + len(v)] = v
+                    at += len(v)
+            get.rows[k] = (it.block_id, it.offset, r.nbytes, it.segment, p.Status.OK)
+        self.shard.core.release(r)
+
+    def _answer_shm_get(self, get: "_ShmGet") -> None:
         self.pending -= 1
-        release = self.shard.core.release
-        rows = []
-        OK, NOT_FOUND, BUSY, TOO_LARGE = (p.Status.OK, p.Status.NOT_FOUND, p.Status.BUSY,
-                                          p.Status.TOO_LARGE)
-        for it, seg, r in zip(items, segs, op.results):
-            if r is None:
-                rows.append((it.block_id, it.offset, 0, it.segment, NOT_FOUND))
-            elif r is DEFERRED:
-                rows.append((it.block_id, it.offset, 0, it.segment, BUSY))
-            else:
-                if r.nbytes > it.length:
-                    rows.append((it.block_id, it.offset, r.nbytes, it.segment, TOO_LARGE))
-                else:  # (held: still mapped even if unregistered meanwhile)
-                    at = it.offset
-                    dest = seg.view
-                    for v in r.views:
-                        dest[at : at + len(v)] = v
-                        at += len(v)
-                    rows.append((it.block_id, it.offset, r.nbytes, it.segment, OK))
-                release(r)
-        for seg in segs:
+        for seg in get.segs:
             self.segments.unhold(seg)
-        if charged:
-            self._uncharge(charged)
         if not self.closed:
-            self._send([p.frame_shm_get_response(rid, rows)])
-        self.shard.observe("get", time.perf_counter() - started)
+            self._send([p.frame_shm_get_response(get.rid, get.rows)])
+        self.shard.observe("get", time.perf_counter() - get.started)
 
     def _put_shm(self, h: p.FrameHeader, items: tuple[p.ShmItem, ...]) -> None:
         """Stage each block from the client's memory and commit it (the answer once
@@ -565,21 +628,31 @@ class Connection:
         if segs is None:
             return
         core = self.shard.core
+        stage_into = core.writer.stage_into
         put = _PutFrame(rid, time.perf_counter(), PUT_SHM)
         for it, seg in zip(items, segs):
-            try:
-                op = core.stage(it.block_id, it.length)
-            except BlockTooLarge:
-                put.ops.append(None)
-                put.statuses.append(p.Status.TOO_LARGE)
-                continue
-            at, src = it.offset, seg.view
-            for t in op.targets:
-                t[:] = src[at : at + len(t)]
-                at += len(t)
+            slot = _slot(it, seg)
+            op = None
+            if slot is not None:  # written to the device from the client's memory
+                op = stage_into(it.block_id, it.length, slot,
+                                seg.addr + it.offset - ENTRY_HEADER)
+                if op is not None:
+                    Segments.hold(seg)  # mapped until the write is done
+                    put.segs.append(seg)
+            if op is None:
+                try:
+                    op = core.stage(it.block_id, it.length)
+                except BlockTooLarge:
+                    put.ops.append(None)
+                    put.statuses.append(p.Status.TOO_LARGE)
+                    continue
+                at, src = it.offset, seg.view
+                for t in op.targets:
+                    t[:] = src[at : at + len(t)]
+                    at += len(t)
+                put.charged += it.length
             put.ops.append(op)
             put.statuses.append(p.Status.OK)
-            put.charged += it.length
         self._charge(put.charged)
         self.pending += 1
         self._put_received(put)
@@ -657,6 +730,8 @@ class Connection:
 
     def _put_done(self, put: _PutFrame) -> None:
         self.pending -= 1
+        for seg in put.segs:
+            self.segments.unhold(seg)
         self._uncharge(put.charged)
         if not self.closed:
             self._send([p.frame_put_response(put.rid, put.statuses, put.opcode)])

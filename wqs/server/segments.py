@@ -22,6 +22,7 @@ Owned by the shard's loop, like the connection it belongs to.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import mmap
 import os
@@ -47,6 +48,7 @@ class Segment:
     size: int
     mem: mmap.mmap
     view: memoryview
+    addr: int  # where it is mapped in this process (for device IO straight into it)
     users: int = 0  # device IO in flight that reads or writes it
     dead: bool = False  # unregistered: unmapped once users drops to 0
 
@@ -85,7 +87,10 @@ class Segments:
             mem = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
-        seg = Segment(segment_id, size, mem, memoryview(mem))
+        anchor = ctypes.c_char.from_buffer(mem)
+        addr = ctypes.addressof(anchor)
+        del anchor  # (an export of the mapping: it would keep it from being closed)
+        seg = Segment(segment_id, size, mem, memoryview(mem), addr)
         self.by_id[segment_id] = seg
         return seg
 
