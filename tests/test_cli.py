@@ -407,10 +407,12 @@ def test_stat_table_and_json(wqsd: DaemonProcess, tmp_path: Path,
     for column in ("capacity", "used", "blocks", "hit rate", "checksum", "evicted"):
         assert column in out
     assert "48.0 MiB" in out
+    assert "device io: aio" in out or "device io: threads" in out  # the backend
 
     assert main(["stat", "--json", "--servers", wqsd.address]) == 0
     (node,) = json.loads(capsys.readouterr().out)
     assert node["ok"] is True and node["address"] == wqsd.address
+    assert node["node_info"]["labels"]["io_engine"] in ("aio", "threads")
     assert node["control_address"] == f"127.0.0.1:{wqsd.port + 1}"
     assert node["node_info"]["status"] == "serving"
     engine = node["stats"]["engine"]

@@ -345,17 +345,30 @@ def cmd_format(args: argparse.Namespace, ctx: Context) -> int:
     from wqs.engine.node import auto_shards, format_node
     from wqs.errors import FormatError
     from wqs.nvme.device import DevicePart, DirectDevice
+    from wqs.nvme.spdk_target import is_spdk_device
 
     path = args.device
     try:
-        config = EngineConfig(region_size=args.region_size, max_block_size=args.max_block_size)
+        config = EngineConfig(region_size=args.region_size, max_block_size=args.max_block_size,
+                              spdk={"lib_dir": args.spdk_lib_dir,
+                                    "mem_size": args.spdk_mem_size})
     except WQSError as e:
         raise CLIError(f"invalid format option: {e}") from None
     if args.shards != "auto" and not (args.shards.isdigit() and 1 <= int(args.shards)):
         raise CLIError(f"--shards must be a positive number or auto, got {args.shards!r}")
 
     created = False
-    if os.path.lexists(path):
+    if is_spdk_device(path):
+        from wqs.nvme.spdk import SpdkDevice
+
+        if args.size is not None:
+            raise CLIError("--size only applies when creating a device file")
+        try:
+            device = SpdkDevice(path, config.spdk)
+        except WQSError as e:  # the library's key is --spdk-lib-dir here
+            raise CLIError(str(e).replace("engine.spdk.lib_dir", "--spdk-lib-dir")) from None
+        path = device.path
+    elif os.path.lexists(path):
         if stat_mod.S_ISBLK(os.stat(path).st_mode):
             _refuse_busy_block_device(path)
         device = DirectDevice(path)
@@ -605,6 +618,9 @@ def render_node_table(reports: Sequence[NodeReport]) -> Any:
         name = r.address
         if r.info and r.info.get("node_id") and r.info["node_id"] != r.address:
             name = f"{r.address}\n[dim]{r.info['node_id']}[/dim]"
+        backend = (r.info or {}).get("labels", {}).get("io_engine")
+        if backend:  # how the node does device IO: aio, threads or spdk (--json: the device)
+            name += f"\n[dim]device io: {backend}[/dim]"
         if r.error is not None:  # the reason goes to stderr (see _report_failures)
             state = f"[red]{r.problem}[/red]" if r.info is None else \
                 f"[yellow]{r.info.get('status', '?')}: no stats[/yellow]"
@@ -870,9 +886,11 @@ def build_parser() -> argparse.ArgumentParser:
     id_help = "block ID: decimal, 0x-hex, or 32 hex digits"
 
     p = sub.add_parser("format", help="format a device or device file for wqsd",
-                       description="Write a fresh WQS format on DEVICE (a raw block device "
-                                   "or a file). Refuses devices holding a filesystem, a "
-                                   "partition table or a WQS format unless --force.")
+                       description="Write a fresh WQS format on DEVICE (a raw block device, "
+                                   "a file, or an NVMe namespace through SPDK: "
+                                   "\"spdk:trtype:PCIe traddr:0000:01:00.0 ns:1\"). Refuses "
+                                   "devices holding a filesystem, a partition table or a "
+                                   "WQS format unless --force.")
     p.add_argument("device", metavar="DEVICE")
     p.add_argument("--size", type=_size_arg,
                    help="create DEVICE as a file of SIZE bytes (e.g. 64G) if it does not exist")
@@ -887,6 +905,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overwrite a filesystem, partition table or WQS format")
     p.add_argument("-y", "--yes", action="store_true",
                    help="do not ask before formatting an existing device")
+    p.add_argument("--spdk-lib-dir", metavar="DIR",
+                   help="for a DEVICE named spdk:...: the directory of SPDK's shared "
+                        "libraries (default: the system's library path)")
+    p.add_argument("--spdk-mem-size", default="256MiB", metavar="SIZE",
+                   help="for a DEVICE named spdk:...: SPDK DMA memory (default 256MiB)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_format)
 

@@ -364,6 +364,10 @@ class DaemonConfig:
         self.device = _str("device", self.device, optional=True) or os.path.join(
             self.data_dir, "wqs.dev"
         )
+        if self.device.startswith("spdk:"):  # an SPDK transport ID: checked now
+            from wqs.nvme.spdk_target import parse_device
+
+            parse_device(self.device)
         self.device_size = _size("device_size", self.device_size, MiB, multiple=4096)
         self.auth_token = _str("auth_token", self.auth_token, optional=True)
         self.auth_token_file = _str("auth_token_file", self.auth_token_file, optional=True)

@@ -157,7 +157,8 @@ class Daemon:
             {"node_id": cfg.node_id, "data_address": self.data_address, "version": __version__,
              "start_time": self.started_at,
              "transport": "tcp+shm" if self.local else "tcp",
-             "shards": str(info["shards"]), "shard_ports": str(info["shard_ports"])},
+             "shards": str(info["shards"]), "shard_ports": str(info["shard_ports"]),
+             "io_engine": str(info["io_engine"])},  # the device backend (wqs stat)
             cfg.auth_token, on_drain, on_resume=on_resume, request_metrics=request_metrics,
             cluster_provider=self._cluster_map if cfg.etcd is not None else None,
             usage_provider=self.node.usage)

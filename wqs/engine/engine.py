@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import tempfile
 import threading
 import time
 import uuid as uuidlib
@@ -30,7 +31,9 @@ from wqs.engine.stats import EngineStats
 from wqs.engine.writer import PutOp
 from wqs.errors import DeviceError, FormatError
 from wqs.loop.reactor import Reactor
+from wqs.nvme.buffers import aligned_buffer
 from wqs.nvme.device import BlockDevice
+from wqs.nvme.spdk_target import is_spdk_device
 
 log = logging.getLogger("wqs.engine")
 
@@ -62,9 +65,31 @@ def check_formattable(device: BlockDevice, force: bool) -> None:
         )
     # libblkid knows every filesystem and partition-table signature; ask it rather than
     # keep our own list. blkid -p exits 2 when it finds nothing.
+    if not os.path.exists(device.path):  # a device the kernel does not see (SPDK)
+        with tempfile.TemporaryDirectory() as tmp:
+            return _check_signatures(device, _head_and_tail_image(device, tmp))
+    _check_signatures(device, device.path)
+
+
+def _head_and_tail_image(device: BlockDevice, directory: str) -> str:
+    """A sparse file as large as the device holding its first and last MiB, where
+    filesystems and partition tables keep their signatures, for blkid to look at."""
+    path = os.path.join(directory, "head-and-tail")
+    span = min(device.size, 1 << 20) // UNIT * UNIT
+    with open(path, "wb") as f:
+        f.truncate(device.size)
+        for offset in sorted({0, device.size // UNIT * UNIT - span}):
+            buf = memoryview(aligned_buffer(span))
+            device.read_into(offset, buf)
+            f.seek(offset)
+            f.write(buf)
+    return path
+
+
+def _check_signatures(device: BlockDevice, path: str) -> None:
     try:
         probe = subprocess.run(
-            ["blkid", "-p", "-o", "export", device.path],
+            ["blkid", "-p", "-o", "export", path],
             capture_output=True, text=True, timeout=30,
         )
     except FileNotFoundError:
@@ -343,9 +368,13 @@ class Engine:
 def open_or_create_device(path: str, size: int, config: EngineConfig, *,
                           lock: bool = True) -> BlockDevice:
     """The embedded default: the device at `path`, creating and formatting a file of
-    `size` bytes there first if nothing exists yet."""
+    `size` bytes there first if nothing exists yet (an SPDK device: opened as it is)."""
     from wqs.nvme.device import DirectDevice
 
+    if is_spdk_device(path):  # a namespace behind SPDK: formatted with `wqs format`
+        from wqs.nvme.spdk import SpdkDevice
+
+        return SpdkDevice(path, config.spdk, lock=lock)
     engine, threads = config.io_engine, config.io_threads
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

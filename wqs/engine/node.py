@@ -20,6 +20,7 @@ from wqs.engine import recovery
 from wqs.engine.engine import MIN_REGIONS, check_formattable, format_device
 from wqs.errors import FormatError
 from wqs.nvme.device import BlockDevice, DevicePart, DirectDevice
+from wqs.nvme.spdk_target import is_spdk_device
 
 log = logging.getLogger("wqs.engine")
 
@@ -93,15 +94,24 @@ def auto_shards(device_size: int, config: EngineConfig) -> int:
 
 
 def open_node_device(path: str, size: int, config: EngineConfig,
-                     workers: int | None) -> tuple[DirectDevice, fmt.ShardTable]:
+                     workers: int | None) -> tuple[BlockDevice, fmt.ShardTable]:
     """The daemon's device (locked) and its shard table; a missing device file is created
-    and formatted with `workers` shards (None: one per core, as many as fit).
+    and formatted with `workers` shards (None: one per core, as many as fit). An SPDK
+    device (spdk:...) must have been formatted with `wqs format`.
 
     An existing device keeps its cut: `workers` must then be None or match it, since
     recutting would drop every block; `wqs format --shards N --force` does that on
     purpose."""
-    created = not os.path.exists(path)
-    if created:
+    spdk = is_spdk_device(path)
+    created = not spdk and not os.path.exists(path)
+    if spdk:
+        from wqs.nvme.spdk import SpdkDevice
+
+        # SPDK cannot be carried over fork(): the supervisor reads the table through a
+        # child process, and each shard process connects on its own.
+        device: BlockDevice = SpdkDevice(path, config.spdk, connect=False,
+                                         lock_wait_s=LOCK_WAIT_S)
+    elif created:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         device = DirectDevice.create_file(path, size, io_engine=config.io_engine,
                                           io_threads=config.io_threads)
@@ -114,7 +124,7 @@ def open_node_device(path: str, size: int, config: EngineConfig,
             shards = workers or auto_shards(device.size, config)
             table = format_node(device, config, shards, force=True)
         else:
-            table = read_shards(device)
+            table = device.in_child(read_shards) if spdk else read_shards(device)
             if table is None:
                 raise FormatError(f"{path} is not a WQS device (no valid superblock); "
                                   "run `wqs format` first")
