@@ -14,7 +14,10 @@ work folder removed, however the run ends):
    extents, a filesystem cost fio never paid).
 2. **wqs**: ``python -m wqs.daemon`` on that file (``--device-size``, the DRAM tier off
    by default so that reads come from the device as fio's do; ``--wqs-dram`` turns it
-   on), driven through the SDK.
+   on), driven through the SDK. The daemon is on this host, so the SDK moves blocks
+   through shared memory (its buffers are slots of ``Client.shared_memory``, where the
+   device reads and writes them directly); **wqs-tcp** is the same daemon through TCP
+   (``transport: tcp``), the same job.
 3. **redis**: Debian's ``redis-server`` with ``--save '' --appendonly no``, through
    redis-py (a pool with a connection per client thread).
 4. **files** and **files-odirect**: one file per block under ``<work>/files``, written
@@ -64,7 +67,7 @@ import numpy as np
 
 from .fioparse import build_job, parse_size
 
-SYSTEMS = ("fio", "wqs", "redis", "files", "files-odirect", "rawsock")
+SYSTEMS = ("fio", "wqs", "wqs-tcp", "redis", "files", "files-odirect", "rawsock")
 OPS = ("write", "read")
 MiB = 1 << 20
 
@@ -422,12 +425,15 @@ def main(argv: list[str] | None = None) -> int:
                         "--shards", args.workers or "auto"], check=True, capture_output=True)
         engines: dict[str, Any] = {}
         threads = max(qds)
-        if "wqs" in systems:
+        if "wqs" in systems or "wqs-tcp" in systems:
             d = Daemon(wqs_dir, device_size=str(device_size), dram_cache=args.wqs_dram,
                        keep_dir=True, workers=int(args.workers) if args.workers else None)
             services.add(d.stop)
-            engines["wqs"] = WqsEngine([d.address])
-            services.add(engines["wqs"].close)
+            for name, transport in (("wqs", None), ("wqs-tcp", "tcp")):
+                if name in systems:
+                    engines[name] = WqsEngine([d.address], transport=transport)
+                    services.add(engines[name].close)
+                    log(f"{name}: {engines[name].describe()}")
             log(f"wqs: daemon pid {d.proc.pid} on {d.address}, device {dev}")
         if "redis" in systems:
             r = Redis(os.path.join(work, "redis"))

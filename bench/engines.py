@@ -72,6 +72,11 @@ class Engine:
     def delete(self, ids: Sequence[bytes]) -> None:
         pass
 
+    def buffer(self, size: int) -> memoryview:
+        """A buffer of size bytes for blocks to be written from or read into (an engine
+        that moves bytes best from memory of its own hands that out)."""
+        return memoryview(bytearray(size))
+
     # ---- asynchronous engines only --------------------------------------------------
 
     def start_put(self, ids: Sequence[bytes], bufs: Sequence[Buffer]) -> Any:
@@ -114,7 +119,8 @@ class WqsEngine(Engine):
 
     def __init__(self, servers: Sequence[str] | None = None, config: str | None = None,
                  connections: int | None = None,
-                 control_servers: Sequence[str] | None = None) -> None:
+                 control_servers: Sequence[str] | None = None,
+                 transport: str | None = None) -> None:
         import wqs
         from wqs.config import load_client_config
 
@@ -128,6 +134,8 @@ class WqsEngine(Engine):
             cfg = load_client_config(None, {"servers": list(servers)})
         if connections:
             cfg.connections_per_node = connections
+        if transport:
+            cfg.transport = transport
         self.client = wqs.Client(config=cfg)
         self.servers = list(cfg.servers)
         down = [n for n, rtt in self.client.ping().items() if rtt is None]
@@ -139,6 +147,20 @@ class WqsEngine(Engine):
         except ValueError as e:
             self.client.close()
             raise EngineError(str(e)) from None
+        # Nodes on this host take blocks through shared memory: the job's buffers are
+        # slots of it, as an inference engine's KV cache would be.
+        self.shared = any(self.client.transport(a) == "shm" for a in self.client.nodes)
+        self._arena: list[memoryview] = []
+
+    def buffer(self, size: int) -> memoryview:
+        if not self.shared:
+            return super().buffer(size)
+        if not self._arena or len(self._arena[-1]) != size:
+            from wqs.rpc.shm import slot_size
+
+            per = max(1, (64 << 20) // slot_size(size))
+            self._arena = self.client.shared_memory(per * slot_size(size)).block_views(size)
+        return self._arena.pop()
 
     def _control_planes(self, cfg: Any, control_servers: Sequence[str] | None) -> list:
         """A usage source per daemon: its control plane at the given address, else at
@@ -197,7 +219,8 @@ class WqsEngine(Engine):
         return [None if r is None else len(r) for r in res], _reasons(res.errors)
 
     def describe(self) -> str:
-        return f"wqs ({','.join(self.servers)})"
+        how = "shared memory" if self.shared else "tcp"
+        return f"wqs ({','.join(self.servers)}, {how})"
 
     def close(self):
         super().close()

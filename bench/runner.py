@@ -301,8 +301,8 @@ class RunContext:
 def fio_worker(ctx: RunContext, clone: Clone, rec: Recorder) -> None:
     spec, eng = clone.spec, clone.engine
     batch = spec.iodepth_batch
-    full = [bytearray(clone.slot_size) for _ in range(batch)]
-    payload = memoryview(clone.payload)
+    full = [eng.buffer(clone.slot_size) for _ in range(batch)]
+    payload = _payload(clone, eng)
     verify = spec.verify is not None
     clock = time.perf_counter_ns
     stores = eng.stores
@@ -357,13 +357,20 @@ def fio_worker(ctx: RunContext, clone: Clone, rec: Recorder) -> None:
             break
 
 
+def _payload(clone: Clone, eng: Engine) -> memoryview:
+    """The bytes every write sends (without verify), in a buffer of the engine's."""
+    buf = eng.buffer(len(clone.payload))
+    buf[:] = clone.payload
+    return buf
+
+
 class _Slot:
     """One call's place in an async worker: its out buffers and the call in flight."""
 
     __slots__ = ("bufs", "handle", "ddir", "items", "ids", "keep", "t0", "slat")
 
-    def __init__(self, size: int, batch: int) -> None:
-        self.bufs = [bytearray(size) for _ in range(batch)]  # this slot's get targets
+    def __init__(self, size: int, batch: int, alloc: Callable[[int], Any]) -> None:
+        self.bufs = [alloc(size) for _ in range(batch)]  # this slot's get targets
         self.handle: Any = None
         self.ddir = READ
         self.items: list[tuple[int, int]] = []
@@ -379,9 +386,10 @@ def fio_async_worker(ctx: RunContext, clone: Clone, rec: Recorder) -> None:
     iodepth_batch_submit=B, iodepth_batch_complete_min=1)."""
     spec, eng = clone.spec, clone.engine
     batch = spec.iodepth_batch
-    free = [_Slot(clone.slot_size, batch) for _ in range(max(1, spec.iodepth // batch))]
+    free = [_Slot(clone.slot_size, batch, eng.buffer)
+            for _ in range(max(1, spec.iodepth // batch))]
     busy: list[_Slot] = []
-    payload = memoryview(clone.payload)
+    payload = _payload(clone, eng)
     verify = spec.verify is not None
     stores = eng.stores
     clock = time.perf_counter_ns

@@ -412,3 +412,22 @@ def test_the_device_reads_into_and_writes_from_client_memory(daemon_factory):  #
         stats = cc.stats()["engine"]
         assert stats["checksum_failures"] == 1 and stats["direct_reads"] == 9
         assert not c.exists(ids[3])
+
+
+def test_the_benchmark_engine_uses_shared_memory_for_a_local_node(node):
+    from bench.engines import WqsEngine
+
+    eng = WqsEngine([node.address])
+    tcp = WqsEngine([node.address], transport="tcp")
+    try:
+        assert eng.shared and "shared memory" in eng.describe()
+        assert not tcp.shared and "tcp" in tcp.describe()
+        bufs = [eng.buffer(BS) for _ in range(3)]
+        assert all(eng.client._shm.find(b) is not None for b in bufs)
+        assert eng.client._shm.find(tcp.buffer(BS)) is None
+        bufs[0][:] = block(9)
+        assert eng.put([bid(9)], bufs[:1]) == [True]
+        assert eng.get([bid(9)], bufs[1:2]) == [BS] and bytes(bufs[1]) == block(9)
+    finally:
+        eng.close()
+        tcp.close()

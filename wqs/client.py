@@ -170,6 +170,13 @@ class Client:
         return {a: (n.last_error if (n := self._pipe.nodes.get(a)) else None)
                 for a in self.ring.nodes}
 
+    def transport(self, address: str) -> str:
+        """How blocks travel to the node at `address`: "shm" (a daemon on this host,
+        through shared memory) or "tcp" (connecting to it if need be)."""
+        node = self._pipe.node(address)
+        node.layout(self._pipe)
+        return "shm" if node.local_paths else "tcp"
+
     def shards(self, address: str) -> int:
         """How many shards the node at `address` has (connecting to it if need be)."""
         return self._pipe.node(address).layout(self._pipe)
