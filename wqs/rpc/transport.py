@@ -4,6 +4,11 @@ The TCP data path (wqs/rpc/pipeline.py) speaks the frames of wqs.rpc.protocol
 (proto/DATAPLANE.md). Other transports implement the same methods, so the SDK (routing,
 replication, retries) never knows which one it holds.
 
+The same-host transport is built on this design without RDMA: the client's memory is a
+memfd handed to the daemon over its Unix socket, and GET_SHM / PUT_SHM items name
+(segment, offset, length) where the RDMA items below name (address, rkey, length); the
+daemon's device reads and writes land in that memory as an RDMA NIC's would.
+
 How an RDMA transport would implement it
 ----------------------------------------
 Bulk bytes move by one-sided RDMA; only small control frames cross the wire (a TCP or an
