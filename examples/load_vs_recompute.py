@@ -129,6 +129,7 @@ def main() -> int:
     try:
         config = LMCacheEngineConfig.from_defaults(
             chunk_size=TOKENS, local_cpu=False, max_local_cpu_size=1.0, remote_serde="naive",
+            pre_caching_hash_algorithm="sha256_cbor",  # keys every process agrees on
             remote_storage_plugins=["wqs"], lmcache_instance_id="bench",
             extra_config={"remote_storage_plugin.wqs.module_path": "wqs.integrations.lmcache",
                           "remote_storage_plugin.wqs.class_name": "WQSConnectorAdapter",

@@ -11,6 +11,9 @@ install.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import queue
 import subprocess
 import sys
 import threading
@@ -26,28 +29,27 @@ torch = pytest.importorskip("torch")
 from lmcache.utils import CacheEngineKey  # noqa: E402
 from lmcache.v1.cache_engine import LMCacheEngineBuilder  # noqa: E402
 from lmcache.v1.config import LMCacheEngineConfig  # noqa: E402
-from lmcache.v1.gpu_connector.gpu_connectors import GPUConnectorInterface  # noqa: E402
 from lmcache.v1.memory_management import MemoryFormat, MemoryObj  # noqa: E402
-from lmcache.v1.metadata import LMCacheMetadata  # noqa: E402
 from lmcache.v1.storage_backend.connector import CreateConnector  # noqa: E402
 from lmcache.v1.storage_backend.local_cpu_backend import LocalCPUBackend  # noqa: E402
 from lmcache.v1.storage_backend.remote_backend import RemoteBackend  # noqa: E402
 
 import wqs  # noqa: E402
 from tests.daemons import ROOT, daemon_factory  # noqa: E402,F401 (fixture import)
-from wqs.integrations.lmcache import (META_MAGIC, WQSRemoteConnector,  # noqa: E402
-                                      key_block_ids)
+from tests.lmcache_proc import (CHUNK, DTYPE, HEAD_DIM, HEADS, LAYERS,  # noqa: E402
+                                CPUKVConnector, lmcache_metadata)
+from wqs.integrations.lmcache import (META_MAGIC, ChunkHashNotShared,  # noqa: E402
+                                      PluginConfigError, WQSRemoteConnector, key_block_ids)
 
-LAYERS, HEADS, HEAD_DIM, CHUNK = 4, 2, 64, 16
-KV_SHAPE = (LAYERS, 2, CHUNK, HEADS, HEAD_DIM)
-DTYPE = torch.bfloat16
 CHUNK_BYTES = 2 * LAYERS * CHUNK * HEADS * HEAD_DIM * 2  # 32 KiB
 
+# What wqs/integrations/README.md tells a user to write, with a small CPU tier.
 YAML = """\
 chunk_size: {chunk}
-local_cpu: false
+local_cpu: {local_cpu}
 max_local_cpu_size: 0.05
-remote_serde: naive
+pre_caching_hash_algorithm: {hash}
+remote_serde: {serde}
 save_unfull_chunk: true
 remote_storage_plugins: ["wqs"]
 extra_config:
@@ -59,39 +61,19 @@ extra_config:
 """
 
 
-class CPUKVConnector(GPUConnectorInterface):
-    """LMCache's GPU-connector interface over a CPU tensor ``kvcaches`` of shape
-    [2, layers, tokens, heads*head_dim] (the chunk format KV_2LTD): copies, nothing else."""
-
-    def from_gpu(self, memory_obj, start, end, **kwargs):
-        memory_obj.tensor.copy_(kwargs["kvcaches"][:, :, start:end, :])
-
-    def to_gpu(self, memory_obj, start, end, **kwargs):
-        kwargs["kvcaches"][:, :, start:end, :] = memory_obj.tensor
-
-    def batched_from_gpu(self, memory_objs, starts, ends, **kwargs):
-        for obj, s, e in zip(memory_objs, starts, ends):
-            self.from_gpu(obj, s, e, **kwargs)
-
-    def batched_to_gpu(self, memory_objs, starts, ends, **kwargs):
-        for obj, s, e in zip(memory_objs, starts, ends):
-            self.to_gpu(obj, s, e, **kwargs)
-
-    def get_shape(self, num_tokens):
-        return torch.Size([2, LAYERS, num_tokens, HEADS * HEAD_DIM])
+def lmcache_yaml(tmp_path: Path, servers: list[str], namespace: str = "t", *,
+                 hash: str = "sha256_cbor", serde: str = "naive",
+                 local_cpu: bool = False) -> Path:
+    path = tmp_path / f"lmcache-{namespace}-{hash}-{serde}-{local_cpu}.yaml"
+    path.write_text(YAML.format(chunk=CHUNK, servers=",".join(servers), namespace=namespace,
+                                hash=hash, serde=serde, local_cpu=str(local_cpu).lower()))
+    return path
 
 
-def lmcache_config(tmp_path: Path, servers: list[str], namespace: str = "t") -> LMCacheEngineConfig:
+def lmcache_config(tmp_path: Path, servers: list[str], namespace: str = "t",
+                   **kw) -> LMCacheEngineConfig:
     """LMCache's own config, read by LMCache from the YAML a user writes."""
-    path = tmp_path / f"lmcache-{namespace}.yaml"
-    path.write_text(YAML.format(chunk=CHUNK, servers=",".join(servers), namespace=namespace))
-    return LMCacheEngineConfig.from_file(str(path))
-
-
-def lmcache_metadata() -> LMCacheMetadata:
-    return LMCacheMetadata(model_name="tiny-llama", world_size=1, local_world_size=1,
-                           worker_id=0, local_worker_id=0, kv_dtype=DTYPE, kv_shape=KV_SHAPE,
-                           chunk_size=CHUNK)
+    return LMCacheEngineConfig.from_file(str(lmcache_yaml(tmp_path, servers, namespace, **kw)))
 
 
 _engines = iter(range(1_000_000))
@@ -346,3 +328,141 @@ def test_a_dead_node_is_a_miss_not_an_error(tmp_path, daemon_factory, engines, l
     assert conn.stats["put_failed"] >= 1
     assert run(loop, backend.connection.ping()) == 0  # two nodes still answer
     backend.close()
+
+
+# --------------------------------------------------------------------------- config checks
+
+
+@pytest.mark.parametrize("algorithm", ["builtin", "xxhash", "no-such-hash"])
+def test_a_per_process_chunk_hash_is_refused_naming_the_key(tmp_path, daemon_factory, loop,
+                                                           monkeypatch, caplog, algorithm):
+    """Chunk keys that differ in every process (LMCache's default hash, or a random
+    seed, with PYTHONHASHSEED unset) would make every other process miss: the plugin
+    refuses to start and says which key to set. With PYTHONHASHSEED fixed it starts."""
+    d = daemon_factory()
+    config = lmcache_config(tmp_path, [d.address], "h", hash=algorithm)
+    for seed in (None, "random"):
+        if seed is None:
+            monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+        else:
+            monkeypatch.setenv("PYTHONHASHSEED", seed)
+        with pytest.raises(ChunkHashNotShared) as refused:
+            remote_backend(config, loop)
+        message = str(refused.value)
+        assert message.startswith("pre_caching_hash_algorithm: ") and "PYTHONHASHSEED" in message
+        assert "pre_caching_hash_algorithm: sha256_cbor" in message  # the fix, spelled out
+    assert "WQS LMCache plugin refuses to start" in caplog.text
+
+    monkeypatch.setenv("PYTHONHASHSEED", "0")
+    backend = remote_backend(config, loop)
+    assert wqs_connector(backend).client.nodes == (d.address,)
+    backend.close()
+
+
+def test_remote_serde_cachegen_is_refused_kivi_works(tmp_path, daemon_factory, loop):
+    d = daemon_factory()
+    with pytest.raises(PluginConfigError, match="remote_serde: 'cachegen' is not supported"):
+        remote_backend(lmcache_config(tmp_path, [d.address], "s", serde="cachegen"), loop)
+    backend = remote_backend(lmcache_config(tmp_path, [d.address], "s", serde="kivi"), loop)
+    obj = filled(backend, 5)
+    want = obj.tensor.clone()
+    backend.submit_put_task(key(5), obj).result(10)
+    got = backend.get_blocking(key(5))
+    assert got is not None and torch.equal(got.tensor, want)
+    obj.ref_count_down()
+    got.ref_count_down()
+    backend.close()
+
+
+# --------------------------------------------------------------------------- two processes
+
+
+class EngineProcess:
+    """`python -m tests.lmcache_proc`: LMCache engines in a process of their own."""
+
+    def __init__(self, name: str, hash_seed: str | None) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}
+        if hash_seed is not None:
+            env["PYTHONHASHSEED"] = hash_seed
+        env["PYTHONPATH"] = str(ROOT)
+        self.name = name
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.lmcache_proc"], cwd=ROOT,
+                                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.answers: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.startswith("@@ "):
+                self.answers.put(json.loads(line[3:]))
+        self.answers.put(None)  # exited
+
+    def ask(self, timeout: float = 180.0, **cmd) -> dict:
+        self.proc.stdin.write(json.dumps({k: str(v) if isinstance(v, Path) else v
+                                          for k, v in cmd.items()}) + "\n")
+        self.proc.stdin.flush()
+        answer = self.answers.get(timeout=timeout)
+        assert answer is not None, f"{self.name} exited:\n{self.output()[-4000:]}"
+        return answer
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            assert self.proc.wait(60) == 0, self.output()[-4000:]
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.mark.slow
+def test_a_second_process_finds_the_first_ones_chunks(tmp_path, daemon_factory):
+    """What the issue found broken: one process stores 200 tokens through LMCache, another
+    (local CPU cache off, so every hit comes from WQS) looks them up and retrieves them
+    bit-exact -- configured as documented: sha256_cbor, naive or kivi serde, the same
+    PYTHONHASHSEED everywhere (here: none). A process with another PYTHONHASHSEED finds
+    nothing (vLLM starts sha256_cbor's chain from it when it is set: the pitfall the docs
+    warn about), and LMCache's default hash without PYTHONHASHSEED gets no WQS backend
+    at all (the plugin refuses; LMCache logs it and runs on)."""
+    nodes = [daemon_factory(), daemon_factory()]
+    servers = [n.address for n in nodes]
+    n_tokens, chunks = 200, 13  # 12 full chunks of 16 tokens and a partial one
+
+    def yaml(ns: str, **kw) -> Path:
+        return lmcache_yaml(tmp_path, servers, ns, **kw)
+
+    # Started together: each spends ~10 s importing LMCache and torch.
+    procs = [EngineProcess("writer", None), EngineProcess("reader", None),
+             EngineProcess("reader-seed-7", "7")]
+    try:
+        writer, reader, other_seed = procs
+        assert writer.ask(op="store", yaml=yaml("sha"), tokens=n_tokens,
+                          seed=1) == {"chunks": chunks}
+        assert writer.ask(op="store", yaml=yaml("kivi", serde="kivi"), tokens=n_tokens,
+                          seed=2) == {"chunks": chunks}
+
+        everything = {"lookup": n_tokens, "retrieved": n_tokens, "exact": True,
+                      "wqs_hits": chunks}
+        assert reader.ask(op="load", yaml=yaml("sha"), tokens=n_tokens, seed=1) == everything
+        assert reader.ask(op="load", yaml=yaml("kivi", serde="kivi"), tokens=n_tokens,
+                          seed=2) == everything
+        assert other_seed.ask(op="load", yaml=yaml("sha"), tokens=n_tokens, seed=1) == {
+            "lookup": 0, "retrieved": 0, "exact": True, "wqs_hits": 0}
+
+        backends = reader.ask(op="engine", yaml=yaml("default", hash="builtin"))["backends"]
+        assert "LocalCPUBackend" in backends and "RemoteBackend-wqs" not in backends
+        assert ("WQS LMCache plugin refuses to start: pre_caching_hash_algorithm: 'builtin'"
+                in reader.output())
+        for p in procs:
+            p.close()
+    finally:
+        for p in procs:
+            if p.proc.poll() is None:
+                p.proc.kill()
+                p.proc.wait()

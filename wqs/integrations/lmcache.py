@@ -7,6 +7,7 @@ dialing ``plugin://<name>``). Add to the LMCache YAML (``LMCACHE_CONFIG_FILE``):
     chunk_size: 256
     local_cpu: true
     max_local_cpu_size: 5            # GB of host DRAM in front of WQS
+    pre_caching_hash_algorithm: sha256_cbor   # chunk keys every process agrees on
     remote_serde: naive
     remote_storage_plugins: ["wqs"]
     extra_config:
@@ -20,6 +21,23 @@ dialing ``plugin://<name>``). Add to the LMCache YAML (``LMCACHE_CONFIG_FILE``):
 The plugin name is ``wqs`` or ``wqs.<instance>`` (LMCache's ``type.instance`` form); keys
 are looked up under the full name first, then under ``remote_storage_plugin.wqs.``.
 Without any, ``$WQS_CONFIG`` / ``$WQS_SERVERS`` name the cluster.
+
+Chunk keys must be the same in every process. LMCache names a chunk by a hash chain over
+its tokens, started from a seed vLLM derives: from ``PYTHONHASHSEED`` when it is set,
+else a fixed one for ``sha256_cbor`` / ``sha256`` and a random one per process for
+``xxhash`` / ``xxhash_cbor``; LMCache's default, ``pre_caching_hash_algorithm: builtin``,
+is Python's ``hash()``, seeded per process. So: ``sha256_cbor``, and ``PYTHONHASHSEED``
+the same in every process that shares the cache (unset everywhere is simplest; a process
+with another value finds nothing). Where the keys would differ in every process (a
+per-process hash and ``PYTHONHASHSEED`` unset) no other process -- nor the same one
+after a restart -- would find what a process stored, so the plugin refuses to start
+(`ChunkHashNotShared`, naming the key). LMCache logs the refusal ("Failed to create
+remote backend for plugin wqs: ...") and runs on without WQS.
+
+``remote_serde``: ``naive`` (the chunk as LMCache holds it) or ``kivi`` (in LMCache 0.5.x
+an identity, so the same bytes). ``cachegen`` is refused: it turns a chunk into a
+variable-length bitstream (on CUDA) that the plugin cannot receive into the KV-shaped
+buffer it allocates before a read.
 
 Storage layout. An LMCache key (`CacheEngineKey` or `LayerCacheEngineKey`) maps to two
 WQS blocks whose IDs are pure functions of ``key.to_string()`` and the namespace, so
@@ -49,16 +67,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 from lmcache.utils import CacheEngineKey
+from lmcache.v1.exceptions import IrrecoverableException
 from lmcache.v1.memory_management import MemoryObj
 from lmcache.v1.protocol import RemoteMetadata
 from lmcache.v1.storage_backend.connector import ConnectorAdapter, ConnectorContext
 from lmcache.v1.storage_backend.connector.base_connector import RemoteConnector
 
+from wqs.errors import ConfigError
 from wqs.integrations.common import acquire_client, cluster_spec, derive_id, release_client
 
 log = logging.getLogger("wqs.integrations.lmcache")
@@ -68,6 +89,80 @@ META_MAGIC = b"WQSLMC\x00\x01"  # 6 bytes tag + format version 1
 META_BUF_BYTES = 4096  # receive buffer per meta block: far above any RemoteMetadata
 _DATA_DOMAIN = b"wqs/lmcache/data/1\x00"
 _META_DOMAIN = b"wqs/lmcache/meta/1\x00"
+
+# pre_caching_hash_algorithm values that give every process the same chunk keys without
+# PYTHONHASHSEED (vLLM derives the chain's start from a fixed seed for these).
+SHARED_HASHES = ("sha256", "sha256_cbor", "sha256_cbor_64bit")
+# remote_serde values whose chunks are stored as LMCache holds them (kivi is an identity
+# in LMCache 0.5.x).
+SUPPORTED_SERDE = ("naive", "kivi")
+FIX_HINT = ("set pre_caching_hash_algorithm: sha256_cbor in the LMCache config (or export "
+            "PYTHONHASHSEED with one value in every process that shares the cache)")
+
+
+class PluginConfigError(ConfigError, IrrecoverableException):
+    """An LMCache config the plugin cannot work with. An IrrecoverableException, so that
+    LMCache's RemoteBackend fails instead of retrying the connection every few seconds."""
+
+
+class ChunkHashNotShared(PluginConfigError):
+    """LMCache's chunk keys would differ in every process: nothing stored is ever found."""
+
+
+def _vllm_hash_loader() -> Optional[Callable[[str], Any]]:
+    """vLLM's get_hash_fn_by_name, where LMCache finds its hash functions (None: not
+    installed here, and then LMCache falls back to Python's hash())."""
+    try:
+        from vllm.utils.hashing import get_hash_fn_by_name
+    except ImportError:
+        try:
+            from vllm.utils import get_hash_fn_by_name  # type: ignore[attr-defined,no-redef]
+        except ImportError:
+            return None
+    return get_hash_fn_by_name
+
+
+def chunk_hash_problem(algorithm: str, environ: Mapping[str, str] = os.environ) -> Optional[str]:
+    """Why chunk keys from `algorithm` differ between processes, or None if they do not."""
+    seed = environ.get("PYTHONHASHSEED")
+    if seed is not None and seed != "random":
+        return None  # every hash LMCache uses is then a function of that seed
+    if algorithm in SHARED_HASHES:
+        loader = _vllm_hash_loader()
+        # As LMCache looks them up (vLLM renamed sha256_cbor_64bit to sha256_cbor).
+        names = [algorithm] if algorithm == "sha256" else ["sha256_cbor", "sha256_cbor_64bit"]
+        for name in names if loader is not None else []:
+            try:
+                loader(name)
+                return None
+            except ValueError:
+                continue
+        why = (f"LMCache cannot load {algorithm!r} from vLLM here and falls back to Python's "
+               f"hash(), seeded differently in every process")
+    elif algorithm == "builtin":
+        why = "'builtin' is Python's hash(), seeded differently in every process"
+    elif algorithm in ("xxhash", "xxhash_cbor"):
+        why = f"{algorithm!r} starts the hash chain from a random per-process seed"
+    else:
+        why = (f"{algorithm!r} is no hash LMCache knows, so it falls back to Python's hash(), "
+               f"seeded differently in every process")
+    return (f"pre_caching_hash_algorithm: {why}, and PYTHONHASHSEED is not fixed, so no other "
+            f"process or host (nor this one after a restart) would find the chunks this "
+            f"one stores in WQS: {FIX_HINT}")
+
+
+def check_lmcache_config(config: Any, environ: Mapping[str, str] = os.environ) -> None:
+    """Raise a PluginConfigError naming the key if `config` cannot share chunks via WQS."""
+    problem = chunk_hash_problem(str(getattr(config, "pre_caching_hash_algorithm", None)
+                                     or "builtin"), environ)
+    if problem is not None:
+        raise ChunkHashNotShared(problem)
+    serde = getattr(config, "remote_serde", None) or "naive"
+    if serde not in SUPPORTED_SERDE:
+        raise PluginConfigError(
+            f"remote_serde: {serde!r} is not supported by the WQS plugin (it stores chunks "
+            f"as LMCache holds them and reads them straight into LMCache's buffers); use "
+            f"one of {', '.join(SUPPORTED_SERDE)}")
 
 
 def key_block_ids(key_string: str, namespace: str = "") -> tuple[bytes, bytes]:
@@ -112,6 +207,11 @@ class WQSRemoteConnector(RemoteConnector):
                  client: Any = None) -> None:
         if metadata is None:
             metadata = getattr(local_cpu_backend, "metadata", None)
+        try:
+            check_lmcache_config(config)
+        except PluginConfigError as e:
+            log.error("WQS LMCache plugin refuses to start: %s", e)
+            raise
         super().__init__(config, metadata)
         self.loop = loop
         self.local_cpu_backend = local_cpu_backend
@@ -343,7 +443,9 @@ class WQSRemoteConnector(RemoteConnector):
 
     async def batched_async_contains(self, lookup_id: str, keys: List[CacheEngineKey],
                                      pin: bool = False) -> int:
-        """How many leading keys are stored: one `exists_many`, one round trip."""
+        """How many leading keys are stored: one `exists_many`, one round trip. `pin` is
+        not honoured yet: WQS has no pins, so a chunk found here may be evicted before
+        LMCache reads it (the read is then a miss, and LMCache recomputes)."""
         return await self._run(lambda: self.batched_contains(keys))
 
     def support_batched_get_non_blocking(self) -> bool:
@@ -369,4 +471,6 @@ class WQSRemoteConnector(RemoteConnector):
         return f"<WQSRemoteConnector {self.plugin_name} nodes={list(self.client.nodes)}>"
 
 
-__all__ = ["WQSConnectorAdapter", "WQSRemoteConnector", "key_block_ids", "META_MAGIC"]
+__all__ = ["WQSConnectorAdapter", "WQSRemoteConnector", "key_block_ids", "META_MAGIC",
+           "PluginConfigError", "ChunkHashNotShared", "check_lmcache_config",
+           "chunk_hash_problem"]
