@@ -5,7 +5,7 @@
 #   sudo ./install.sh            # install into /opt/wqs, start wqsd on 127.0.0.1:7070
 #
 # Environment: WQS_PREFIX (default /opt/wqs), WQS_LISTEN (default 127.0.0.1:7070),
-# WQS_DEVICE_SIZE (default 1G). Under systemd the daemon runs as wqsd.service;
+# WQS_DEVICE_SIZE (default 1G), WQS_RDMA=1 (also install pyverbs for the RDMA transport). Under systemd the daemon runs as wqsd.service;
 # without systemd (a container) it is started in the background, logging to
 # /var/log/wqs/wqsd.log.
 set -euo pipefail
@@ -34,6 +34,10 @@ fi
 python3 -m venv "$PREFIX"
 "$PREFIX/bin/pip" install --quiet --upgrade pip
 "$PREFIX/bin/pip" install --quiet "$SRC"
+if [ "${WQS_RDMA:-0}" = 1 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pyverbs rdma-core
+    "$SRC/scripts/link-pyverbs.sh" "$PREFIX"
+fi
 for tool in wqsd wqs wqs-bench; do
     ln -sf "$PREFIX/bin/$tool" "/usr/local/bin/$tool"
 done

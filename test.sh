@@ -9,7 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_PACKAGES=(fio redis-server etcd-server fdisk util-linux iproute2 e2fsprogs python3-venv)
+APT_PACKAGES=(fio redis-server etcd-server fdisk util-linux iproute2 e2fsprogs python3-venv
+              python3-pyverbs)
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     need=()
     for pkg in "${APT_PACKAGES[@]}"; do
@@ -26,6 +27,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet -e ".[test]"
+# The RDMA transport's verbs layer imports pyverbs (Debian's, linked into the venv); its
+# traffic tests need an RDMA device and say so when there is none.
+if dpkg -s python3-pyverbs >/dev/null 2>&1; then
+    scripts/link-pyverbs.sh .venv >/dev/null || echo "test.sh: WARNING: pyverbs is" \
+        "installed but not importable from .venv: the RDMA verbs tests will skip" >&2
+fi
 
 # The LMCache and vLLM integration tests need those packages, whose pins conflict with
 # the main environment's, so they get their own (wqs/integrations/README.md). Set

@@ -88,6 +88,10 @@ EXAMPLES = [
                         ShmItem(bid(2), 0, 0, 3, Status.NOT_FOUND),
                         ShmItem(bid(3), 0, 1 << 20, 3, Status.TOO_LARGE)]),
     ShmPutResponse(30, [Status.OK, Status.NO_SPACE]),
+    p.RdmaConnectRequest(31, bytes(range(36))),
+    p.RdmaConnectResponse(32, b"e" * 36),
+    p.RegisterMrRequest(33, b"m" * 24),
+    p.RegisterMrResponse(34),
 ]
 
 
@@ -127,7 +131,9 @@ requests = st.one_of(
     st.builds(RegisterRequest, rids, st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1)),
     st.builds(UnregisterRequest, rids, st.integers(0, 2**32 - 1)),
     st.builds(ShmRequest, rids, st.sampled_from([Opcode.GET_SHM, Opcode.PUT_SHM]),
-              st.lists(shm_items, **batch)))
+              st.lists(shm_items, **batch)),
+    st.builds(p.RdmaConnectRequest, rids, st.binary(min_size=36, max_size=36)),
+    st.builds(p.RegisterMrRequest, rids, st.binary(min_size=24, max_size=24)))
 responses = st.one_of(
     st.builds(HelloResponse, rids, nonces, st.booleans(), limits_st),
     st.builds(AuthResponse, rids, nonces),
@@ -146,6 +152,8 @@ responses = st.one_of(
     st.builds(RegisterResponse, rids), st.builds(UnregisterResponse, rids),
     st.builds(ShmGetResponse, rids, st.lists(shm_answers, **batch)),
     st.builds(ShmPutResponse, rids, st.lists(st.sampled_from(Status), **batch)),
+    st.builds(p.RdmaConnectResponse, rids, st.binary(min_size=36, max_size=36)),
+    st.builds(p.RegisterMrResponse, rids),
     st.builds(ErrorResponse, rids, st.sampled_from(Opcode),
               st.sampled_from([s for s in Status if s != Status.OK]), st.text(max_size=100)))
 
@@ -392,7 +400,7 @@ def test_stream_ending_inside_a_payload():
 def test_wrong_magic_version_opcode_flags():
     good = frame(PingRequest(1))
     for bad, match in [(header(magic=0x31535158), "magic"), (header(version=1), "version"),
-                       (header(opcode=0), "opcode"), (header(opcode=13), "opcode"),
+                       (header(opcode=0), "opcode"), (header(opcode=15), "opcode"),
                        (header(opcode=255), "opcode"), (header(flags=2), "flags"),
                        (header(status=99), "status"), (b"GET / HTTP/1.1\r\n" * 2, "magic")]:
         with pytest.raises(ProtocolError, match=match):

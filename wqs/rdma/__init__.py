@@ -1,9 +1,11 @@
-"""RDMA transport (RoCE/InfiniBand through pyverbs): probing for now.
+"""RDMA transport (RoCE/InfiniBand through pyverbs).
 
-The transport itself follows the design in wqs/rpc/transport.py (the server RDMA-WRITEs
-GET payloads into client-registered memory and RDMA-READs PUT payloads from it). Until
-it lands, `probe()` tells the daemon and tools whether RDMA could be used here and, if
-not, exactly why, so the TCP fallback is stated, never silent.
+The transport follows the design in wqs/rpc/transport.py: the daemon RDMA-WRITEs GET
+payloads into client-registered memory and RDMA-READs PUT payloads from it, and only
+control frames travel as SENDs. `wire` (endpoints, regions, credits, link state) and
+`link` (one end of a link as a sans-IO machine) decide everything and run anywhere;
+`verbs` is the thin layer over pyverbs. `probe()` tells the daemon and tools whether RDMA
+can be used here and, if not, exactly why, so that no fallback to TCP is silent.
 """
 
 from __future__ import annotations

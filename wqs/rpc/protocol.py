@@ -59,6 +59,8 @@ SEGMENT = struct.Struct("<IIQ")  # segment reserved size
 UNREGISTER_BODY = struct.Struct("<II")  # segment reserved
 SHM_ITEM = struct.Struct("<16sQIHH")
 SHM_SLOT = 0x0001  # item flag: the bytes around the payload are the node's (see DATAPLANE.md)
+RDMA_ENDPOINT_LEN = 36  # wqs.rdma.wire.ENDPOINT
+RDMA_MEMORY_LEN = 24  # wqs.rdma.wire.MEMORY
 U32 = struct.Struct("<I")
 
 BytesLike = Union[bytes, bytearray, memoryview]  # any C-contiguous buffer is accepted
@@ -77,6 +79,8 @@ class Opcode(IntEnum):
     UNREGISTER = 10
     GET_SHM = 11  # GET into registered memory: only the table crosses the socket
     PUT_SHM = 12  # PUT from registered memory
+    RDMA_CONNECT = 13  # exchange RC queue pair endpoints (wqs/rdma/wire.py), over TCP
+    REGISTER_MR = 14  # a memory region the node may RDMA-read and -write (RDMA links)
 
 
 class Status(IntEnum):
@@ -400,6 +404,40 @@ class ShmPutResponse:
 
 
 @dataclass(frozen=True)
+class RdmaConnectRequest:
+    """RDMA_CONNECT: the client's queue pair endpoint, packed (wqs.rdma.wire.Endpoint)."""
+
+    request_id: int
+    endpoint: bytes
+    opcode: ClassVar[Opcode] = Opcode.RDMA_CONNECT
+
+
+@dataclass(frozen=True)
+class RdmaConnectResponse:
+    """The node's endpoint, its queue pair ready to receive."""
+
+    request_id: int
+    endpoint: bytes
+    opcode: ClassVar[Opcode] = Opcode.RDMA_CONNECT
+
+
+@dataclass(frozen=True)
+class RegisterMrRequest:
+    """REGISTER_MR: a region of the client's memory, packed (wqs.rdma.wire.Memory); the
+    answer is a RegisterResponse-like empty OK (RegisterMrResponse)."""
+
+    request_id: int
+    memory: bytes
+    opcode: ClassVar[Opcode] = Opcode.REGISTER_MR
+
+
+@dataclass(frozen=True)
+class RegisterMrResponse:
+    request_id: int
+    opcode: ClassVar[Opcode] = Opcode.REGISTER_MR
+
+
+@dataclass(frozen=True)
 class ErrorResponse:
     """The answer to any request that failed as a whole; message is truncated to max_error."""
 
@@ -411,16 +449,17 @@ class ErrorResponse:
 
 Request = Union[HelloRequest, AuthRequest, PingRequest, PutRequest, GetRequest, ExistsRequest,
                 DeleteRequest, LookupPrefixRequest, RegisterRequest, UnregisterRequest,
-                ShmRequest]
+                ShmRequest, RdmaConnectRequest, RegisterMrRequest]
 Response = Union[HelloResponse, AuthResponse, PingResponse, PutResponse, GetResponse,
                  ExistsResponse, DeleteResponse, LookupPrefixResponse, RegisterResponse,
-                 UnregisterResponse, ShmGetResponse, ShmPutResponse, ErrorResponse]
+                 UnregisterResponse, ShmGetResponse, ShmPutResponse, RdmaConnectResponse,
+                 RegisterMrResponse, ErrorResponse]
 Message = Union[Request, Response]
 _RESPONSES = (HelloResponse, AuthResponse, PingResponse, PutResponse, GetResponse, _BitsResponse,
               LookupPrefixResponse, RegisterResponse, UnregisterResponse, ShmGetResponse,
-              ShmPutResponse, ErrorResponse)
+              ShmPutResponse, RdmaConnectResponse, RegisterMrResponse, ErrorResponse)
 _REQUESTS = (HelloRequest, AuthRequest, PingRequest, PutRequest, _IdsRequest, RegisterRequest,
-             UnregisterRequest, ShmRequest)
+             UnregisterRequest, ShmRequest, RdmaConnectRequest, RegisterMrRequest)
 
 
 # --- frame shapes -----------------------------------------------------------------------
@@ -461,6 +500,9 @@ _BODY_LEN: dict[tuple[Opcode, bool], int | Callable[[int], int]] = {
     (Opcode.UNREGISTER, False): UNREGISTER_BODY.size, (Opcode.UNREGISTER, True): 0,
     (Opcode.GET_SHM, False): _shm_items, (Opcode.GET_SHM, True): _shm_items,
     (Opcode.PUT_SHM, False): _shm_items, (Opcode.PUT_SHM, True): lambda n: 2 * n,
+    (Opcode.RDMA_CONNECT, False): RDMA_ENDPOINT_LEN,
+    (Opcode.RDMA_CONNECT, True): RDMA_ENDPOINT_LEN,
+    (Opcode.REGISTER_MR, False): RDMA_MEMORY_LEN, (Opcode.REGISTER_MR, True): 0,
 }
 _PAYLOAD_FRAMES = {(Opcode.PUT, False), (Opcode.GET, True)}  # item table, then payloads
 
@@ -659,7 +701,8 @@ def decode_body(h: FrameHeader, body: bytes) -> Message:
 
 _IDS_REQUESTS: dict[Opcode, type[_IdsRequest]] = {
     c.opcode: c for c in (GetRequest, ExistsRequest, DeleteRequest, LookupPrefixRequest)}
-_SHM_OPS = frozenset({Opcode.REGISTER, Opcode.UNREGISTER, Opcode.GET_SHM, Opcode.PUT_SHM})
+_SHM_OPS = frozenset({Opcode.REGISTER, Opcode.UNREGISTER, Opcode.GET_SHM, Opcode.PUT_SHM,
+                      Opcode.RDMA_CONNECT, Opcode.REGISTER_MR})
 
 
 def _decode_local(body: bytes, at: int, shards: int, announced: bool
@@ -691,6 +734,10 @@ def _decode_local(body: bytes, at: int, shards: int, announced: bool
 
 def _decode_shm(h: FrameHeader, body: bytes) -> Message:
     rid, op = h.request_id, h.opcode
+    if op == Opcode.RDMA_CONNECT:
+        return (RdmaConnectResponse if h.is_response else RdmaConnectRequest)(rid, bytes(body))
+    if op == Opcode.REGISTER_MR:
+        return RegisterMrResponse(rid) if h.is_response else RegisterMrRequest(rid, bytes(body))
     if op == Opcode.REGISTER:
         if h.is_response:
             return RegisterResponse(rid)
@@ -794,8 +841,12 @@ def _encode_body(m: Message, limits: Limits) -> tuple[bytes, int, list[memoryvie
         return SEGMENT.pack(m.segment, 0, m.size), 0, [], ok
     if isinstance(m, UnregisterRequest):
         return UNREGISTER_BODY.pack(m.segment, 0), 0, [], ok
-    if isinstance(m, (RegisterResponse, UnregisterResponse)):
+    if isinstance(m, (RegisterResponse, UnregisterResponse, RegisterMrResponse)):
         return b"", 0, [], ok
+    if isinstance(m, (RdmaConnectRequest, RdmaConnectResponse)):
+        return _exact(m.endpoint, RDMA_ENDPOINT_LEN, "RDMA endpoint"), 0, [], ok
+    if isinstance(m, RegisterMrRequest):
+        return _exact(m.memory, RDMA_MEMORY_LEN, "memory region"), 0, [], ok
     if isinstance(m, (ShmRequest, ShmGetResponse)):
         n = _batch(len(m.items), limits)
         try:
