@@ -45,8 +45,9 @@ round trip with TP = PP = 1).
 What runs where. Scheduler side: `get_num_new_matched_tokens` (the lookup),
 `update_state_after_alloc` (the load plan), `build_connector_meta` (loads and saves of
 this step). Worker side: `start_load_kv` issues one ``get_many`` per layer, in layer
-order, on IO threads, receiving straight into the paged buffer when it is CPU memory
-(else into pinned staging memory, copied on `wait_for_layer_load`); attention layer i
+order, on IO threads, receiving straight into the paged buffer when a block is contiguous
+CPU memory (else -- a layout such as LBNHC, or a GPU -- into staging memory, pinned on a
+GPU, copied on `wait_for_layer_load`; the GPU path has not run: no GPU); attention layer i
 waits only for layer i. `save_kv_layer` copies the layer's newly completed blocks out
 (a gather, no host sync) and hands them to an IO thread; `wait_for_save` waits for the
 step's puts (``sync``) and writes the commit markers. Nothing raises into vLLM: a node
@@ -69,6 +70,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from wqs.ids import prefix_block_ids
 from wqs.integrations.common import acquire_client, cluster_spec, release_client
@@ -95,6 +97,31 @@ SUPPORTED_VLLM = "0.33.x (v1 KV connector API, 3-argument constructor)"
 def _byte_view(t: torch.Tensor) -> Any:
     """A writable uint8 numpy view of a contiguous CPU tensor (any dtype, bf16 too)."""
     return t.reshape(-1).view(torch.uint8).numpy()
+
+
+# --------------------------------------------------------------------------- stats
+
+
+@dataclass
+class WQSConnectorStats(KVConnectorStats):
+    """Counts of one interval, as vLLM collects them from every worker
+    (`get_kv_connector_stats`) and the scheduler, adds them up and logs them: blocks
+    (chain positions) loaded, failed to load, saved, failed to save; lookups and the
+    positions they found."""
+
+    def reset(self) -> None:
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> "WQSConnectorStats":
+        for key, value in other.data.items():
+            self.data[key] = self.data.get(key, 0) + value
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return dict(self.data)
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
 
 
 # --------------------------------------------------------------------------- metadata
@@ -172,8 +199,12 @@ class WQSConnector(KVConnectorBase_V1):
                 get, "kv_connector_extra_config['wqs_{key}']")
             client = acquire_client(path, servers, overrides)
         self.client = client
+        # staged_layer_blocks: layer blocks received through a staging buffer (a GPU
+        # cache, or a layout whose blocks are not contiguous) rather than in place.
         self.stats = {"lookups": 0, "lookup_hit_blocks": 0, "loaded_blocks": 0,
-                      "load_errors": 0, "saved_blocks": 0, "save_failed": 0}
+                      "load_errors": 0, "staged_layer_blocks": 0, "saved_blocks": 0,
+                      "save_failed": 0}
+        self._stats_reported = dict(self.stats)  # at the last get_kv_connector_stats
         self._stats_lock = threading.Lock()
 
         # scheduler side
@@ -218,6 +249,18 @@ class WQSConnector(KVConnectorBase_V1):
                                self._pp_size, lora=lora_name,
                                cache_salt=getattr(request, "cache_salt", None), mm_hashes=mm,
                                namespace=self._namespace)
+
+    def get_kv_connector_stats(self) -> WQSConnectorStats | None:
+        """What this side counted since the last call (None: nothing)."""
+        with self._stats_lock:
+            delta = {k: v - self._stats_reported[k] for k, v in self.stats.items()}
+            self._stats_reported = dict(self.stats)
+        stats = WQSConnectorStats(data={k: v for k, v in delta.items() if v})
+        return None if stats.is_empty() else stats
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> WQSConnectorStats:
+        return WQSConnectorStats(data=dict(data or {}))
 
     def _all_ranks(self) -> list[str]:
         return [rank_tag(p, t) for p in range(self._pp_size) for t in range(self._tp_size)]
@@ -430,6 +473,7 @@ class WQSConnector(KVConnectorBase_V1):
     def _apply_load(self, layer_name: str, fut: Future) -> None:
         staging, blocks, failed = fut.result()
         if staging is not None:
+            self._count("staged_layer_blocks", len(blocks))
             kv = self._kv_caches[layer_name]
             idx = torch.tensor(blocks, dtype=torch.long, device=kv.device)
             src = staging.to(kv.device, non_blocking=True).view(kv.dtype).view(
@@ -556,4 +600,5 @@ class WQSConnector(KVConnectorBase_V1):
         log.info("WQSConnector %s closed: %s", self.role.name, self.stats)
 
 
-__all__ = ["WQSConnector", "WQSConnectorMetadata", "BlockSpec", "SUPPORTED_VLLM"]
+__all__ = ["WQSConnector", "WQSConnectorMetadata", "WQSConnectorStats", "BlockSpec",
+           "SUPPORTED_VLLM"]
