@@ -255,3 +255,81 @@ def test_probe_says_exactly_what_is_missing():
     assert found.reason
     if not found.available:
         assert any(w in found.reason for w in ("pyverbs", "RDMA"))
+
+
+def test_slots_are_first_fit_aligned_and_merge_when_given_back():
+    from wqs.rdma.wire import Slots
+
+    s = Slots(64 << 10)
+    a, b, c = s.take(100), s.take(5000), s.take(4096)
+    assert (a, b, c) == (0, 4096, 12288)
+    assert s.take(64 << 10) is None
+    s.give(b, 5000)
+    assert s.take(8192) == 4096  # the hole is reused
+    s.give(4096, 8192)
+    s.give(a, 100)
+    s.give(c, 4096)
+    assert s.free == [(0, 64 << 10)] and s.available == 64 << 10
+    with pytest.raises(AssertionError, match="given back twice"):
+        s.give(0, 4096)
+
+
+# --- a daemon and a client where there is no RDMA device ------------------------------
+
+from tests.daemons import daemon_factory  # noqa: E402,F401 (fixture)
+
+needs_no_rdma = pytest.mark.skipif(probe().available, reason="this machine has an RDMA "
+                                   "device: the no-device behaviour is not what it shows")
+
+
+@needs_no_rdma
+def test_without_a_device_the_daemon_says_why_and_clients_get_a_clear_error(daemon_factory):  # noqa: F811
+    import socket
+
+    import wqs
+    from wqs.errors import TransportUnavailable
+    from wqs.rpc import protocol as p
+
+    d = daemon_factory()
+    assert "RDMA transport: not served (" in d.stderr_text()
+    with wqs.Client([d.address], transport="rdma") as c:
+        with pytest.raises(TransportUnavailable, match="transport rdma: .*(pyverbs|RDMA)"):
+            c.put(b"\x01" * 16, b"x")
+    # RDMA_CONNECT by hand: refused with the reason, the connection goes on.
+    with socket.create_connection(("127.0.0.1", d.port)) as s:
+        s.sendall(p.encode_request(p.HelloRequest(1))
+                  + p.encode_request(p.RdmaConnectRequest(2, ep().pack()))
+                  + p.encode_request(p.PingRequest(3)))
+        dec, msgs = p.FrameDecoder(response=True), []
+        while len(msgs) < 3:
+            dec.feed(s.recv(65536))
+            while (m := dec.next_message()) is not None:
+                msgs.append(m)
+    assert isinstance(msgs[1], p.ErrorResponse) and msgs[1].status == p.Status.BAD_REQUEST
+    assert "RDMA is not served by this node: not served:" in msgs[1].message
+    assert isinstance(msgs[2], p.PingResponse)
+
+
+@needs_no_rdma
+def test_rdma_on_without_a_device_refuses_to_start(daemon_factory):  # noqa: F811
+    d = daemon_factory(config={"rdma": {"enabled": "on"}}, wait=False)
+    assert d.wait() != 0
+    assert "RdmaError" in d.stderr_text() and ("pyverbs" in d.stderr_text()
+                                              or "RDMA" in d.stderr_text())
+
+
+@pytest.mark.skipif(not probe().available, reason=f"needs an RDMA device: {probe().reason}")
+def test_blocks_move_over_an_rdma_link(daemon_factory):  # noqa: F811
+    import wqs
+
+    d = daemon_factory(config={"rdma": {"enabled": "on"}})
+    with wqs.Client([d.address], transport="rdma") as c:
+        mem = c.shared_memory(4 << 20)
+        views = mem.block_views(65536, 8)
+        for k, v in enumerate(views[:4]):
+            v[:] = bytes([k]) * 65536
+        assert all(c.put_many([(k + 1, views[k]) for k in range(4)]))
+        got = c.get_many([k + 1 for k in range(4)], outs=views[4:])
+        assert [bytes(g) for g in got] == [bytes([k]) * 65536 for k in range(4)]
+        assert c.get(1) == bytes([0]) * 65536  # bytes: through the bounce memory
+        assert c.put(9, b"plain bytes") and c.get(9) == b"plain bytes"

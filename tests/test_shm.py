@@ -324,7 +324,7 @@ def test_lying_clients_get_errors_and_hurt_no_one(daemon_factory):  # noqa: F811
             dec.feed(tcp.recv(65536))
             while (m := dec.next_message()) is not None:
                 msgs.append(m)
-        assert "local socket only" in _error(msgs[1])
+        assert "local socket or an RDMA link only" in _error(msgs[1])
         tcp.close()
         # Everyone else is served all along.
         assert good.get(bid(1)) == block(1)

@@ -101,6 +101,7 @@ class Client:
         self.config = config
         self._pipe = Pipeline(config)
         self._shm = SharedMemoryMap()
+        self._bounce_hint = 1 << 20  # room a get without out buffers gets on an RDMA link
         self._members_lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None  # only for the *_async calls
         self._watcher = None
@@ -467,7 +468,7 @@ class Client:
                 fail([i], BlockTooLarge(f"block {ids[i].hex()} of {bufs[i].nbytes} B exceeds "
                                         f"the {max_block} B {address} accepts"))
             sidx = [i for i in sidx if bufs[i].nbytes <= max_block]
-            if conn.local:
+            if conn.one_sided:
                 sidx = self._send_shm(call, conn, p.Opcode.PUT_SHM, sidx, ids, bufs,
                                       self._put_answer, (ids, bufs, ok, errors, fail, tries))
             for chunk in p.frames_for(sidx, conn.limits, lambda i: bufs[i].nbytes):
@@ -479,6 +480,8 @@ class Client:
 
     def _put_answer(self, req: _Request, msg: Any) -> None:
         chunk, ids, bufs, ok, errors, fail, tries = req.ctx
+        if req.bounce:
+            self._bounce_release(req)
         if not isinstance(msg, (p.PutResponse, p.ShmPutResponse)):
             error = self._request_error(req, msg)
             if self._resend(msg, tries):
@@ -514,7 +517,7 @@ class Client:
     def _send_get_chunk(self, call: Call, conn: Any, chunk: list[int], ids: list[bytes],
                         views: list[memoryview] | None, results: list[Any],
                         errors: dict[int, WQSError], tries: int) -> None:
-        if conn.local and views is not None:
+        if conn.one_sided and (views is not None or conn.link is not None):
             chunk = self._send_shm(call, conn, p.Opcode.GET_SHM, chunk, ids, views,
                                    self._get_shm_answer, (ids, views, results, errors, tries))
             if not chunk:
@@ -567,20 +570,30 @@ class Client:
             self._send_get_chunk(req.call, req.conn, again, ids, views, results, errors, tries)
 
     def _send_shm(self, call: Call, conn: Any, opcode: p.Opcode, idx: list[int],
-                  ids: list[bytes], bufs: list[memoryview], on_answer: Callable, ctx: tuple
-                  ) -> list[int]:
+                  ids: list[bytes], bufs: list[memoryview] | None, on_answer: Callable,
+                  ctx: tuple) -> list[int]:
         """GET_SHM / PUT_SHM requests for the blocks of idx whose buffer lies in shared
-        memory (handed to conn first if need be); the others are returned, to go inline."""
+        memory (handed to conn first if need be); the others are returned, to go inline.
+        An RDMA link carries no payloads inline: those go through bounce memory."""
         find = self._shm.find
         rest: list[int] = []
         rows: list[tuple[int, tuple]] = []
+        bounce: dict[int, tuple[int, int]] = {}
         for i in idx:
-            found = find(bufs[i])
+            found = find(bufs[i]) if bufs is not None else None
             if found is None:
-                rest.append(i)
-                continue
+                if conn.link is None:
+                    rest.append(i)
+                    continue
+                found = self._bounce_take(opcode, bufs[i] if bufs is not None else None,
+                                          conn.limits.max_block)
+                if found is None:
+                    rest.append(i)  # bounce memory full: failed below
+                    continue
+                bounce[i] = (found[1], found[2])
+                found = found[:2]
             mem, offset = found
-            n = bufs[i].nbytes
+            n = bounce[i][1] if i in bounce else bufs[i].nbytes
             self._pipe.share(call, conn, mem)
             rows.append((i, (ids[i], offset, n, mem.segment_id,
                              p.SHM_SLOT if mem.slotted and mem.in_slot(offset, n) else 0)))
@@ -589,11 +602,46 @@ class Client:
             part = rows[k : k + step]
             req = _Request(call, conn, opcode, on_answer, [r[1][0] for r in part])
             req.ctx = ([i for i, _ in part], *ctx)
+            if bounce:
+                req.bounce = {i: bounce[i] for i, _ in part if i in bounce}
             self._pipe.send(req, [p.frame_shm_request(opcode, 0, [r for _, r in part])])
+        if conn.link is not None and rest:  # nothing goes inline on an RDMA link
+            error = RemoteError(f"{conn.address}: RDMA bounce memory is full: put the blocks "
+                                "in Client.shared_memory buffers")
+            req = _Request(call, conn, opcode, on_answer, [ids[i] for i in rest])
+            req.ctx = (rest, *ctx)
+            on_answer(req, error)
+            return []
         return rest
+
+    def _bounce_take(self, opcode: p.Opcode, buf: memoryview | None, max_block: int
+                     ) -> tuple[SharedMemory, int, int] | None:
+        """(bounce memory, offset, size) for one block of an RDMA link whose buffer is not
+        registered: a put's bytes are copied in now, a get's out when it is answered."""
+        rdma = self._pipe.rdma
+        if opcode == p.Opcode.PUT_SHM:
+            n = buf.nbytes
+        else:
+            n = buf.nbytes if buf is not None else min(self._bounce_hint, max_block)
+        got = rdma.bounce_take(self._shm.create, n)
+        if got is None:
+            return None
+        mem, off = got
+        if opcode == p.Opcode.PUT_SHM:
+            mem.buffer[off : off + n] = buf
+        return mem, off, n
+
+    def _bounce_release(self, req: _Request) -> None:
+        give = self._pipe.rdma.bounce_give
+        for off, n in req.bounce.values():
+            give(off, n)
+        req.bounce = None
 
     def _get_shm_answer(self, req: _Request, msg: Any) -> None:
         chunk, ids, views, results, errors, tries = req.ctx
+        bounce = req.bounce
+        if bounce and not isinstance(msg, p.ShmGetResponse):
+            self._bounce_release(req)
         if not isinstance(msg, p.ShmGetResponse):  # the request failed as a whole
             error = self._request_error(req, msg)
             if self._resend(msg, tries):
@@ -617,20 +665,46 @@ class Client:
         again = None
         for i, it in zip(chunk, msg.items):
             status = it.flags
-            if status == p.Status.OK:
+            if bounce and i in bounce:  # through bounce memory (an RDMA link)
+                status = self._from_bounce(i, it, bounce[i], views, results)
+            elif status == p.Status.OK:
                 results[i] = views[i][: it.length]
-            elif status == p.Status.BUSY:
+            if status == p.Status.OK:
+                continue
+            if status == p.Status.BUSY:
                 if again is None:
                     again = []
-                again.append(i)  # did not fit the shard's budget: ask again
+                again.append(i)  # did not fit the shard's budget (or the bounce): again
             elif status == p.Status.TOO_LARGE:
                 errors.setdefault(i, BlockTooLarge(
                     f"block {ids[i].hex()} is {it.length} B, its out buffer holds "
                     f"{views[i].nbytes} B"))
             elif status != p.Status.NOT_FOUND:
                 errors.setdefault(i, RemoteError(f"{req.conn.address}: {status.name}"))
+        if bounce:
+            self._bounce_release(req)
         if again:
             self._send_get_chunk(req.call, req.conn, again, ids, views, results, errors, tries)
+
+    def _from_bounce(self, i: int, it: p.ShmItem, where: tuple[int, int],
+                     views: list[memoryview] | None, results: list[Any]) -> p.Status:
+        """A GET_SHM item answered into bounce memory: copied out to its out buffer (or
+        as bytes). A block larger than the bounce slot without an out buffer is asked
+        again with room for it (BUSY)."""
+        status = p.Status(it.flags)
+        if status == p.Status.TOO_LARGE and views is None:
+            self._bounce_hint = max(self._bounce_hint, it.length)
+            return p.Status.BUSY
+        if status != p.Status.OK:
+            return status
+        off = where[0]
+        data = self._pipe.rdma.bounce.buffer[off : off + it.length]
+        if views is None:
+            results[i] = bytes(data)
+        else:
+            views[i][: it.length] = data
+            results[i] = views[i][: it.length]
+        return status
 
     def _send_ids(self, call: Call, address: str, idx: list[int], ids: list[bytes],
                   opcode: p.Opcode, out: Any) -> None:

@@ -271,6 +271,24 @@ class SpdkConfig:
 
 
 @dataclass
+class RdmaConfig:
+    """The RDMA transport (wqs/rdma/): where the daemon takes RDMA_CONNECT."""
+
+    # "auto": serve RDMA if an RDMA device is usable, else say why in the log and serve
+    # TCP only; "on": refuse to start without it; "off".
+    enabled: str = "auto"
+    device: str | None = None  # e.g. mlx5_0; None: the first device
+    port: int = 1
+    gid_index: int = 0  # RoCE v2 over IPv4 is often 3: `show_gids` tells
+
+    def __post_init__(self) -> None:
+        self.enabled = _choice("enabled", self.enabled, ("auto", "on", "off"))
+        self.device = _str("device", self.device, optional=True)
+        self.port = _int("port", self.port, 1, 255)
+        self.gid_index = _int("gid_index", self.gid_index, 0, 1 << 16)
+
+
+@dataclass
 class EngineConfig:
     """The storage engine's knobs."""
 
@@ -338,6 +356,7 @@ class DaemonConfig:
     local_socket: str | None = "auto"
     local_socket_mode: int | str = 0o660  # who may connect: the socket file's mode ...
     local_socket_group: str | None = None  # ... and group (None: the daemon's)
+    rdma: RdmaConfig = field(default_factory=RdmaConfig)
     etcd: EtcdConfig | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
 
@@ -410,6 +429,7 @@ class DaemonConfig:
         self.local_socket_mode = _int("local_socket_mode", mode, 0, 0o777)
         self.local_socket_group = _str("local_socket_group", self.local_socket_group,
                                        optional=True)
+        self.rdma = _nested("rdma", self.rdma, RdmaConfig) or RdmaConfig()
         self.etcd = _nested("etcd", self.etcd, EtcdConfig)
         self.engine = _nested("engine", self.engine, EngineConfig)
         if self.engine is None:

@@ -171,7 +171,14 @@ class Daemon:
         from wqs.rdma import probe
 
         rdma = probe()
-        log.info("data-plane transport: tcp (RDMA transport not built yet; %s)", rdma.reason)
+        if cfg.rdma.enabled == "off":
+            log.info("RDMA transport: off (rdma.enabled)")
+        elif rdma.available:
+            log.info("RDMA transport: served on %s (clients with transport: rdma)",
+                     cfg.rdma.device or rdma.devices[0])
+        else:
+            log.info("RDMA transport: not served (%s); TCP and shared memory only",
+                     rdma.reason)
         if self.local:
             log.info("same-host clients: shared memory through %s", ", ".join(
                 path for path, _ in self.local))

@@ -221,3 +221,50 @@ class LinkState:
     @property
     def usable(self) -> bool:
         return self.state == READY
+
+
+class Slots:
+    """First-fit allocation of 4 KiB-aligned slots in a region of `size` bytes, free
+    neighbours merged: the staging memory of a link (daemon) and the SDK's bounce memory
+    for buffers that are not registered."""
+
+    ALIGN = 4096
+
+    def __init__(self, size: int) -> None:
+        assert size > 0 and size % self.ALIGN == 0
+        self.size = size
+        self.free: list[tuple[int, int]] = [(0, size)]  # (offset, length), by offset
+
+    def _round(self, n: int) -> int:
+        return max(self.ALIGN, (n + self.ALIGN - 1) // self.ALIGN * self.ALIGN)
+
+    def take(self, n: int) -> int | None:
+        n = self._round(n)
+        for k, (off, length) in enumerate(self.free):
+            if length >= n:
+                if length == n:
+                    del self.free[k]
+                else:
+                    self.free[k] = (off + n, length - n)
+                return off
+        return None
+
+    def give(self, off: int, n: int) -> None:
+        n = self._round(n)
+        free = self.free
+        k = 0
+        while k < len(free) and free[k][0] < off:
+            k += 1
+        assert (k == len(free) or off + n <= free[k][0]) and \
+            (k == 0 or free[k - 1][0] + free[k - 1][1] <= off), "a slot given back twice"
+        free.insert(k, (off, n))
+        if k + 1 < len(free) and off + n == free[k + 1][0]:
+            free[k] = (off, n + free[k + 1][1])
+            del free[k + 1]
+        if k and free[k - 1][0] + free[k - 1][1] == off:
+            free[k - 1] = (free[k - 1][0], free[k - 1][1] + free[k][1])
+            del free[k]
+
+    @property
+    def available(self) -> int:
+        return sum(n for _, n in self.free)

@@ -73,7 +73,7 @@ class Call:
 class _Request:
     """One frame in flight: what to do with its answer."""
 
-    __slots__ = ("call", "rid", "conn", "on_answer", "ids", "outs", "opcode", "ctx")
+    __slots__ = ("call", "rid", "conn", "on_answer", "ids", "outs", "opcode", "ctx", "bounce")
 
     def __init__(self, call: Call, conn: "_Conn", opcode: p.Opcode,
                  on_answer: Callable[["_Request", Any], None], ids: Sequence[bytes] = (),
@@ -86,6 +86,7 @@ class _Request:
         self.outs = outs
         self.rid = 0
         self.ctx: Any = None  # the caller's, for on_answer
+        self.bounce: dict[int, tuple[int, int]] | None = None  # item -> bounce (offset, size)
 
 
 class _GetAnswer:
@@ -117,10 +118,11 @@ class _Conn:
     or the shard's Unix socket (`path`) when the node runs on this host."""
 
     def __init__(self, node: "_Node", shard: int, host: str, port: int,
-                 config: ClientConfig, path: str | None = None) -> None:
+                 config: ClientConfig, path: str | None = None, rdma: Any = None) -> None:
         self.node = node
         self.shard = shard
         self.local = path is not None
+        self.link: Any = None  # wqs.rdma.client.ClientLink: frames travel on it
         self.address = path if path is not None else \
             f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
@@ -141,6 +143,8 @@ class _Conn:
             if path is None:
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.hello = self._handshake(config)
+            if rdma is not None:
+                self._link(rdma)
         except BaseException:
             self.sock.close()
             raise
@@ -177,6 +181,25 @@ class _Conn:
         assert session.hello_response is not None
         return session.hello_response
 
+    def _link(self, rdma: Any) -> None:
+        """Set up the RDMA link (transport: rdma); an error says why, no fallback."""
+        from wqs.rdma.client import ClientLink
+        from wqs.rdma.wire import RdmaError
+
+        try:
+            self.link = ClientLink(rdma.open(), self._roundtrip, 3)
+        except (RdmaError, ProtocolError) as e:
+            raise TransportUnavailable(f"{self.address}: transport rdma: {e}") from None
+        except (socket.timeout, ConnectionError) as e:
+            raise NodeUnavailable(f"{self.address}: RDMA setup failed: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a verb failed (pyverbs raises its own)
+            raise TransportUnavailable(f"{self.address}: transport rdma: {e}") from None
+
+    @property
+    def one_sided(self) -> bool:
+        """Blocks in registered memory move without crossing the connection."""
+        return self.local or self.link is not None
+
     def _roundtrip(self, msg: p.Request) -> p.Response:
         self.sock.sendall(p.encode_request(msg))
         dec = p.FrameDecoder(response=True)
@@ -200,6 +223,7 @@ class _Node:
         self.host, self.port = parse_hostport(address)
         self.ports: tuple[int, ...] | None = None  # every shard's port, once known
         self.local_paths: tuple[str, ...] = ()  # every shard's Unix socket, if local
+        self.rdma = False  # its connections run RDMA links
         self.transport_noted = False  # the choice of transport was logged
         self.conns: list[list[_Conn | None]] = []
         self.next = itertools.count()
@@ -232,6 +256,7 @@ class Pipeline:
         self._waiters: list[tuple[Call, threading.Event]] = []
         self.failed_requests = 0  # requests that met a down or failing node
         self._closed = False
+        self.rdma: Any = None  # wqs.rdma.client.ClientRdma, with transport: rdma
 
     # ---- nodes and connections ------------------------------------------------------
 
@@ -272,7 +297,8 @@ class Pipeline:
                 if conn is None or conn.closed:
                     port = node.port if shard == 0 else node.ports[shard]
                     path = node.local_paths[shard] if node.local_paths else None
-                    conn = _Conn(node, shard, node.host, port, self.config, path)
+                    conn = _Conn(node, shard, node.host, port, self.config, path,
+                                 self.rdma if node.rdma else None)
                     if conn.hello.shard_ports and conn.hello.shard != shard:
                         conn.sock.close()
                         raise ProtocolError(f"{conn.address} is shard {conn.hello.shard}, "
@@ -294,13 +320,15 @@ class Pipeline:
         """Shard 0 over TCP; then, if the node is on this host and the transport allows,
         over its Unix socket instead (node.local_paths set)."""
         want = self.config.transport
-        if want == "rdma":
-            from wqs.rdma import probe
-
-            raise TransportUnavailable(f"transport rdma: {probe().reason}; the RDMA "
-                                       "transport is not built yet (use tcp, shm or auto)")
-        first = _Conn(node, 0, node.host, node.port, self.config)
         node.local_paths = ()
+        if want == "rdma":
+            if self.rdma is None:
+                from wqs.rdma.client import ClientRdma
+
+                self.rdma = ClientRdma()
+            node.rdma = True
+            return _Conn(node, 0, node.host, node.port, self.config, None, self.rdma)
+        first = _Conn(node, 0, node.host, node.port, self.config)
         if want == "tcp":
             return first
         hello = first.hello
@@ -335,6 +363,9 @@ class Pipeline:
             self._by_fd[conn.fd] = conn
             conn.mask = select.EPOLLIN
             self._epoll.register(conn.fd, select.EPOLLIN)
+            if conn.link is not None:  # its answers: the completion channel
+                self._by_fd[conn.link.fd] = conn
+                self._epoll.register(conn.link.fd, select.EPOLLIN)
 
     def _mark_down(self, node: _Node, reason: str) -> None:
         """The node failed: its other connections are as dead as this one was; answer
@@ -380,6 +411,14 @@ class Pipeline:
             head.frame = _with_rid(head.frame, req.rid)
         else:
             frame[0] = _with_rid(head, req.rid)
+        if conn.link is not None:
+            data = b"".join(bytes(b) for b in frame)
+            with conn.send_lock:
+                sent = conn.link.send(data)
+            if not sent:
+                self._fail_conn(conn, NodeUnavailable(
+                    f"{conn.address}: RDMA link failed: {conn.link.failure}"))
+            return
         with conn.send_lock:
             if isinstance(head, _WithFd):
                 conn.fds_queued += 1
@@ -410,6 +449,15 @@ class Pipeline:
                 self.send(req, [p.encode_request(p.UnregisterRequest(0, mem.segment_id))])
 
         mem.on_close.append(forget)
+        if conn.link is not None:  # registered with the NIC; the daemon gets the rkey
+            def answered_mr(req: _Request, msg: Any) -> None:
+                answered(req, p.RegisterResponse(0) if isinstance(msg, p.RegisterMrResponse)
+                         else msg)
+
+            memory = self.rdma.memory(mem)
+            req = _Request(call, conn, p.Opcode.REGISTER_MR, answered_mr)
+            self.send(req, [p.encode_request(p.RegisterMrRequest(0, memory.pack()))])
+            return
         req = _Request(call, conn, p.Opcode.REGISTER, answered)
         frame = p.encode_request(p.RegisterRequest(0, mem.segment_id, mem.size))
         self.send(req, [_WithFd(frame, os.dup(mem.fd))])
@@ -576,6 +624,9 @@ class Pipeline:
                 conn = self._by_fd.get(fd)
                 if conn is None or conn.closed:
                     continue
+                if conn.link is not None:
+                    self._receive_link(conn, fd == conn.link.fd)
+                    continue
                 if ev & select.EPOLLOUT:
                     with conn.send_lock:
                         self._flush(conn)
@@ -636,6 +687,34 @@ class Pipeline:
                     raise ConnectionError("the node closed the connection")
                 conn.rend += n
             self._parse(conn)
+        except BlockingIOError:
+            return
+        except (OSError, ConnectionError, ProtocolError) as e:
+            self._fail_conn(conn, NodeUnavailable(f"{conn.address}: {e}"))
+            self._mark_down(conn.node, f"{conn.address}: {e}")
+
+    def _receive_link(self, conn: _Conn, completions: bool) -> None:
+        """An RDMA link's answers into the receive buffer, handled as if read from its
+        socket (which, after the setup, only tells that the daemon went away)."""
+        try:
+            if not completions:
+                if conn.sock.recv(1, socket.MSG_DONTWAIT):
+                    raise ProtocolError("bytes on the TCP connection of an RDMA link")
+                raise ConnectionError("the node closed the connection")
+            with conn.send_lock:
+                frames = conn.link.completions()
+                failure = conn.link.failure
+            if failure is not None:
+                raise ConnectionError(f"RDMA link failed: {failure}")
+            for frame in frames:
+                if conn.rend + len(frame) > conn.rx_size:
+                    _compact(conn)
+                conn.rx[conn.rend : conn.rend + len(frame)] = frame
+                conn.rend += len(frame)
+                self._parse(conn)
+            if frames:
+                with conn.send_lock:
+                    conn.link.answered(len(frames))
         except BlockingIOError:
             return
         except (OSError, ConnectionError, ProtocolError) as e:
@@ -742,10 +821,19 @@ class Pipeline:
                 self._epoll.unregister(conn.fd)
             except (OSError, ValueError):
                 pass
+            if conn.link is not None:
+                self._by_fd.pop(conn.link.fd, None)
+                try:
+                    self._epoll.unregister(conn.link.fd)
+                except (OSError, ValueError):
+                    pass
         try:
             conn.sock.close()
         except OSError:
             pass
+        if conn.link is not None:
+            with conn.send_lock:
+                conn.link.close()
         # What was queued goes too (its descriptors closed). A sender holding the lock
         # (this may be its own failure) meets the closed socket and drops it itself.
         if conn.send_lock.acquire(blocking=False):
@@ -769,6 +857,8 @@ class Pipeline:
         for node in list(self.nodes.values()):
             self._close_node(node, NodeUnavailable(f"{node.address}: client closed"))
         self._epoll.close()
+        if self.rdma is not None:
+            self.rdma.close()
 
 
 class NodeDown(NodeUnavailable):

@@ -42,6 +42,7 @@ from wqs.rpc.session import READY, ServerSession, Verdict
 from wqs.server.segments import Segment, SegmentError, Segments
 
 if TYPE_CHECKING:
+    from wqs.server.rdma import ServerLink
     from wqs.server.shard import Shard
 
 log = logging.getLogger("wqs.server")
@@ -65,7 +66,7 @@ OPS = {p.Opcode.PUT: "put", p.Opcode.GET: "get", p.Opcode.EXISTS: "exists",
        p.Opcode.PING: "ping", GET_SHM: "get", PUT_SHM: "put"}
 
 
-_SHM_OPS = frozenset({p.Opcode.REGISTER, p.Opcode.UNREGISTER, GET_SHM})
+_SHM_OPS = frozenset({p.Opcode.REGISTER, p.Opcode.UNREGISTER, GET_SHM, p.Opcode.REGISTER_MR})
 ENTRY_HEADER = fmt.ENTRY_HEADER_SIZE  # a slot's room in front of its payload
 UNIT = fmt.UNIT  # slots start on it
 
@@ -131,6 +132,7 @@ class Connection:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.segments = Segments()
         self.fds: list[int] = []  # received with the bytes, waiting for their REGISTER
+        self.rdma: ServerLink | None = None  # frames travel on an RDMA link instead
         self.need = 0  # payload bytes the frame waiting for budget needs staged
         self.session = ServerSession(shard.options.auth_token, shard.limits, shard.index,
                                      shard.ports, shard.instance if shard.local_paths else b"",
@@ -165,6 +167,8 @@ class Connection:
         if not self.reading and not self.closed and not self.closing:
             self.reading = True
             self.shard.loop.add_reader(self.fd, self.on_readable)
+            if self.rdma is not None and self.rdma.backlog:
+                self.shard.loop.call_soon(self.feed_backlog)
 
     def _pause(self) -> None:
         if self.reading:
@@ -212,6 +216,11 @@ class Connection:
             self.close()
 
     def _receive(self) -> None:
+        if self.rdma is not None:  # the socket only tells that the client went away
+            if self.sock.recv(1):
+                raise ProtocolError("bytes on the TCP connection of an RDMA link")
+            self.close()
+            return
         put = self.put
         if put is not None:  # straight into the staged entry buffers, many at once
             bufs = put.targets[put.ti : put.ti + RECV_IOV]
@@ -261,6 +270,21 @@ class Connection:
             raise ProtocolError(f"more than {MAX_FDS} file descriptors sent ahead of their "
                                 "REGISTER frames")
         return n
+
+    def feed_backlog(self) -> None:
+        """Frames the RDMA link received, into the receive buffer and handled, as far as
+        the connection takes requests now (paused: they wait in the backlog)."""
+        link = self.rdma
+        while link is not None and link.backlog and self.reading and not self.closed:
+            frame = link.backlog[0]
+            if self.rend + len(frame) > RX_BUFFER:
+                self._compact()
+                if self.rend + len(frame) > RX_BUFFER:
+                    break  # the frames already buffered go first
+            del link.backlog[0]
+            self.rx[self.rend : self.rend + len(frame)] = frame
+            self.rend += len(frame)
+            self._safely(self._parse)
 
     def _compact(self) -> None:
         left = self.rend - self.rstart
@@ -340,6 +364,10 @@ class Connection:
         op = h.opcode
         rid = h.request_id
         shard = self.shard
+        if op is GET and self.rdma is not None:
+            self._answer_error(rid, op, p.Status.BAD_REQUEST, "inline payloads do not "
+                               "travel on an RDMA link: use GET_SHM")
+            return
         if op is GET and self.session.state is READY and not shard.draining:
             ids = [body[i : i + 16] for i in range(0, len(body), 16)]
             if shard.count == 1 or shard.misrouted(ids) is None:
@@ -360,6 +388,9 @@ class Connection:
             return
         if op in _SHM_OPS:
             self._shm_request(h, body)
+            return
+        if op == p.Opcode.RDMA_CONNECT:
+            self._rdma_connect(rid, body)
             return
         ids = p.unpack_ids(body)
         if shard.draining:
@@ -491,14 +522,57 @@ class Connection:
 
     # ---- shared memory (local connections) ------------------------------------------
 
+    def _rdma_connect(self, rid: int, body: bytes) -> None:
+        """Set up this connection's RDMA link; the answer (over TCP) is the node's end."""
+        nic = self.shard.nic
+        op = p.Opcode.RDMA_CONNECT
+        if self.local or self.rdma is not None:
+            self._answer_error(rid, op, p.Status.BAD_REQUEST, "RDMA_CONNECT is taken once, "
+                               "on a TCP connection")
+            return
+        if nic is None:
+            self._answer_error(rid, op, p.Status.BAD_REQUEST,
+                               f"RDMA is not served by this node: {self.shard.rdma_note}")
+            return
+        from wqs.rdma.wire import Endpoint, RdmaError
+        from wqs.server.rdma import ServerLink
+
+        try:
+            link = ServerLink(self, nic, Endpoint.unpack(p.decode_body(
+                p.FrameHeader(op, 0, rid, p.Status.OK, 0, len(body)), body).endpoint))
+        except (RdmaError, ProtocolError) as e:
+            self._answer_error(rid, op, p.Status.BAD_REQUEST, f"RDMA link refused: {e}")
+            return
+        except Exception as e:  # noqa: BLE001 - a verb failed: the client falls back
+            log.warning("%s: RDMA link could not be set up: %s", self.peer, e)
+            self._answer_error(rid, op, p.Status.SERVER_ERROR, f"RDMA link failed: {e}")
+            return
+        self._send([p.encode_response(p.RdmaConnectResponse(rid, link.endpoint().pack()))])
+        self.flush()  # over TCP, before anything else goes by the link
+        self.rdma = link
+        log.info("%s: RDMA link up (QP %d)", self.peer, link.verbs.qp.qp_num)
+
     def _shm_request(self, h: p.FrameHeader, body: bytes) -> None:
         op, rid = h.opcode, h.request_id
-        if not self.local:
+        if not self.local and self.rdma is None:
             self._answer_error(rid, op, p.Status.BAD_REQUEST,
-                               f"{op.name} is served on the node's local socket only")
+                               f"{op.name} is served on the node's local socket or an RDMA "
+                               "link only")
             return
         try:
-            if op == p.Opcode.REGISTER:
+            if op == p.Opcode.REGISTER_MR or (op == p.Opcode.UNREGISTER and self.rdma):
+                if self.rdma is None:
+                    raise SegmentError("REGISTER_MR is for RDMA links (use REGISTER)")
+                if op == p.Opcode.UNREGISTER:
+                    self.rdma.unregister(p.decode_body(h, body).segment)
+                else:
+                    from wqs.rdma.wire import Memory
+
+                    self.rdma.register(Memory.unpack(p.decode_body(h, body).memory))
+                self._send([p.frame_empty_response(op, rid)])
+            elif op == p.Opcode.REGISTER and self.rdma is not None:
+                raise SegmentError("an RDMA link registers memory with REGISTER_MR")
+            elif op == p.Opcode.REGISTER:
                 msg = p.decode_body(h, body)
                 if not self.fds:
                     raise SegmentError("REGISTER came without a file descriptor (send the "
@@ -514,11 +588,13 @@ class Connection:
             self._answer_error(rid, op, p.Status.BAD_REQUEST, str(e))
 
     def _shm_ranges(self, rid: int, op: p.Opcode, items: tuple[p.ShmItem, ...]
-                    ) -> list[Segment] | None:
-        """The segment of each item, every range checked; None (answered) if one is not
-        valid, or the request may not be served now."""
+                    ) -> list[Any] | None:
+        """The segment of each item (a mapped Segment; on an RDMA link, the client's
+        Memory region), every range checked; None (answered) if one is not valid, or the
+        request may not be served now."""
+        resolve = self.rdma.range if self.rdma is not None else self.segments.range
         try:
-            segs = [self.segments.range(it.segment, it.offset, it.length) for it in items]
+            segs = [resolve(it.segment, it.offset, it.length) for it in items]
         except SegmentError as e:
             self._answer_error(rid, op, p.Status.BAD_REQUEST, str(e))
             return None
@@ -543,7 +619,11 @@ class Connection:
         self.pending += 1
         get_into = shard.core.reader.get_into
         batch = []
+        remote = self.rdma is not None
         for k, (it, seg) in enumerate(zip(items, segs)):
+            if remote:
+                batch.append(k)
+                continue
             Segments.hold(seg)  # mapped until the answer is written into it
             slot = _slot(it, seg)
             if slot is not None:
@@ -595,6 +675,10 @@ class Connection:
             return
         if r.nbytes > it.length:
             get.rows[k] = (it.block_id, it.offset, r.nbytes, it.segment, p.Status.TOO_LARGE)
+        elif self.rdma is not None:  # RDMA-written; the answer follows it on the QP
+            ok = self.rdma.write_hit(seg, it.offset, r.views)
+            get.rows[k] = (it.block_id, it.offset, r.nbytes if ok else 0, it.segment,
+                           p.Status.OK if ok else p.Status.BUSY)
         else:
             if r.views[0].obj is not seg.mem:  # not read straight into the slot
                 at, dest = it.offset, seg.view
@@ -606,8 +690,9 @@ class Connection:
 
     def _answer_shm_get(self, get: "_ShmGet") -> None:
         self.pending -= 1
-        for seg in get.segs:
-            self.segments.unhold(seg)
+        if self.rdma is None:
+            for seg in get.segs:
+                self.segments.unhold(seg)
         if not self.closed:
             self._send([p.frame_shm_get_response(get.rid, get.rows)])
         self.shard.observe("get", time.perf_counter() - get.started)
@@ -620,12 +705,15 @@ class Connection:
         if verdict is not None:
             self._verdict(verdict)
             return
-        if not self.local:
-            self._answer_error(rid, PUT_SHM, p.Status.BAD_REQUEST,
-                               "PUT_SHM is served on the node's local socket only")
+        if not self.local and self.rdma is None:
+            self._answer_error(rid, PUT_SHM, p.Status.BAD_REQUEST, "PUT_SHM is served on "
+                               "the node's local socket or an RDMA link only")
             return
         segs = self._shm_ranges(rid, PUT_SHM, items)
         if segs is None:
+            return
+        if self.rdma is not None:
+            self._put_rdma(rid, items, segs)
             return
         core = self.shard.core
         stage_into = core.writer.stage_into
@@ -655,6 +743,52 @@ class Connection:
             put.statuses.append(p.Status.OK)
         self._charge(put.charged)
         self.pending += 1
+        self._put_received(put)
+
+    def _put_rdma(self, rid: int, items: tuple[p.ShmItem, ...], segs: list[Any]) -> None:
+        """Each payload RDMA-read from the client into its staged entry buffers; the puts
+        are committed once all have landed."""
+        core, link = self.shard.core, self.rdma
+        put = _PutFrame(rid, time.perf_counter(), PUT_SHM)
+        put.waiting = 1  # reads outstanding, plus one until every read is started
+
+        def landed(ok: bool) -> None:
+            if not ok:
+                put.failed += 1
+            put.waiting -= 1
+            if not put.waiting:
+                self._rdma_put_landed(put)
+
+        for it, mem in zip(items, segs):
+            try:
+                op = core.stage(it.block_id, it.length)
+            except BlockTooLarge:
+                put.ops.append(None)
+                put.statuses.append(p.Status.TOO_LARGE)
+                continue
+            put.waiting += 1
+            if not link.read_payload(mem, it.offset, op.targets, landed):
+                put.waiting -= 1
+                core.discard(op)
+                put.ops.append(None)
+                put.statuses.append(p.Status.BUSY)  # no staging room now: ask again
+                continue
+            put.ops.append(op)
+            put.statuses.append(p.Status.OK)
+            put.charged += it.length
+        self._charge(put.charged)
+        self.pending += 1
+        landed(True)
+
+    def _rdma_put_landed(self, put: _PutFrame) -> None:
+        if put.failed:  # the link failed under the reads: nothing is written
+            for op in put.ops:
+                if op is not None:
+                    self.shard.core.discard(op)
+            self.pending -= 1
+            self._uncharge(put.charged)
+            return
+        put.waiting = 0
         self._put_received(put)
 
     # ---- PUT ---------------------------------------------------------------------------
@@ -691,6 +825,9 @@ class Connection:
             elif it.length:
                 put.targets.extend(self._sink_views(it.length))
         put.targets = [t for t in put.targets if len(t)]
+        if self.rdma is not None and refuse is None:
+            refuse = (p.Status.BAD_REQUEST,
+                      "inline payloads do not travel on an RDMA link: use PUT_SHM")
         put.refuse = refuse
         self._charge(put.charged)
         self.put = put
@@ -791,6 +928,9 @@ class Connection:
             if on_sent is not None:
                 on_sent()
             return
+        if self.rdma is not None:  # one frame, one SEND
+            self.rdma.send(b"".join(bufs), on_sent)
+            return
         for b in bufs:  # byte buffers and byte memoryviews: len() is their size
             self.queued += len(b)
         self.out.extend(bufs)
@@ -878,6 +1018,8 @@ class Connection:
         self.closed = True
         self._abandon_put()
         self.segments.close()  # each unmapped once no read into it is in flight
+        if self.rdma is not None:
+            self.rdma.close()
         for fd in self.fds:
             os.close(fd)
         self.fds = []

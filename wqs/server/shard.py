@@ -91,7 +91,7 @@ class Shard:
     def __init__(self, core: EngineCore, loop: Reactor, options: ShardOptions, *,
                  index: int = 0, count: int = 1, sock: socket.socket | None = None,
                  accepting: bool = True, local_sock: socket.socket | None = None,
-                 instance: bytes = b"") -> None:
+                 instance: bytes = b"", nic: Any = None, rdma_note: str = "off") -> None:
         self.core = core
         self.loop = loop
         self.options = options
@@ -119,6 +119,9 @@ class Shard:
         if local_sock is not None:
             local_sock.setblocking(False)
         self.instance = instance or os.urandom(16)
+        # The RDMA device RDMA_CONNECT sets links up on (None: not served, and why).
+        self.nic = nic
+        self.rdma_note = rdma_note
         self.local_paths: tuple[str, ...] = (local_sock.getsockname(),) \
             if local_sock is not None and count == 1 else ()
         if accepting:

@@ -98,13 +98,16 @@ class _Worker:
                                          dram_cache_bytes=cfg.engine.dram_cache_bytes // spec.count)
         self.core = open_core(part, engine_cfg, self.loop)
         host, _ = cfg.listen_addr
+        from wqs.server.rdma import open_nic
+
+        nic, rdma_note = open_nic(cfg)
         self.shard = Shard(self.core, self.loop, ShardOptions(
             host=host, port=spec.ports[spec.index], auth_token=cfg.auth_token,
             max_connections=cfg.max_connections,
             max_connection_bytes=cfg.max_connection_bytes,
             max_inflight_bytes=cfg.max_inflight_bytes, frame_timeout_s=cfg.frame_timeout_s),
             index=spec.index, count=spec.count, sock=sock, accepting=False,
-            local_sock=local, instance=spec.instance)
+            local_sock=local, instance=spec.instance, nic=nic, rdma_note=rdma_note)
         self.shard.set_ports(spec.ports, spec.local_paths)
         self.loop.add_reader(conn.fileno(), self._on_message)
         # What start-up made lives for good: keep the cyclic collector off it, and let it
