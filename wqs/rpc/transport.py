@@ -9,8 +9,8 @@ memfd handed to the daemon over its Unix socket, and GET_SHM / PUT_SHM items nam
 (segment, offset, length) where the RDMA items below name (address, rkey, length); the
 daemon's device reads and writes land in that memory as an RDMA NIC's would.
 
-How an RDMA transport would implement it
-----------------------------------------
+How the RDMA transport implements it (wqs/rdma/, wqs/server/rdma.py)
+---------------------------------------------------------------------
 Bulk bytes move by one-sided RDMA; only small control frames cross the wire (a TCP or an
 RDMA SEND channel carrying the same header, opcodes and statuses).
 
