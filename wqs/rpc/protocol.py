@@ -545,6 +545,8 @@ def parse_header(data: BytesLike, limits: Limits = DEFAULT_LIMITS, *,
                     return FrameHeader(opcode, flags, rid, _STATUS_OK, count, body_len)
                 if opcode is Opcode.PUT and body_len == 2 * count:
                     return FrameHeader(opcode, flags, rid, _STATUS_OK, count, body_len)
+                if opcode is Opcode.GET_SHM and body_len == count * SHM_ITEM.size:
+                    return FrameHeader(opcode, flags, rid, _STATUS_OK, count, body_len)
     return _parse_header(data, limits, response)
 
 

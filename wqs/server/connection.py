@@ -633,7 +633,14 @@ class Connection:
                     continue
                 get.waiting -= 1
             batch.append(k)
-        if batch:
+        if len(batch) == 1 and len(items) == 1:  # the common case, without a batch
+            get.waiting += 1
+            reserved = shard.core.reader.get_one(items[0].block_id, self._got_shm_one,
+                                                 (get, 0))
+            if reserved and get.waiting > 1:  # still reading: its buffer is held now
+                get.charged = reserved
+                self._charge(reserved)
+        elif batch:
             get.waiting += 1
             room = min(shard.options.max_connection_bytes - self.held, shard.budget.room())
             op = shard.core.get([items[k].block_id for k in batch], self._got_shm_batch,
@@ -648,6 +655,9 @@ class Connection:
     def _got_shm_one(self, arg: tuple, result: Any) -> None:
         get, k = arg
         self._place(get, k, result)
+        if get.charged:
+            self._uncharge(get.charged)
+            get.charged = 0
         get.waiting -= 1
         if not get.waiting:
             self._answer_shm_get(get)
