@@ -586,6 +586,9 @@ def test_constructed_like_client(shared, tmp_path):
             wqs.AsyncClient([shared.address], config=ClientConfig(servers=[shared.address]))
         with pytest.raises(ConfigError):
             wqs.AsyncClient(config=ClientConfig(etcd={"endpoints": ["127.0.0.1:2379"]}))
+        for transport in ("shm", "rdma"):  # not silently TCP
+            with pytest.raises(ConfigError, match=f"TCP only, not {transport}"):
+                wqs.AsyncClient([shared.address], transport=transport)
         c = wqs.AsyncClient([shared.address])
         await c.close()
         with pytest.raises(RuntimeError):

@@ -550,6 +550,9 @@ class AsyncClient:
         if config.etcd is not None:
             raise ConfigError("etcd: AsyncClient takes a static list of servers (the etcd "
                               "watcher is a thread); use wqs.Client for etcd membership")
+        if config.transport in ("shm", "rdma"):
+            raise ConfigError(f"transport: AsyncClient speaks TCP only, not "
+                              f"{config.transport}; use wqs.Client for it")
         if config.auth_token is None and config.auth_token_file is not None:
             config = with_token_file(config)
         self.config = config
