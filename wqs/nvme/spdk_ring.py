@@ -84,6 +84,9 @@ class SpdkRing:
     """IoRing over a Qpair; a reactor Poller (no fd: the loop polls it while busy)."""
 
     fd = -1
+    # Its IOs need the driver's DMA memory: never a client's shared memory (the engine's
+    # direct reads and writes into it fall back to its own buffers and a copy).
+    external_memory = False
 
     def __init__(self, qpair: Qpair, base: int = 0, depth: int = RING_DEPTH, *,
                  poll_wait_s: float = 20e-6, idle_poll_s: float = ADMIN_POLL_S,
