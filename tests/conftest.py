@@ -17,14 +17,17 @@ if str(ROOT) not in sys.path:
 from wqs.config import EngineConfig  # noqa: E402
 from wqs.engine import Engine, open_or_create  # noqa: E402
 from wqs.nvme import aio  # noqa: E402
+from tests import spdk_mode  # noqa: E402
 
 MiB = 1024 * 1024
 
 
-@pytest.fixture(params=["aio", "threads"])
+@pytest.fixture(params=["spdk"] if spdk_mode.ACTIVE else ["aio", "threads"])
 def small_config(request: pytest.FixtureRequest) -> EngineConfig:
     """1 MiB regions, no DRAM tier: every get goes to the device. Once for each way the
-    device runs batches of IO."""
+    device runs batches of IO (or on SPDK only: tests/spdk_mode.py)."""
+    if request.param == "spdk":
+        return spdk_mode.engine_config()
     if request.param == "aio" and (reason := aio.unavailable_reason()) is not None:
         pytest.skip(f"native AIO is not available here: {reason}")
     return EngineConfig(region_size=1 * MiB, max_block_size=8 * MiB, dram_cache_bytes=0,
@@ -37,13 +40,16 @@ def open_engine(tmp_path: Path) -> Iterator[Callable[..., Engine]]:
     opened: list[Engine] = []
 
     def _open(config: EngineConfig, size: int = 16 * MiB, name: str = "dev") -> Engine:
-        engine = open_or_create(str(tmp_path / name), size, config)
+        if spdk_mode.ACTIVE:
+            engine = spdk_mode.open_engine(tmp_path / name, size, config)
+        else:
+            engine = open_or_create(str(tmp_path / name), size, config)
         opened.append(engine)
         return engine
 
     yield _open
     for e in opened:
-        if not e._closed and not e.device._closed:
+        if not e._closed and not getattr(e.device, "_closed", False):
             e.close()
 
 
@@ -83,6 +89,8 @@ def crash(engine: Engine) -> None:
 
 
 def flip_bytes(path: str, offset: int, count: int = 8) -> None:
+    if spdk_mode.owns(path):
+        return spdk_mode.flip_bytes(path, offset, count)
     with open(path, "r+b") as f:
         f.seek(offset)
         data = bytearray(f.read(count))

@@ -10,6 +10,7 @@ import random
 
 import pytest
 
+from tests import spdk_mode
 from tests.conftest import MiB
 from wqs.config import EngineConfig
 from wqs.engine import Engine
@@ -17,14 +18,17 @@ from wqs.errors import DeviceError
 from wqs.loop.reactor import Reactor
 from wqs.nvme import DirectDevice, aio
 from wqs.nvme.buffers import IoBuffer
-from wqs.nvme.device import DevicePart
+from wqs.nvme.device import DevicePart, watch_ring
 from wqs.nvme.memdevice import MemoryDevice
 
 BLOCK = 4096
 
 
-@pytest.fixture(params=["aio", "threads", "memory"])
+@pytest.fixture(params=["spdk"] if spdk_mode.ACTIVE else ["aio", "threads", "memory"])
 def device(request, tmp_path):
+    if request.param == "spdk":  # the namespace through SPDK (tests/spdk_mode.py)
+        yield spdk_mode.namespace().device
+        return
     if request.param == "aio" and (reason := aio.unavailable_reason()) is not None:
         pytest.skip(f"native AIO is not available here: {reason}")
     if request.param == "memory":
@@ -43,7 +47,7 @@ class Driver:
     def __init__(self, device, ring=None) -> None:
         self.loop = Reactor()
         self.ring = ring or device.open_ring()
-        self.loop.add_reader(self.ring.fd, self.ring.complete)
+        watch_ring(self.loop, self.ring)
         self.loop.on_turn_end(self.ring.submit)
         self.done: list[tuple[object, int]] = []
 

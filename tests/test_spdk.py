@@ -522,3 +522,23 @@ def test_wqsd_without_the_library_says_which_key_and_path(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert bad.returncode == 2
     assert "configuration error: device: subnqn (the subsystem's NQN) is missing" in bad.stderr
+
+
+def test_a_ring_refuses_use_across_fork():
+    ring, qp, loop, done = _ring()
+    b = _bufs(1)[0]
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            ring.read(0, b.addr, 4096, lambda a, r: None, None)
+            try:
+                ring.submit()
+            except DeviceError as e:
+                code = 0 if "cannot be used across fork" in str(e) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    ring.read(0, b.addr, 4096, lambda a, r: done.append(r), None)  # the parent's still works
+    assert loop.run_until(lambda: done, timeout_s=5) and done == [4096]

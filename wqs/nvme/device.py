@@ -289,8 +289,8 @@ class DevicePart:
         self._check(offset, len(buf))
         self.device.write(self.offset + offset, buf)
 
-    def open_ring(self) -> IoRing:
-        return self.device.open_ring(self.offset)
+    def open_ring(self, base: int = 0) -> IoRing:
+        return self.device.open_ring(self.offset + base)
 
     def __getattr__(self, name: str) -> Any:
         # What else the device offers (SPDK's alloc_buffer), at the device's level.

@@ -2,18 +2,25 @@
 environment (once per process), a controller, its namespace and one IO queue pair.
 
 Nothing here is built with the project: the operator installs SPDK (tested: v26.05,
-built as shared libraries) and names its library directory in `engine.spdk.lib_dir`
-(unset: the system's library path). The libraries are loaded with RTLD_GLOBAL, each
-after the SPDK libraries it needs (found by asking the dynamic loader what is missing,
-so no ELF parsing), and the socket implementation (libspdk_sock_posix) explicitly:
-it registers itself when loaded, and NVMe over TCP needs one.
+built with --with-shared and installed with `make install`) and names its library
+directory in `engine.spdk.lib_dir` (unset: the system's library path). Loading, all
+with RTLD_GLOBAL: first the system and DPDK libraries SPDK's libraries call without
+listing them as dependencies (a program linked against SPDK names them; SPDK's
+pkg-config files spdk_syslibs.pc and spdk_dpdklibs.pc say which), then SPDK's own,
+each after the SPDK libraries it needs (found by asking the dynamic loader what is
+missing, so no ELF parsing), the socket implementation (libspdk_sock_posix)
+explicitly: it registers itself when loaded, and NVMe over TCP needs one. SPDK's env
+and util libraries need each other's symbols at load time (they are linked with
+BIND_NOW), so the loader must find them by itself: an installed SPDK's libraries carry
+their directory as run path.
 
 ABI: only C functions of SPDK's public headers are called, with arguments of plain C
-types. Two structs are laid out here: `spdk_env_opts` (include/spdk/env.h, 128 B since
-v24.09; passed with its `opts_size`) and the head of `spdk_nvme_io_qpair_opts` (its
-first four fields, passed with opts_size 16: SPDK fills the rest with defaults, which
-is what opts_size is for). A completion's status word is read at its fixed offset 14
-in `struct spdk_nvme_cpl` (16 B, from the NVMe specification).
+types. Two structs are laid out here, whole, with their sizes asserted:
+`spdk_env_opts` (include/spdk/env.h, 128 B) and `spdk_nvme_io_qpair_opts` (80 B),
+each passed with its `opts_size` (SPDK's way of staying compatible with callers built
+against older headers). The transport ID is a zeroed buffer larger than its struct
+(564 B in v26.05), filled by SPDK's parser. A completion's status word is read at its
+fixed offset 14 in `struct spdk_nvme_cpl` (16 B, from the NVMe specification).
 
 Process-wide state: SPDK's environment (DPDK's EAL) can be initialised once per
 process and does not survive fork(), so the loaded library and the environment are
@@ -24,6 +31,8 @@ a child process (spdk.py), and each shard process initialises its own.
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
+import glob
 import logging
 import os
 import re
@@ -83,8 +92,9 @@ class EnvOpts(ctypes.Structure):
 assert ctypes.sizeof(EnvOpts) == 128, "struct spdk_env_opts is 128 bytes"
 
 
-class IoQpairOptsHead(ctypes.Structure):
-    """The first fields of struct spdk_nvme_io_qpair_opts."""
+class IoQpairOpts(ctypes.Structure):
+    """struct spdk_nvme_io_qpair_opts (include/spdk/nvme.h, v24.01+). Laid out whole:
+    SPDK writes its `opts_size` field whatever opts_size says."""
 
     _fields_ = [
         ("qprio", ctypes.c_int),
@@ -92,7 +102,17 @@ class IoQpairOptsHead(ctypes.Structure):
         ("io_queue_requests", ctypes.c_uint32),
         ("delay_cmd_submit", ctypes.c_bool),
         ("reserved13", ctypes.c_uint8 * 3),
+        ("sq", ctypes.c_uint64 * 3),  # vaddr, paddr, buffer_size
+        ("cq", ctypes.c_uint64 * 3),
+        ("create_only", ctypes.c_bool),
+        ("async_mode", ctypes.c_bool),
+        ("disable_pcie_sgl_merge", ctypes.c_bool),
+        ("reserved67", ctypes.c_uint8 * 5),
+        ("opts_size", ctypes.c_size_t),
     ]
+
+
+assert ctypes.sizeof(IoQpairOpts) == 80, "struct spdk_nvme_io_qpair_opts is 80 bytes"
 
 
 _vp, _u32, _u64, _int = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int
@@ -116,9 +136,9 @@ _FUNCTIONS: dict[str, tuple[Any, list[Any]]] = {
     "spdk_nvme_ns_supports_extended_lba": (ctypes.c_bool, [_vp]),
     "spdk_nvme_ns_get_pi_type": (_int, [_vp]),
     "spdk_nvme_ns_get_max_io_xfer_size": (_u32, [_vp]),
-    "spdk_nvme_ctrlr_get_default_io_qpair_opts": (None, [_vp, ctypes.POINTER(IoQpairOptsHead),
+    "spdk_nvme_ctrlr_get_default_io_qpair_opts": (None, [_vp, ctypes.POINTER(IoQpairOpts),
                                                          ctypes.c_size_t]),
-    "spdk_nvme_ctrlr_alloc_io_qpair": (_vp, [_vp, ctypes.POINTER(IoQpairOptsHead),
+    "spdk_nvme_ctrlr_alloc_io_qpair": (_vp, [_vp, ctypes.POINTER(IoQpairOpts),
                                              ctypes.c_size_t]),
     "spdk_nvme_ctrlr_free_io_qpair": (_int, [_vp]),
     "spdk_nvme_ns_cmd_read": (_int, [_vp, _vp, _vp, _u64, _u32, CommandCallback, _vp, _u32]),
@@ -162,40 +182,149 @@ def load_library(lib_dir: str | None) -> Library:
     if lib_dir is not None and not os.path.isdir(lib_dir):
         raise DeviceError(f"SPDK library not found: {LIB_DIR_KEY} is {lib_dir!r}, which is "
                           "not a directory (it should hold libspdk_nvme.so)")
-    handles: list[ctypes.CDLL] = []
-    loaded: set[str] = set()
     for name in LIBRARIES:
         path = os.path.join(lib_dir, name) if lib_dir else name
         if lib_dir is not None and not os.path.exists(path):
             raise DeviceError(f"SPDK library not found: {LIB_DIR_KEY} is {lib_dir!r} and "
                               f"{path} does not exist (SPDK built with --with-shared "
                               "installs it there)")
-        handles.append(_load(path, lib_dir, loaded))
+    # DPDK's libraries first: SPDK's env library calls them without listing them. The
+    # system libraries only if SPDK's need more than they list themselves: preloaded
+    # up front, a system copy of one SPDK brings its own of (isa-l) would win.
+    handles = _preload_dependencies(lib_dir, "spdk_dpdklibs.pc")
+    loaded: set[str] = set()
+    try:
+        for name in LIBRARIES:
+            handles.append(_load(os.path.join(lib_dir, name) if lib_dir else name, lib_dir,
+                                 loaded))
+    except DeviceError as e:
+        if "undefined symbol" not in str(e) or "undefined symbol: spdk_" in str(e):
+            raise
+        handles += _preload_dependencies(lib_dir, "spdk_syslibs.pc")
+        for name in LIBRARIES:
+            handles.append(_load(os.path.join(lib_dir, name) if lib_dir else name, lib_dir,
+                                 loaded))
+    _bind_now(loaded)
     where = lib_dir or "the system's library path"
     return Library(handles, where)
 
 
-def _load(path: str, lib_dir: str | None, loaded: set[str], depth: int = 0) -> ctypes.CDLL:
-    """dlopen(path, RTLD_GLOBAL), first loading from lib_dir whatever it needs that the
-    loader cannot find on its own (SPDK's libraries need each other)."""
-    assert depth < 64, "dependency chain too deep"
-    while True:
+# What SPDK's libraries use without naming it (a program linking SPDK names these, from
+# the pkg-config files SPDK installs beside them): used when those files are not there.
+_FALLBACK_DEPENDENCIES = {
+    "spdk_syslibs.pc": ("isal", "isal_crypto", "uuid", "ssl", "crypto", "aio", "bsd", "numa"),
+    "spdk_dpdklibs.pc": ("rte_eal", "rte_kvargs", "rte_log", "rte_telemetry", "rte_argparse",
+                         "rte_mempool_ring", "rte_mempool", "rte_ring", "rte_bus_pci",
+                         "rte_pci", "rte_power", "rte_timer", "rte_ethdev", "rte_net",
+                         "rte_mbuf", "rte_meter"),
+}
+_IN_LIBC = {"pthread", "rt", "m", "dl", "c"}
+_SPDK_BUILDS = {"isal", "isal_crypto"}
+
+
+def _preload_dependencies(lib_dir: str | None, pc: str) -> list[ctypes.CDLL]:
+    """Libraries SPDK's shared libraries call into but do not list as their own
+    dependencies, loaded with RTLD_GLOBAL. Their names come from SPDK's pkg-config file
+    `pc` in <lib_dir>/pkgconfig (else a list of the usual ones). One that cannot be found
+    is left out: loading SPDK then names the symbol it misses."""
+    handles = []
+    path = os.path.join(lib_dir, "pkgconfig", pc) if lib_dir else ""
+    dirs, names = _read_pc(path) if path and os.path.exists(path) else \
+        ([], list(_FALLBACK_DEPENDENCIES[pc]))
+    for name in names:
+        if name in _IN_LIBC:
+            continue
+        # SPDK builds isa-l itself and its libraries find it by their run path: a system
+        # copy (often older, without what SPDK calls) must not be loaded in its place.
+        handle = _load_system(name, dirs, search_system=name not in _SPDK_BUILDS)
+        if handle is not None:
+            handles.append(handle)
+    return handles
+
+
+def _read_pc(path: str) -> tuple[list[str], list[str]]:
+    """The -L directories and -l names of a pkg-config file's Libs line."""
+    dirs, names = [], []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("Libs:"):
+                for word in line[5:].split():
+                    if word.startswith("-L"):
+                        dirs.append(word[2:])
+                    elif word.startswith("-l"):
+                        names.append(word[2:])
+    return dirs, names
+
+
+def _load_system(name: str, dirs: list[str], search_system: bool) -> ctypes.CDLL | None:
+    candidates = []
+    for d in dirs:
+        candidates += sorted(glob.glob(os.path.join(d, f"lib{name}.so*")), key=len)[:1]
+    found = ctypes.util.find_library(name) if search_system else None
+    if found:
+        candidates.append(found)
+    for path in candidates:
         try:
-            handle = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-            loaded.add(os.path.basename(path))
-            return handle
-        except OSError as e:
-            m = _MISSING.search(str(e))
-            dep = m.group(1) if m else None
-            if lib_dir is None or dep is None or dep in loaded \
-                    or not os.path.exists(os.path.join(lib_dir, dep)):
-                if lib_dir is None and dep == os.path.basename(path):
-                    raise DeviceError(
-                        f"SPDK library not found: {LIB_DIR_KEY} is not set and {dep} is not "
-                        "on the system's library path; set it to the directory of "
-                        "SPDK's shared libraries (e.g. /usr/local/lib)") from None
-                raise DeviceError(f"cannot load {path}: {e}") from None
-            _load(os.path.join(lib_dir, dep), lib_dir, loaded, depth + 1)
+            return ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            continue
+    return None
+
+
+def _load(path: str, lib_dir: str | None, loaded: set[str], depth: int = 0) -> ctypes.CDLL:
+    """dlopen(path) with RTLD_GLOBAL, first loading from lib_dir the SPDK libraries it
+    needs that the loader cannot find on its own.
+
+    Lazily bound: SPDK's env and util libraries call each other, so neither loads first
+    with every symbol resolved; `_bind_now` checks every symbol once all are loaded."""
+    assert depth < 64, "dependency chain too deep"
+    dl = _dl()
+    while True:
+        handle = dl.dlopen(path.encode(), os.RTLD_LAZY | os.RTLD_GLOBAL)
+        if handle:
+            loaded.add(path)
+            return ctypes.CDLL(path, handle=handle)
+        error = (dl.dlerror() or b"").decode(errors="replace")
+        m = _MISSING.search(error)
+        dep = m.group(1) if m else None
+        known = {os.path.basename(p) for p in loaded}
+        if lib_dir is None or dep is None or dep in known \
+                or not os.path.exists(os.path.join(lib_dir, dep)):
+            if lib_dir is None and dep == os.path.basename(path):
+                raise DeviceError(
+                    f"SPDK library not found: {LIB_DIR_KEY} is not set and {dep} is not "
+                    "on the system's library path; set it to the directory of "
+                    "SPDK's shared libraries (e.g. /usr/local/lib)")
+            if "undefined symbol: spdk_" in error:  # SPDK's libraries need each other
+                raise DeviceError(
+                    f"cannot load {path}: {error}: SPDK's libraries in {lib_dir} do not "
+                    "find each other. Install SPDK with `make install` (its libraries then "
+                    "carry their directory, the --prefix's lib, as run path), or add "
+                    f"{lib_dir} to the loader's path (ldconfig, or LD_LIBRARY_PATH when "
+                    "the daemon starts)")
+            raise DeviceError(f"cannot load {path}: {error}")
+        _load(os.path.join(lib_dir, dep), lib_dir, loaded, depth + 1)
+
+
+def _bind_now(loaded: set[str]) -> None:
+    """Resolve every symbol of the loaded SPDK libraries now (RTLD_NOLOAD|RTLD_NOW), so
+    one missing is an error here, naming it, and not a crash at its first call."""
+    dl = _dl()
+    for path in sorted(loaded):
+        if not dl.dlopen(path.encode(), os.RTLD_NOW | os.RTLD_NOLOAD | os.RTLD_GLOBAL):
+            error = (dl.dlerror() or b"").decode(errors="replace")
+            raise DeviceError(f"cannot load {path}: {error} (a system or DPDK library SPDK "
+                              "uses is missing; SPDK's pkgconfig/spdk_syslibs.pc and "
+                              "spdk_dpdklibs.pc beside it name them)")
+
+
+def _dl() -> Any:
+    libc = ctypes.CDLL(None)
+    libc.dlopen.restype = ctypes.c_void_p
+    libc.dlopen.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    libc.dlerror.restype = ctypes.c_char_p
+    libc.dlerror.argtypes = []
+    return libc
 
 
 @dataclass
@@ -303,7 +432,7 @@ class Controller:
         self.max_xfer = int(lib.spdk_nvme_ns_get_max_io_xfer_size(ns))
 
     def _open_qpair(self) -> None:
-        opts = IoQpairOptsHead()
+        opts = IoQpairOpts()
         self.lib.spdk_nvme_ctrlr_get_default_io_qpair_opts(self.ctrlr, ctypes.byref(opts),
                                                            ctypes.sizeof(opts))
         opts.io_queue_requests = max(opts.io_queue_requests, IO_QUEUE_REQUESTS)

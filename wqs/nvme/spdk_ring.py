@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import time
 from collections import deque
 from typing import Any, Callable, Protocol
 
+from wqs.errors import DeviceError
 from wqs.nvme.spdk_target import describe_status, split_status, status_errno
 
 log = logging.getLogger("wqs.nvme")
@@ -109,6 +111,7 @@ class SpdkRing:
         self.failed: str | None = None  # why the queue pair stopped working
         self._admin_due = time.monotonic() + ADMIN_POLL_S
         self._logged: dict[str, float] = {}
+        self._generation = _fork_generation[0]
         self._closed = False
 
     @property
@@ -134,6 +137,7 @@ class SpdkRing:
         """Issue queued IOs while commands are free, then let the driver send them."""
         if not self._queued or self._closed:
             return
+        self._check_owner()
         issued = self._issue()
         if issued:
             self._process()  # a fabric queue pair sends its commands when polled
@@ -201,6 +205,7 @@ class SpdkRing:
         Also polls the controller's admin queue (keep-alives) every ADMIN_POLL_S."""
         if self._closed:
             return 0
+        self._check_owner()
         if self.commands:
             self._process()
         now = time.monotonic()
@@ -218,6 +223,11 @@ class SpdkRing:
         if self._queued and self._free:
             self.submit()  # IOs waiting for commands that just came free
         return n
+
+    def _check_owner(self) -> None:
+        if _fork_generation[0] != self._generation:
+            raise DeviceError("an SPDK ring cannot be used across fork(): open the device "
+                              "in the child")
 
     def _process(self) -> None:
         rc = self._qpair.process()
@@ -246,6 +256,8 @@ class SpdkRing:
         if self._closed:
             return
         self._closed = True
+        if _fork_generation[0] != self._generation:
+            return  # the parent's: nothing of it is ours to wait for
         deadline = time.monotonic() + CLOSE_TIMEOUT_S
         while self.commands and time.monotonic() < deadline:
             if self._qpair.process() < 0:
@@ -256,12 +268,16 @@ class SpdkRing:
         self._done.clear()
 
 
+# Bumped in every forked child: a ring made before the fork is the parent's (SPDK's
+# state does not survive fork). Checked per call without a getpid() system call.
+_fork_generation = [0]
+os.register_at_fork(after_in_child=lambda: _fork_generation.__setitem__(
+    0, _fork_generation[0] + 1))
+
 # Generic status 0x08 "aborted: SQ deletion", as SPDK reports commands of a queue pair
 # it tore down: the status word of a command the ring fails itself.
 _ABORTED_SQ_DELETION = 0x08 << 1
 
 
 def _strerror(rc: int) -> str:
-    import os
-
     return f"{os.strerror(-rc)} ({rc})" if rc < 0 else str(rc)
