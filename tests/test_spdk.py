@@ -542,3 +542,14 @@ def test_a_ring_refuses_use_across_fork():
     assert os.WEXITSTATUS(status) == 0
     ring.read(0, b.addr, 4096, lambda a, r: done.append(r), None)  # the parent's still works
     assert loop.run_until(lambda: done, timeout_s=5) and done == [4096]
+
+
+def test_a_pcie_controller_holds_one_shard():
+    from wqs.nvme.spdk import check_shards
+
+    pcie = parse_device("spdk:trtype:PCIe traddr:0000:01:00.0 ns:1")
+    check_shards(pcie, 1)
+    with pytest.raises(DeviceError, match="a PCIe controller is driven by one process, so it "
+                                          "holds one shard, not 2"):
+        check_shards(pcie, 2)
+    check_shards(parse_device(TCP), 8)  # a fabric takes a connection per shard

@@ -392,6 +392,12 @@ def cmd_format(args: argparse.Namespace, ctx: Context) -> int:
             if not args.yes:
                 _confirm(f"Format {path} ({human_size(device.size)})? Everything on it is lost.")
         shards = auto_shards(device.size, config) if args.shards == "auto" else int(args.shards)
+        if is_spdk_device(path):
+            from wqs.nvme.spdk import check_shards
+
+            if args.shards == "auto" and device.target.is_pcie:
+                shards = 1
+            check_shards(device.target, shards)
         table = format_node(device, config, shards, force=True)
         sbs = [fmt.unpack_superblock(_first_unit(DevicePart(device, o, n, k)))
                for k, (o, n) in enumerate(table.partitions)]

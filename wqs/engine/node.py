@@ -128,6 +128,10 @@ def open_node_device(path: str, size: int, config: EngineConfig,
             if table is None:
                 raise FormatError(f"{path} is not a WQS device (no valid superblock); "
                                   "run `wqs format` first")
+            if spdk:
+                from wqs.nvme.spdk import check_shards
+
+                check_shards(device.target, len(table.partitions))
             have = len(table.partitions)
             if workers is not None and workers != have:
                 raise FormatError(

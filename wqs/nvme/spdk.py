@@ -267,6 +267,15 @@ class SpdkDevice:
             self._lock_fd = None
 
 
+def check_shards(target: SpdkTarget, shards: int) -> None:
+    """A PCIe controller is driven by one process (SPDK's multi-process mode, which
+    would let several share it, is not used): one shard there."""
+    if target.is_pcie and shards > 1:
+        raise DeviceError(f"{target.name()}: a PCIe controller is driven by one process, "
+                          f"so it holds one shard, not {shards} (wqs format --shards 1; "
+                          "workers: 1)")
+
+
 def _shift(align: int) -> int:
     return align.bit_length() - 1
 
