@@ -50,8 +50,21 @@ def other_cpus() -> set[int]:
     return set(os.sched_getaffinity(0)) - {target_cpu()}
 
 
-def target(workdir: Path, port: int, namespaces_mib: list[int]) -> NvmfTarget:
-    """A target for the tests: interrupt mode (it sleeps between requests instead of
-    spinning on its core: the tests measure nothing)."""
+RAM_DIR = "/dev/shm"
+
+
+def target(workdir: Path, port: int, namespaces_mib: list[int],
+           sector_sizes: list[int] | None = None) -> NvmfTarget:
+    """A target for the tests. The namespaces are files in RAM_DIR (a tmpfs) where it
+    has room, and the target runs in interrupt mode: it sleeps between requests instead
+    of spinning on its core (the tests measure nothing). Elsewhere, malloc bdevs and a
+    spinning target (see bench/nvmf.py)."""
+    need = sum(namespaces_mib) << 20
+    try:
+        st = os.statvfs(RAM_DIR)
+        in_ram = os.access(RAM_DIR, os.W_OK) and st.f_bavail * st.f_frsize > 2 * need
+    except OSError:
+        in_ram = False
     return NvmfTarget(os.environ[NVMF_TGT_ENV], os.environ[LIB_DIR_ENV], workdir, port,
-                      namespaces_mib, cpu=target_cpu(), interrupt=True)
+                      namespaces_mib, cpu=target_cpu(), interrupt=in_ram,
+                      files_dir=RAM_DIR if in_ram else None, sector_sizes=sector_sizes)

@@ -5,7 +5,12 @@ Skipped, with the reason, unless the machine has an SPDK (tests/spdk_target.py: 
 WQS_TEST_SPDK_LIB_DIR and WQS_TEST_NVMF_TGT variables). Runs the engine's device-level
 tests on a namespace (in a pytest of their own, tests/spdk_mode.py), then `wqs format`
 and wqsd on another: data through the daemon, `wqs stat`, a kill -9 in the middle of a
-stream of puts, and a block damaged on the namespace.
+stream of puts, and a block damaged on the namespace; a namespace of 4 KiB sectors; and
+the errors an operator meets (a controller not reachable, a namespace missing, one of
+sectors the engine cannot use, one too small).
+
+The namespaces are files in /dev/shm and the target sleeps while idle where that
+works, malloc bdevs and a spinning target elsewhere (tests/spdk_target.py).
 
 Every process of the test but the target keeps off the target's core.
 """
@@ -31,6 +36,9 @@ REASON = spdk_target.missing()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
 ENGINE_NS, DAEMON_NS, SPARE_NS = 1, 2, 3
+# Namespaces for the errors and edge cases: 4 KiB sectors (usable), 8 KiB sectors (not:
+# the engine's 4 KiB units must be whole sectors), one too small for a device.
+NS_4K, NS_8K, NS_TINY = 4, 5, 6
 # Tests of tests/test_engine.py that take small_config but make devices of their own out
 # of files (an ext4 image, a blank or tiny file, the device file reopened or rewritten
 # with open()): they test the engine on those files, not device IO, and stay on files.
@@ -44,7 +52,7 @@ FILE_ONLY = ("test_format_refuses_a_filesystem_unless_forced",
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
     t = spdk_target.target(tmp_path_factory.mktemp("nvmf"), pick_ports(span=1),
-                           [256, 128, 64])
+                           [256, 128, 64, 16, 16, 1], [512, 512, 512, 4096, 8192, 512])
     with t:
         yield t
 
@@ -194,8 +202,26 @@ def test_a_block_damaged_on_the_namespace_is_a_miss_and_the_rest_intact(target, 
         d.kill()
 
 
-def test_an_unreachable_controller_and_a_missing_namespace_are_clear_errors(target,
-                                                                            tmp_path):
+def test_a_namespace_of_4k_sectors_serves(target, tmp_path):
+    import wqs
+
+    fmt = _format(target, NS_4K, "--force", "--shards", "1")
+    assert fmt.returncode == 0, fmt.stderr
+    d = _daemon(tmp_path, target, NS_4K)
+    d.start(timeout_s=60)
+    try:
+        client = wqs.Client([d.address], timeout_s=10)
+        blocks = {i: random.Random(i).randbytes(4096 * (1 + i % 20) - i % 3) for i in range(40)}
+        assert all(client.put_many(list(blocks.items())))
+        assert client.get_many(list(blocks)) == list(blocks.values())
+        client.close()
+        assert d.terminate() == 0
+    finally:
+        d.kill()
+
+
+def test_unreachable_controller_missing_namespace_and_unusable_ones_are_clear_errors(
+        target, tmp_path):
     closed = pick_ports(span=1)
     unreachable = _format(target, 1).args  # same options, another port
     unreachable[4] = target.device(1).replace(f"trsvcid:{target.port}", f"trsvcid:{closed}")
@@ -206,8 +232,15 @@ def test_an_unreachable_controller_and_a_missing_namespace_are_clear_errors(targ
     assert "is not reachable" in proc.stderr
     proc = _format(target, 9)
     assert proc.returncode == 1
-    assert "namespace 9 does not exist or is not active (active namespaces: 1, 2, 3)" \
-        in proc.stderr
+    assert "namespace 9 does not exist or is not active (active namespaces: 1, 2, 3, 4, " \
+        "5, 6)" in proc.stderr
+    proc = _format(target, NS_8K)
+    assert proc.returncode == 1
+    assert f"namespace {NS_8K} has 8192 B sectors; WQS needs a sector size that divides " \
+        "4096" in proc.stderr
+    proc = _format(target, NS_TINY)
+    assert proc.returncode == 1
+    assert "1048576 bytes hold 0 regions of 1048576; need at least 3" in proc.stderr
     d = _daemon(tmp_path, target, 9)
     d.spawn()
     assert d.wait(60) == 1
