@@ -172,6 +172,19 @@ class DaemonProcess:
     def metrics_url(self) -> str:
         return f"http://{self.metrics_address}/metrics"
 
+    def request_counts(self) -> dict[str, float]:
+        """Data-plane requests served so far, by operation (wqs_request_seconds_count):
+        get/put came inline, get_shm/put_shm one-sided (shared memory or RDMA)."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
+            text = r.read().decode()
+        return {smp.labels["op"]: smp.value
+                for fam in text_string_to_metric_families(text)
+                for smp in fam.samples if smp.name == "wqs_request_seconds_count"}
+
     @property
     def auth_token(self) -> str | None:
         return (self.config or {}).get("auth_token")

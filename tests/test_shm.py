@@ -17,7 +17,7 @@ import pytest
 
 import wqs
 from tests.daemons import daemon_factory  # noqa: F401 (fixture)
-from wqs.errors import BlockTooLarge, TransportUnavailable
+from wqs.errors import BlockTooLarge, ConfigError, TransportUnavailable
 from wqs.rpc import protocol as p
 from wqs.engine import format as fmt
 from wqs.rpc.shm import ENTRY_HEADER, SLOT_ALIGN, SharedMemory, SharedMemoryMap, slot_size
@@ -164,12 +164,50 @@ def test_blocks_move_through_shared_memory_bit_exact(node):
             assert bytes(got[k]) == block(k)
             # No copy in the SDK: the result is the out buffer, filled by the daemon.
             assert got[k].obj is out[k].obj and len(got[k]) == BS
-        # Plain buffers and bytes on the same connection go inline, as over TCP.
+        # A get without out buffers goes inline, as over TCP.
         assert c.get(bid(3)) == block(3)
-        plain = [bytearray(BS) for _ in range(4)]
-        assert [bytes(x) for x in c.get_many(ids[:4], outs=plain)] == [block(k)
-                                                                       for k in range(4)]
-        assert c.put(bid(100), block(100)) and c.get(bid(100)) == block(100)
+        assert node.request_counts()["get"] == 1
+
+
+def test_plain_buffers_move_one_sided_through_bounce_memory(daemon_factory):  # noqa: F811
+    """Buffers the caller did not put in shared memory (bytes, bytearrays, numpy arrays:
+    what LMCache and vLLM hand over) are copied once through the client's bounce memory,
+    so the daemon still reads from the SSD straight into shared memory; what the bounce
+    memory cannot hold goes inline; bounce_bytes 0 turns it off."""
+    from wqs.rpc.control import ControlClient
+
+    d = daemon_factory(config={"engine": {"dram_cache_bytes": 0}})  # every hit from the SSD
+    ids = [bid(200 + k) for k in range(8)]
+    with _client(d) as c, ControlClient(d.control_address) as cc:
+        assert c.transport(d.address) == "shm"
+        assert all(c.put_many([(i, block(200 + k)) for k, i in enumerate(ids)]))
+        outs = [np.zeros(BS, dtype=np.uint8) for _ in ids]
+        got = c.get_many(ids, outs=outs)
+        assert [bytes(g) for g in got] == [block(200 + k) for k in range(8)]
+        assert got[0].obj is outs[0].data.obj  # the caller's own buffer, filled
+        counts = d.request_counts()
+        assert counts["put_shm"] >= 1 and counts["get_shm"] >= 1
+        assert counts["put"] == counts["get"] == 0
+        stats = cc.stats()["engine"]
+        assert stats["direct_writes"] == 8 and stats["direct_reads"] == 8
+        assert c._bounce.memory is not None and c._bounce.memory.segment_id
+        # Every slot is given back once its answer is in.
+        assert c._bounce._slots.free == [(0, c._bounce.size)]
+    # A bounce memory that holds two blocks: the rest of a call goes inline, all exact.
+    with _client(d, bounce_bytes=2 * slot_size(BS)) as c:
+        before = d.request_counts()
+        got = c.get_many(ids, outs=[bytearray(BS) for _ in ids])
+        assert [bytes(g) for g in got] == [block(200 + k) for k in range(8)]
+        after = d.request_counts()
+        assert after["get_shm"] > before["get_shm"] and after["get"] > before["get"]
+    with _client(d, bounce_bytes=0) as c:
+        before = d.request_counts()
+        assert bytes(c.get_many(ids[:1], outs=[bytearray(BS)])[0]) == block(200)
+        after = d.request_counts()
+        assert after["get"] == before["get"] + 1 and after["get_shm"] == before["get_shm"]
+        assert c._bounce.memory is None
+    with pytest.raises(ConfigError, match="bounce_bytes: must be a multiple of 4096"):
+        _client(d, bounce_bytes=5000)
 
 
 def test_mixed_buffers_misses_and_small_outs(node):

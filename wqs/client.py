@@ -30,7 +30,7 @@ from wqs.ids import BlockIdLike, to_block_id
 from wqs.ring import HashRing, shard_of, weight_unit_for
 from wqs.rpc import protocol as p
 from wqs.rpc.pipeline import Call, NodeDown, Pipeline, _GetAnswer, _Request
-from wqs.rpc.shm import SharedMemory, SharedMemoryMap
+from wqs.rpc.shm import Bounce, SharedMemory, SharedMemoryMap
 
 log = logging.getLogger("wqs.client")
 
@@ -101,6 +101,7 @@ class Client:
         self.config = config
         self._pipe = Pipeline(config)
         self._shm = SharedMemoryMap()
+        self._bounce = Bounce(self._shm.create, config.bounce_bytes)
         self._bounce_hint = 1 << 20  # room a get without out buffers gets on an RDMA link
         self._members_lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None  # only for the *_async calls
@@ -572,9 +573,10 @@ class Client:
     def _send_shm(self, call: Call, conn: Any, opcode: p.Opcode, idx: list[int],
                   ids: list[bytes], bufs: list[memoryview] | None, on_answer: Callable,
                   ctx: tuple) -> list[int]:
-        """GET_SHM / PUT_SHM requests for the blocks of idx whose buffer lies in shared
-        memory (handed to conn first if need be); the others are returned, to go inline.
-        An RDMA link carries no payloads inline: those go through bounce memory."""
+        """GET_SHM / PUT_SHM requests for the blocks of idx: those whose buffer lies in
+        shared memory in place, the others through bounce memory (handed to conn first if
+        need be). What the bounce memory cannot take is returned, to go inline; an RDMA
+        link carries no payloads inline: there it fails."""
         find = self._shm.find
         rest: list[int] = []
         rows: list[tuple[int, tuple]] = []
@@ -582,21 +584,18 @@ class Client:
         for i in idx:
             found = find(bufs[i]) if bufs is not None else None
             if found is None:
-                if conn.link is None:
-                    rest.append(i)
-                    continue
                 found = self._bounce_take(opcode, bufs[i] if bufs is not None else None,
                                           conn.limits.max_block)
                 if found is None:
-                    rest.append(i)  # bounce memory full: failed below
+                    rest.append(i)  # bounce memory full (or off)
                     continue
                 bounce[i] = (found[1], found[2])
                 found = found[:2]
             mem, offset = found
             n = bounce[i][1] if i in bounce else bufs[i].nbytes
             self._pipe.share(call, conn, mem)
-            rows.append((i, (ids[i], offset, n, mem.segment_id,
-                             p.SHM_SLOT if mem.slotted and mem.in_slot(offset, n) else 0)))
+            slot = i in bounce or (mem.slotted and mem.in_slot(offset, n))
+            rows.append((i, (ids[i], offset, n, mem.segment_id, p.SHM_SLOT if slot else 0)))
         step = conn.limits.max_items
         for k in range(0, len(rows), step):
             part = rows[k : k + step]
@@ -606,8 +605,9 @@ class Client:
                 req.bounce = {i: bounce[i] for i, _ in part if i in bounce}
             self._pipe.send(req, [p.frame_shm_request(opcode, 0, [r for _, r in part])])
         if conn.link is not None and rest:  # nothing goes inline on an RDMA link
-            error = RemoteError(f"{conn.address}: RDMA bounce memory is full: put the blocks "
-                                "in Client.shared_memory buffers")
+            error = RemoteError(f"{conn.address}: RDMA bounce memory is full (bounce_bytes "
+                                f"{self._bounce.size}): put the blocks in "
+                                "Client.shared_memory buffers")
             req = _Request(call, conn, opcode, on_answer, [ids[i] for i in rest])
             req.ctx = (rest, *ctx)
             on_answer(req, error)
@@ -616,14 +616,13 @@ class Client:
 
     def _bounce_take(self, opcode: p.Opcode, buf: memoryview | None, max_block: int
                      ) -> tuple[SharedMemory, int, int] | None:
-        """(bounce memory, offset, size) for one block of an RDMA link whose buffer is not
-        registered: a put's bytes are copied in now, a get's out when it is answered."""
-        rdma = self._pipe.rdma
+        """(bounce memory, offset, size) for one block whose buffer is not in shared
+        memory: a put's bytes are copied in now, a get's out when it is answered."""
         if opcode == p.Opcode.PUT_SHM:
             n = buf.nbytes
         else:
             n = buf.nbytes if buf is not None else min(self._bounce_hint, max_block)
-        got = rdma.bounce_take(self._shm.create, n)
+        got = self._bounce.take(n)
         if got is None:
             return None
         mem, off = got
@@ -632,7 +631,7 @@ class Client:
         return mem, off, n
 
     def _bounce_release(self, req: _Request) -> None:
-        give = self._pipe.rdma.bounce_give
+        give = self._bounce.give
         for off, n in req.bounce.values():
             give(off, n)
         req.bounce = None
@@ -665,7 +664,7 @@ class Client:
         again = None
         for i, it in zip(chunk, msg.items):
             status = it.flags
-            if bounce and i in bounce:  # through bounce memory (an RDMA link)
+            if bounce and i in bounce:  # through bounce memory
                 status = self._from_bounce(i, it, bounce[i], views, results)
             elif status == p.Status.OK:
                 results[i] = views[i][: it.length]
@@ -698,7 +697,7 @@ class Client:
         if status != p.Status.OK:
             return status
         off = where[0]
-        data = self._pipe.rdma.bounce.buffer[off : off + it.length]
+        data = self._bounce.memory.buffer[off : off + it.length]
         if views is None:
             results[i] = bytes(data)
         else:

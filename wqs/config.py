@@ -296,8 +296,9 @@ class EngineConfig:
     max_block_size: int = 64 * MiB
     dram_cache_bytes: int = 256 * MiB  # hot tier in host memory; 0 disables it
     dram_policy: Literal["s3fifo", "lru"] = "s3fifo"
-    eviction: Literal["fifo", "lru"] = "fifo"  # whole-region eviction order
-    reinsert_hits: bool = True  # rewrite blocks read recently when their region is evicted
+    # Which region goes and which of its blocks are copied forward (wqs/engine/policy.py).
+    eviction: Literal["fifo", "lru", "block-lru"] = "block-lru"
+    reinsert_hits: bool = True  # copy blocks still in use forward when their region goes
     sync: bool = False  # fdatasync after each write
     # How batches of device IO run: "aio" (Linux native AIO), "threads" (io_threads
     # threads, one IO each), or "auto" (AIO where the kernel allows it, else threads).
@@ -310,7 +311,7 @@ class EngineConfig:
         self.max_block_size = _size("max_block_size", self.max_block_size, 1, GiB)
         self.dram_cache_bytes = _size("dram_cache_bytes", self.dram_cache_bytes)
         self.dram_policy = _choice("dram_policy", self.dram_policy, ("s3fifo", "lru"))
-        self.eviction = _choice("eviction", self.eviction, ("fifo", "lru"))
+        self.eviction = _choice("eviction", self.eviction, ("fifo", "lru", "block-lru"))
         self.reinsert_hits = _bool("reinsert_hits", self.reinsert_hits)
         self.sync = _bool("sync", self.sync)
         self.io_engine = _choice("io_engine", self.io_engine, ("auto", "aio", "threads"))
@@ -479,6 +480,10 @@ class ClientConfig:
     # error where there is none); "rdma"; "auto": shm where the node is on this host
     # (it announces a Unix socket this process can reach), else tcp.
     transport: str = "auto"
+    # Shared memory (per client, mapped on first use) through which blocks whose buffers
+    # are not in Client.shared_memory move on shm and RDMA links: one copy by the client
+    # instead of two through the socket. 0: none (inline on shm; an error on RDMA).
+    bounce_bytes: int = 64 * MiB
     etcd: EtcdConfig | None = None
 
     def __post_init__(self) -> None:
@@ -505,6 +510,7 @@ class ClientConfig:
         )
         self.replicas = _int("replicas", self.replicas, 1, 16)
         self.transport = _choice("transport", self.transport, TRANSPORTS)
+        self.bounce_bytes = _size("bounce_bytes", self.bounce_bytes, 0, 64 * GiB, 4096)
         self.etcd = _nested("etcd", self.etcd, EtcdConfig)
         if not self.servers and self.etcd is None:
             raise _fail("servers", "needs at least one host:port, or configure etcd", self.servers)

@@ -38,7 +38,10 @@ if TYPE_CHECKING:
     from wqs.engine import Engine
 
 # Data-plane operations; pre-created so every series exists (at 0) from the first scrape.
-OPS: tuple[str, ...] = ("put", "get", "exists", "delete", "lookup_prefix")
+# get_shm/put_shm: blocks moved one-sided (GET_SHM/PUT_SHM over a local Unix socket or an
+# RDMA link), so an operator sees which path a client takes and what each costs.
+OPS: tuple[str, ...] = ("put", "get", "put_shm", "get_shm", "exists", "delete",
+                        "lookup_prefix")
 
 # 10 µs .. 1 s, dense around the 100–500 µs the product is judged on.
 LATENCY_BUCKETS: tuple[float, ...] = (

@@ -6,8 +6,9 @@ pair and brings back the daemon's; from then on requests are SENDs and answers a
 receives, which the pipeline's driver feeds into the connection's receive buffer as if
 read from its socket. The client's shared memory (Client.shared_memory) is registered
 with the NIC once per segment and announced with REGISTER_MR; blocks there move by the
-daemon's RDMA READ and WRITE. A buffer that is not registered goes through `bounce`
-memory: copied in (put) or out (get) by the SDK.
+daemon's RDMA READ and WRITE. A buffer that is not registered goes through the client's
+bounce memory (wqs.rpc.shm.Bounce, registered like any segment): copied in (put) or out
+(get) by the SDK.
 """
 
 from __future__ import annotations
@@ -17,26 +18,23 @@ from typing import Any, Callable
 
 from wqs.rdma.link import LinkMachine, PostRdma, PostRecv, PostSend
 from wqs.rdma.verbs import Link, Nic
-from wqs.rdma.wire import Endpoint, Memory, Slots, check_peer
+from wqs.rdma.wire import Endpoint, Memory, check_peer
 from wqs.rpc.shm import SharedMemory
 
 RECV_DEPTH = 32  # answers the client can take at once: requests in flight per link
 RECV_SIZE = 132 << 10  # the largest answer without payloads
 SEND_DEPTH = 32
-BOUNCE_BYTES = 64 << 20  # per client: unregistered buffers go through it
 
 
 class ClientRdma:
-    """The client's NIC (opened on first use), its memory registrations and bounce
-    memory. Thread-safe."""
+    """The client's NIC (opened on first use) and its memory registrations.
+    Thread-safe."""
 
     def __init__(self, device: str | None = None, port: int = 1, gid_index: int = 0) -> None:
         self._args = (device, port, gid_index)
         self._lock = threading.Lock()
         self.nic: Nic | None = None
         self.mrs: dict[int, Any] = {}  # SharedMemory segment -> MR
-        self.bounce: SharedMemory | None = None
-        self.slots = Slots(BOUNCE_BYTES)
 
     def open(self) -> Nic:
         with self._lock:
@@ -61,18 +59,6 @@ class ClientRdma:
 
                 mem.on_close.insert(0, forget)  # deregistered before it is unmapped
         return Memory(mem.segment_id, mr.rkey, mem.address, mem.size)
-
-    def bounce_take(self, shm: Callable[[int], SharedMemory], n: int
-                    ) -> tuple[SharedMemory, int] | None:
-        with self._lock:
-            if self.bounce is None:
-                self.bounce = shm(BOUNCE_BYTES)
-            off = self.slots.take(n)
-        return None if off is None else (self.bounce, off)
-
-    def bounce_give(self, off: int, n: int) -> None:
-        with self._lock:
-            self.slots.give(off, n)
 
     def close(self) -> None:
         with self._lock:

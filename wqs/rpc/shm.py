@@ -14,7 +14,8 @@ one-sided path. `block_views` lays blocks out so that the daemon can read a bloc
 the SSD with O_DIRECT straight into it: each block's payload starts 64 bytes into a
 4 KiB-aligned slot, after the room the on-device entry header takes.
 
-`SharedMemoryMap` finds the segment and offset of a buffer by its address.
+`SharedMemoryMap` finds the segment and offset of a buffer by its address. `Bounce` is
+the client's own shared memory for the buffers a caller did not put there.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ import fcntl
 import mmap
 import os
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from wqs.errors import WQSError
+from wqs.rdma.wire import Slots
 
 ENTRY_HEADER = 64  # the on-device entry header (wqs/engine/FORMAT.md)
 SLOT_ALIGN = 4096  # the device's IO unit: a direct read lands on this boundary
@@ -180,3 +182,39 @@ class SharedMemoryMap:
     def close(self) -> None:
         for mem in self.segments():
             mem.close()
+
+
+class Bounce:
+    """Shared memory for blocks whose buffer is not in the client's shared memory (a
+    bytearray, LMCache's or vLLM's own tensors) on a link where blocks move one-sided: a
+    local daemon's Unix socket or an RDMA link. The SDK copies a put's bytes in and a
+    get's bytes out: one copy by the client, where the inline path over a Unix socket
+    costs two (the daemon's send, the client's receive), and the daemon reads from the
+    SSD straight into it. Every block gets an entry-shaped slot (its payload 64 bytes into
+    a 4 KiB-aligned slot), so the daemon's direct reads and writes apply. `size` bytes,
+    mapped on first use (0: none; then such blocks go inline, or fail on RDMA).
+    Thread-safe."""
+
+    def __init__(self, create: Callable[[int], SharedMemory], size: int) -> None:
+        assert size >= 0 and size % SLOT_ALIGN == 0, size
+        self._create = create
+        self._lock = threading.Lock()
+        self._slots = Slots(size) if size else None
+        self.size = size
+        self.memory: SharedMemory | None = None
+
+    def take(self, n: int) -> tuple[SharedMemory, int] | None:
+        """(memory, payload offset) of a slot for an n-byte block, or None when the
+        bounce memory is full (or off)."""
+        if self._slots is None:
+            return None
+        with self._lock:
+            if self.memory is None:
+                self.memory = self._create(self.size)
+            start = self._slots.take(ENTRY_HEADER + n)
+        return None if start is None else (self.memory, start + ENTRY_HEADER)
+
+    def give(self, offset: int, n: int) -> None:
+        assert self._slots is not None
+        with self._lock:
+            self._slots.give(offset - ENTRY_HEADER, ENTRY_HEADER + n)

@@ -63,7 +63,7 @@ GET = p.Opcode.GET
 GET_SHM, PUT_SHM = p.Opcode.GET_SHM, p.Opcode.PUT_SHM
 OPS = {p.Opcode.PUT: "put", p.Opcode.GET: "get", p.Opcode.EXISTS: "exists",
        p.Opcode.DELETE: "delete", p.Opcode.LOOKUP_PREFIX: "lookup_prefix",
-       p.Opcode.PING: "ping", GET_SHM: "get", PUT_SHM: "put"}
+       p.Opcode.PING: "ping", GET_SHM: "get_shm", PUT_SHM: "put_shm"}
 
 
 _SHM_OPS = frozenset({p.Opcode.REGISTER, p.Opcode.UNREGISTER, GET_SHM, p.Opcode.REGISTER_MR})
@@ -705,7 +705,7 @@ class Connection:
                 self.segments.unhold(seg)
         if not self.closed:
             self._send([p.frame_shm_get_response(get.rid, get.rows)])
-        self.shard.observe("get", time.perf_counter() - get.started)
+        self.shard.observe("get_shm", time.perf_counter() - get.started)
 
     def _put_shm(self, h: p.FrameHeader, items: tuple[p.ShmItem, ...]) -> None:
         """Stage each block from the client's memory and commit it (the answer once
@@ -882,9 +882,10 @@ class Connection:
         self._uncharge(put.charged)
         if not self.closed:
             self._send([p.frame_put_response(put.rid, put.statuses, put.opcode)])
+        op = OPS[put.opcode]
         if put.failed:
-            self.shard.error("put", "SERVER_ERROR")
-        self.shard.observe("put", time.perf_counter() - put.started)
+            self.shard.error(op, "SERVER_ERROR")
+        self.shard.observe(op, time.perf_counter() - put.started)
 
     def _abandon_put(self) -> None:
         """The peer went away mid-payload: nothing of that frame is written."""
