@@ -53,7 +53,10 @@ if [ $# -eq 0 ] && [ -z "${WQS_SKIP_INTEGRATION:-}" ]; then
         fi
     fi
     if .venv-integ/bin/python -c "import lmcache, vllm, torch" >/dev/null 2>&1; then
-        integration=(tests/test_integration_lmcache.py tests/test_integration_vllm.py)
+        # and the SDK's torch paths (skipped in the main environment, which has no torch)
+        integration=(tests/test_integration_lmcache.py tests/test_integration_vllm.py
+                     "tests/test_shm.py::test_torch_tensors_in_shared_memory_are_read_into_with_no_copy"
+                     "tests/test_daemon.py::test_torch_cpu_tensors")
     else
         integration_broken=1
     fi

@@ -202,6 +202,12 @@ def test_engine_store_lookup_retrieve_through_wqs(tmp_path, daemon_factory, engi
     mask = b.retrieve(tokens, kvcaches=out)
     assert int(mask.sum()) == len(tokens)
     assert torch.equal(out, kv)
+    # Both daemons are on this host: with transport auto (the default) every block moved
+    # one-sided through shared memory, none inline through the socket.
+    for n in nodes:
+        counts = n.request_counts()
+        assert counts["put_shm"] >= 1 and counts["get_shm"] >= 1, counts
+        assert counts["put"] == counts["get"] == 0, counts
 
     # The blocks are in WQS, under the documented IDs: data = the chunk's bytes,
     # meta = the magic + LMCache's RemoteMetadata header.

@@ -176,6 +176,12 @@ def test_consumer_loads_at_its_first_step_through_the_runner(daemon_factory, eng
     assert d.connector.stats["lookup_hit_blocks"] == 6
     d.run()
     assert d.attention_errors == []
+    # Both daemons are on this host: with transport auto (the default) every block moved
+    # one-sided through shared memory, none inline through the socket.
+    for n in nodes:
+        counts = n.request_counts()
+        assert counts["put_shm"] >= 1 and counts["get_shm"] >= 1, counts
+        assert counts["put"] == counts["get"] == 0, counts
 
     # The documented layout: per chain position, one block per layer and a marker.
     chain = chain_of(prompt)

@@ -20,7 +20,9 @@ from tests.daemons import daemon_factory  # noqa: F401 (fixture)
 from wqs.errors import BlockTooLarge, ConfigError, TransportUnavailable
 from wqs.rpc import protocol as p
 from wqs.engine import format as fmt
-from wqs.rpc.shm import ENTRY_HEADER, SLOT_ALIGN, SharedMemory, SharedMemoryMap, slot_size
+from wqs.rpc.shm import (
+    ENTRY_HEADER, SLOT_ALIGN, SharedMemory, SharedMemoryMap, buffer_address, slot_size,
+)
 from wqs.server.segments import SegmentError, Segments
 
 BS = 64 << 10
@@ -208,6 +210,33 @@ def test_plain_buffers_move_one_sided_through_bounce_memory(daemon_factory):  # 
         assert c._bounce.memory is None
     with pytest.raises(ConfigError, match="bounce_bytes: must be a multiple of 4096"):
         _client(d, bounce_bytes=5000)
+
+
+def test_torch_tensors_in_shared_memory_are_read_into_with_no_copy(daemon_factory):  # noqa: F811
+    """Tensors over the client's shared memory, registered once: put_many from them and
+    get_many into them move no byte through the SDK (the daemon's device IO lands in the
+    tensors' own memory). Runs where torch is installed (the integration environment)."""
+    torch = pytest.importorskip("torch", reason="torch is not installed (runs in .venv-integ)")
+    from wqs.rpc.control import ControlClient
+
+    d = daemon_factory(config={"engine": {"dram_cache_bytes": 0}})  # every hit from the SSD
+    with _client(d) as c, ControlClient(d.control_address) as cc:
+        mem = c.shared_memory(2 << 20)
+        views = mem.block_views(BS, 8)
+        src = [torch.frombuffer(v, dtype=torch.float16) for v in views[:4]]
+        dst = [torch.frombuffer(v, dtype=torch.float16) for v in views[4:]]
+        for k, t in enumerate(src):
+            t.copy_(torch.randn(BS // 2, generator=torch.Generator().manual_seed(k)))
+        ids = [bid(300 + k) for k in range(4)]
+        assert all(c.put_many(zip(ids, src)))
+        got = c.get_many(ids, outs=dst)
+        assert all(torch.equal(a, b) for a, b in zip(src, dst))
+        for g, t in zip(got, dst):  # the result is the tensor's own memory
+            assert buffer_address(g) == t.data_ptr()
+        stats = cc.stats()["engine"]
+        assert stats["direct_writes"] == 4 and stats["direct_reads"] == 4
+        assert c._bounce.memory is None  # nothing went through the bounce memory
+        assert d.request_counts()["get"] == 0
 
 
 def test_mixed_buffers_misses_and_small_outs(node):
