@@ -296,9 +296,8 @@ class EngineConfig:
     max_block_size: int = 64 * MiB
     dram_cache_bytes: int = 256 * MiB  # hot tier in host memory; 0 disables it
     dram_policy: Literal["s3fifo", "lru"] = "s3fifo"
-    # Which region goes and which of its blocks are copied forward (wqs/engine/policy.py).
-    eviction: Literal["fifo", "lru", "block-lru"] = "block-lru"
-    reinsert_hits: bool = True  # copy blocks still in use forward when their region goes
+    eviction: Literal["fifo", "lru"] = "fifo"  # whole-region eviction order
+    reinsert_hits: bool = True  # rewrite blocks read recently when their region is evicted
     sync: bool = False  # fdatasync after each write
     # How batches of device IO run: "aio" (Linux native AIO), "threads" (io_threads
     # threads, one IO each), or "auto" (AIO where the kernel allows it, else threads).
@@ -311,7 +310,7 @@ class EngineConfig:
         self.max_block_size = _size("max_block_size", self.max_block_size, 1, GiB)
         self.dram_cache_bytes = _size("dram_cache_bytes", self.dram_cache_bytes)
         self.dram_policy = _choice("dram_policy", self.dram_policy, ("s3fifo", "lru"))
-        self.eviction = _choice("eviction", self.eviction, ("fifo", "lru", "block-lru"))
+        self.eviction = _choice("eviction", self.eviction, ("fifo", "lru"))
         self.reinsert_hits = _bool("reinsert_hits", self.reinsert_hits)
         self.sync = _bool("sync", self.sync)
         self.io_engine = _choice("io_engine", self.io_engine, ("auto", "aio", "threads"))
