@@ -16,8 +16,9 @@ work folder removed, however the run ends):
    by default so that reads come from the device as fio's do; ``--wqs-dram`` turns it
    on), driven through the SDK. The daemon is on this host, so the SDK moves blocks
    through shared memory (its buffers are slots of ``Client.shared_memory``, where the
-   device reads and writes them directly); **wqs-tcp** is the same daemon through TCP
-   (``transport: tcp``), the same job.
+   device reads and writes them directly); **wqs-bounce** keeps the job's buffers in its
+   own memory, as LMCache and vLLM do (the SDK copies each block once through its bounce
+   memory); **wqs-tcp** is the same daemon through TCP (``transport: tcp``), the same job.
 3. **redis**: Debian's ``redis-server`` with ``--save '' --appendonly no``, through
    redis-py (a pool with a connection per client thread).
 4. **files** and **files-odirect**: one file per block under ``<work>/files``, written
@@ -67,7 +68,8 @@ import numpy as np
 
 from .fioparse import build_job, parse_size
 
-SYSTEMS = ("fio", "wqs", "wqs-tcp", "redis", "files", "files-odirect", "rawsock")
+SYSTEMS = ("fio", "wqs", "wqs-bounce", "wqs-tcp", "redis", "files", "files-odirect",
+           "rawsock")
 OPS = ("write", "read")
 MiB = 1 << 20
 
@@ -425,13 +427,14 @@ def main(argv: list[str] | None = None) -> int:
                         "--shards", args.workers or "auto"], check=True, capture_output=True)
         engines: dict[str, Any] = {}
         threads = max(qds)
-        if "wqs" in systems or "wqs-tcp" in systems:
+        if {"wqs", "wqs-bounce", "wqs-tcp"} & set(systems):
             d = Daemon(wqs_dir, device_size=str(device_size), dram_cache=args.wqs_dram,
                        keep_dir=True, workers=int(args.workers) if args.workers else None)
             services.add(d.stop)
-            for name, transport in (("wqs", None), ("wqs-tcp", "tcp")):
+            for name, transport in (("wqs", None), ("wqs-bounce", None), ("wqs-tcp", "tcp")):
                 if name in systems:
-                    engines[name] = WqsEngine([d.address], transport=transport)
+                    engines[name] = WqsEngine([d.address], transport=transport,
+                                              own_buffers=name == "wqs-bounce")
                     services.add(engines[name].close)
                     log(f"{name}: {engines[name].describe()}")
             log(f"wqs: daemon pid {d.proc.pid} on {d.address}, device {dev}")

@@ -120,7 +120,7 @@ class WqsEngine(Engine):
     def __init__(self, servers: Sequence[str] | None = None, config: str | None = None,
                  connections: int | None = None,
                  control_servers: Sequence[str] | None = None,
-                 transport: str | None = None) -> None:
+                 transport: str | None = None, own_buffers: bool = False) -> None:
         import wqs
         from wqs.config import load_client_config
 
@@ -148,12 +148,14 @@ class WqsEngine(Engine):
             self.client.close()
             raise EngineError(str(e)) from None
         # Nodes on this host take blocks through shared memory: the job's buffers are
-        # slots of it, as an inference engine's KV cache would be.
+        # slots of it, as an inference engine's KV cache would be; with own_buffers they
+        # are the job's own memory, as LMCache's and vLLM's are (the SDK's bounce memory).
         self.shared = any(self.client.transport(a) == "shm" for a in self.client.nodes)
+        self.own_buffers = own_buffers
         self._arena: list[memoryview] = []
 
     def buffer(self, size: int) -> memoryview:
-        if not self.shared:
+        if not self.shared or self.own_buffers:
             return super().buffer(size)
         if not self._arena or len(self._arena[-1]) != size:
             from wqs.rpc.shm import slot_size
@@ -219,7 +221,9 @@ class WqsEngine(Engine):
         return [None if r is None else len(r) for r in res], _reasons(res.errors)
 
     def describe(self) -> str:
-        how = "shared memory" if self.shared else "tcp"
+        how = "tcp" if not self.shared else (
+            "shared memory, own buffers through bounce memory" if self.own_buffers
+            else "shared memory")
         return f"wqs ({','.join(self.servers)}, {how})"
 
     def close(self):

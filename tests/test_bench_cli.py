@@ -533,7 +533,8 @@ def test_compare_runs_everything_and_cleans_up(tmp_path, capsys):
     assert rc == 0, out
     doc = json.loads((tmp_path / "cmp.json").read_text())
     systems = {(r["system"], r["op"]) for r in doc["rows"]}
-    for s in ("fio", "wqs", "wqs-tcp", "redis", "files", "files-odirect", "rawsock"):
+    for s in ("fio", "wqs", "wqs-bounce", "wqs-tcp", "redis", "files", "files-odirect",
+              "rawsock"):
         assert (s, "read") in systems and (s, "write") in systems, s
         assert s in out
     assert all(r["mib_s"] > 0 for r in doc["rows"])
@@ -544,7 +545,7 @@ def test_compare_runs_everything_and_cleans_up(tmp_path, capsys):
         # every system has a client side: this process, or fio's own job
         assert r["cli_usr_us"] >= 0 and r["cli_sys_us"] >= 0, r
         assert r["cli_usr_us"] + r["cli_sys_us"] > 0 and r["cli_ctx"] >= 0, r
-        if r["system"] in ("wqs", "wqs-tcp", "redis", "rawsock"):  # a server started here
+        if r["system"] in ("wqs", "wqs-bounce", "wqs-tcp", "redis", "rawsock"):  # a server
             assert r["srv_usr_us"] >= 0 and r["srv_sys_us"] >= 0, r
             assert r["srv_ctx"] > 0, r  # it waited for every request
         else:
