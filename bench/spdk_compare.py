@@ -1,5 +1,5 @@
 """WQS on its SPDK backend against SPDK's own spdk_nvme_perf, on the same NVMe-oF target
-in the same invocation.
+in the same invocation (and the same daemon on its AIO/O_DIRECT backend, for scale).
 
     python -m bench.spdk_compare --spdk-lib-dir /usr/local/lib --spdk-bin-dir /usr/local/bin \\
         --bs 64k --iodepth 32 --runtime 5 --repeat 3
@@ -16,13 +16,20 @@ What runs (everything is stopped, and the work folder removed, however the run e
    that busy-polls.
 3. **wqs**: ``wqs format`` of the namespace and ``wqsd`` on it (device
    ``spdk:... ns:1``, ``engine.spdk.lib_dir``, --workers shard processes, the DRAM tier
-   off so reads come from the device), with the blocks laid out by a randwrite first;
-   then the same randread job through the SDK (one thread keeping QD reads in flight,
-   wqs-bench's libaio model) over shared memory (``wqs``) and over TCP (``wqs-tcp``).
-   CPU per IO: this process (the SDK) and the daemon (its Stats, every shard).
+   off so reads come from the device); then the same randread job through the SDK (one
+   thread keeping QD reads in flight, wqs-bench's libaio model) over shared memory
+   (``wqs``) and over TCP (``wqs-tcp``). CPU per IO: this process (the SDK) and the
+   daemon (its Stats, every shard).
+4. **wqs-aio**: the same daemon and job on the AIO/O_DIRECT backend, on a file as large
+   as the namespace in --aio-dir (default /dev/shm: in RAM, as the namespace is), over
+   shared memory.
 
-Each point runs --repeat times, interleaved; the table shows medians, the ratio of each
-system's IOPS to perf's, and CPU µs per IO.
+Before the timed runs each WQS system reads for a second, which lays its blocks out
+(every block written once, as fio lays out its file) and warms the daemon. Each point
+then runs --repeat times, interleaved; the table shows medians: IOPS, the ratio to
+perf's, latency, CPU µs and context switches per IO, and the load of other processes
+on the cores the run used (the busy share of those cores that was not the run's own:
+a shared machine's noise, in numbers).
 """
 
 from __future__ import annotations
@@ -36,7 +43,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +62,8 @@ class PerfRun:
     avg_us: float
     ios: int
     cpu_us_per_io: float
+    ctx_per_io: float
+    others_pct: float = 0.0
 
 
 def run_perf(bin_dir: str, lib_dir: str, target: NvmfTarget, bs: int, qd: int,
@@ -65,6 +73,7 @@ def run_perf(bin_dir: str, lib_dir: str, target: NvmfTarget, bs: int, qd: int,
            "-w", "randread", "-t", str(max(1, round(runtime))), "-c", hex(1 << cpu),
            "--no-huge", "-s", "512", "-r", f"{target.perf_target(1)}"]
     env = dict(os.environ, LD_LIBRARY_PATH=lib_dir)
+    busy = CoreLoad({cpu})
     with tempfile.TemporaryFile() as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
@@ -78,30 +87,67 @@ def run_perf(bin_dir: str, lib_dir: str, target: NvmfTarget, bs: int, qd: int,
         raise RuntimeError(f"no Total line in spdk_nvme_perf's output:\n{text[-3000:]}")
     iops, mib_s, avg_us = (float(x) for x in total.split(":", 1)[1].split()[:3])
     ios = int(iops * max(1, round(runtime)))
-    cpu_us = (usage.ru_utime + usage.ru_stime) * 1e6
-    return PerfRun(iops, mib_s, avg_us, ios, cpu_us / ios if ios else 0.0)
+    cpu_s = usage.ru_utime + usage.ru_stime
+    ctx = usage.ru_nvcsw + usage.ru_nivcsw
+    return PerfRun(iops, mib_s, avg_us, ios, cpu_s * 1e6 / ios if ios else 0.0,
+                   ctx / ios if ios else 0.0, busy.others_pct(cpu_s))
 
 
-class SpdkDaemon:
-    """wqsd on the namespace (formatted first), its log in the work folder."""
+class CoreLoad:
+    """How busy some cores were from now until others_pct, from /proc/stat."""
 
-    def __init__(self, work: str, device: str, lib_dir: str, workers: int,
-                 poll_wait_us: int) -> None:
+    def __init__(self, cpus: set[int]) -> None:
+        self.cpus = cpus
+        self.start = self._busy_idle()
+
+    def _busy_idle(self) -> tuple[float, float]:
+        busy = idle = 0.0
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                core = name[3:]
+                if name.startswith("cpu") and core.isdigit() and int(core) in self.cpus:
+                    v = [int(x) for x in fields[:8]]
+                    idle += v[3] + v[4]  # idle, iowait
+                    busy += v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+        return busy, idle
+
+    def others_pct(self, own_cpu_s: float) -> float:
+        """Percent of the cores' time busy with something else than own_cpu_s."""
+        busy, idle = self._busy_idle()
+        busy, idle = busy - self.start[0], idle - self.start[1]
+        tick = os.sysconf("SC_CLK_TCK")
+        if busy + idle <= 0:
+            return 0.0
+        return max(0.0, 100.0 * (busy - own_cpu_s * tick) / (busy + idle))
+
+
+class WqsDaemon:
+    """wqsd on a device (formatted first: an SPDK namespace, or a file of `file_size`
+    created for it), its log in the work folder."""
+
+    def __init__(self, work: str, device: str, workers: int, *, lib_dir: str | None = None,
+                 poll_wait_us: int = 20, file_size: int | None = None) -> None:
         os.makedirs(work, exist_ok=True)
         self.port = free_ports(3)
         self.address = f"127.0.0.1:{self.port}"
         cfg = os.path.join(work, "wqsd.yaml")
+        engine: dict[str, Any] = {"dram_cache_bytes": 0}
+        fmt_opts = ["--shards", str(workers)]
+        if lib_dir is not None:
+            engine["spdk"] = {"lib_dir": lib_dir, "mem_size": "1GiB",
+                              "poll_wait_us": poll_wait_us}
+            fmt_opts += ["--spdk-lib-dir", lib_dir]
+        if file_size is not None:
+            fmt_opts += ["--size", str(file_size)]
         with open(cfg, "w") as f:
             json.dump({"device": device, "workers": workers, "metrics_listen": "off",
-                       "data_dir": work,
-                       "engine": {"dram_cache_bytes": 0,
-                                  "spdk": {"lib_dir": lib_dir, "mem_size": "1GiB",
-                                           "poll_wait_us": poll_wait_us}}}, f)
+                       "data_dir": work, "engine": engine}, f)
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"]
                                          if env.get("PYTHONPATH") else "")
         fmt = subprocess.run([sys.executable, "-m", "wqs.cli", "format", device, "--force",
-                              "-y", "--shards", str(workers), "--spdk-lib-dir", lib_dir],
+                              "-y", *fmt_opts],
                              capture_output=True, text=True, env=env, cwd=str(ROOT))
         if fmt.returncode != 0:
             raise RuntimeError(f"wqs format failed: {fmt.stderr}")
@@ -142,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="daemon shard processes (default 1: one core is the target's)")
     ap.add_argument("--poll-wait-us", type=int, default=20,
                     help="the daemon's engine.spdk.poll_wait_us (default 20)")
-    ap.add_argument("--systems", default="perf,wqs,wqs-tcp", help="subset of perf,wqs,wqs-tcp")
+    ap.add_argument("--systems", default="perf,wqs,wqs-tcp,wqs-aio",
+                    help="subset of perf,wqs,wqs-tcp,wqs-aio")
+    ap.add_argument("--aio-dir", default="/dev/shm",
+                    help="wqs-aio's device file goes here (default /dev/shm: in RAM, as the "
+                         "target's namespace is; O_DIRECT there needs Linux 6.6+)")
     ap.add_argument("--json", metavar="FILE", help="also write every run as JSON")
     args = ap.parse_args(argv)
 
@@ -163,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     os.sched_setaffinity(0, mine)  # this process and what it starts: off the target's core
     perf_runs: list[PerfRun] = []
     points: list[Point] = []
+    others: dict[int, float] = {}  # id(point) -> others' load on our cores, percent
     try:
         from .engines import WqsEngine
 
@@ -176,16 +227,27 @@ def main(argv: list[str] | None = None) -> int:
             f"namespace {ns_mib} MiB")
         engines: dict[str, Any] = {}
         if "wqs" in systems or "wqs-tcp" in systems:
-            daemon = SpdkDaemon(os.path.join(work, "wqs"), target.device(1), args.spdk_lib_dir,
-                                args.workers, args.poll_wait_us)
+            daemon = WqsDaemon(os.path.join(work, "wqs"), target.device(1), args.workers,
+                               lib_dir=args.spdk_lib_dir, poll_wait_us=args.poll_wait_us)
             services.add(daemon.stop)
             for name, transport in (("wqs", None), ("wqs-tcp", "tcp")):
                 if name in systems:
                     engines[name] = WqsEngine([daemon.address], transport=transport)
                     services.add(engines[name].close)
-            first = next(iter(engines.values()))
-            log(f"wqs: laying out {size >> 20} MiB of {bs >> 10} KiB blocks")
-            bench_point("wqs", first, "write", bs, qd, size, max(args.runtime, 2.0))
+        if "wqs-aio" in systems:
+            # The same daemon on the AIO/O_DIRECT backend, on a file as large as the
+            # namespace: what the SPDK backend costs or saves against the kernel's path.
+            path = os.path.join(args.aio_dir, f"wqs-spdk-compare-{os.getpid()}.dev")
+            services.add(lambda: os.path.exists(path) and os.unlink(path))
+            aio = WqsDaemon(os.path.join(work, "wqs-aio"), path, args.workers,
+                            file_size=ns_mib * MiB)
+            services.add(aio.stop)
+            engines["wqs-aio"] = WqsEngine([aio.address])
+            services.add(engines["wqs-aio"].close)
+            log(f"wqs-aio: on {path}")
+        for s in systems:  # lay the blocks out, warm the daemon up
+            if s != "perf":
+                bench_point(s, engines[s], "read", bs, qd, size, 1.0)
         for k in range(args.repeat):
             for s in systems:
                 if s == "perf":
@@ -193,11 +255,15 @@ def main(argv: list[str] | None = None) -> int:
                                  args.runtime, min(mine))
                     perf_runs.append(r)
                     log(f"run {k + 1}: perf {r.iops:,.0f} IOPS, {r.cpu_us_per_io:.1f} µs "
-                        "CPU per IO")
+                        f"CPU per IO, others {r.others_pct:.0f}%")
                 else:
+                    busy = CoreLoad(mine)
                     p = bench_point(s, engines[s], "read", bs, qd, size, args.runtime)
+                    own = (_cpu(p, "cli") + _cpu(p, "srv")) * p.ios / 1e6
+                    others[id(p)] = busy.others_pct(own)
                     points.append(p)
-                    log(f"run {k + 1}: {s} {p.iops:,.0f} IOPS ({p.errors} errors)")
+                    log(f"run {k + 1}: {s} {p.iops:,.0f} IOPS ({p.errors} errors), "
+                        f"others {others[id(p)]:.0f}%")
     except KeyboardInterrupt:
         log("interrupted")
         return 130
@@ -205,32 +271,42 @@ def main(argv: list[str] | None = None) -> int:
         services.close()
 
     perf_iops = _median([r.iops for r in perf_runs])
-    print(f"\n64 KiB-class randread, bs {bs >> 10} KiB, QD {qd}, {args.repeat} × "
-          f"{args.runtime:g} s, medians; target on core {target_cpu}, the rest on "
-          f"{sorted(mine)}")
-    print(f"{'system':8} {'IOPS':>9} {'MiB/s':>8} {'× perf':>7} {'lat µs':>13} "
-          f"{'client CPU µs/IO':>17} {'daemon CPU µs/IO':>17}")
+    print(f"\nrandread, bs {bs >> 10} KiB, QD {qd}, {args.repeat} × {args.runtime:g} s, "
+          f"medians; target on core {target_cpu}, the rest on {sorted(mine)}")
+    print(f"{'system':8} {'IOPS':>8} {'MiB/s':>7} {'× perf':>6} {'lat µs':>12} "
+          f"{'client µs/IO':>12} {'daemon µs/IO':>12} {'ctx/IO':>6} {'others':>6} "
+          f"{'errors':>6}")
     if perf_runs:
-        print(f"{'perf':8} {perf_iops:>9,.0f} {_median([r.mib_s for r in perf_runs]):>8,.1f} "
-              f"{1.0:>7.2f} {'avg ' + format(_median([r.avg_us for r in perf_runs]), ',.0f'):>13} "
-              f"{_median([r.cpu_us_per_io for r in perf_runs]):>17.1f} {'-':>17}")
+        lat = f"avg {_median([r.avg_us for r in perf_runs]):,.0f}"
+        print(f"{'perf':8} {perf_iops:>8,.0f} {_median([r.mib_s for r in perf_runs]):>7,.1f} "
+              f"{1.0:>6.2f} {lat:>12} "
+              f"{_median([r.cpu_us_per_io for r in perf_runs]):>12.1f} {'-':>12} "
+              f"{_median([r.ctx_per_io for r in perf_runs]):>6.2f} "
+              f"{_median([r.others_pct for r in perf_runs]):>5.0f}% {0:>6}")
     for s in systems:
         runs = [p for p in points if p.system == s]
         if not runs:
             continue
         iops = _median([p.iops for p in runs])
-        cli = _median([(p.cli_usr_us or 0) + (p.cli_sys_us or 0) for p in runs])
-        srv = _median([(p.srv_usr_us or 0) + (p.srv_sys_us or 0) for p in runs])
         ratio = f"{iops / perf_iops:.2f}" if perf_iops else "-"
         lat = f"p50 {_median([p.p50_us for p in runs]):,.0f}"
-        print(f"{s:8} {iops:>9,.0f} {_median([p.mib_s for p in runs]):>8,.1f} {ratio:>7} "
-              f"{lat:>13} {cli:>17.1f} {srv:>17.1f}")
+        ctx = _median([(p.cli_ctx or 0) + (p.srv_ctx or 0) for p in runs])
+        print(f"{s:8} {iops:>8,.0f} {_median([p.mib_s for p in runs]):>7,.1f} {ratio:>6} "
+              f"{lat:>12} {_median([_cpu(p, 'cli') for p in runs]):>12.1f} "
+              f"{_median([_cpu(p, 'srv') for p in runs]):>12.1f} {ctx:>6.2f} "
+              f"{_median([others[id(p)] for p in runs]):>5.0f}% "
+              f"{sum(p.errors for p in runs):>6}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"perf": [asdict(r) for r in perf_runs],
-                       "wqs": [asdict(p) for p in points],
+                       "wqs": [dict(asdict(p), others_pct=others[id(p)]) for p in points],
                        "args": vars(args)}, f, indent=1)
     return 0
+
+
+def _cpu(p: Point, who: str) -> float:
+    """CPU µs per IO of the client ("cli") or the daemon ("srv")."""
+    return (getattr(p, f"{who}_usr_us") or 0.0) + (getattr(p, f"{who}_sys_us") or 0.0)
 
 
 if __name__ == "__main__":

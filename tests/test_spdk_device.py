@@ -29,7 +29,7 @@ import pytest
 import xxhash
 
 from tests import spdk_target
-from tests.conftest import ROOT, MiB
+from tests.conftest import ROOT
 from tests.daemons import DaemonProcess, pick_ports
 
 REASON = spdk_target.missing()
@@ -211,7 +211,8 @@ def test_a_namespace_of_4k_sectors_serves(target, tmp_path):
     d.start(timeout_s=60)
     try:
         client = wqs.Client([d.address], timeout_s=10)
-        blocks = {i: random.Random(i).randbytes(4096 * (1 + i % 20) - i % 3) for i in range(40)}
+        blocks = {i: random.Random(i).randbytes(4096 * (1 + i % 20) - i % 3)
+                  for i in range(40)}
         assert all(client.put_many(list(blocks.items())))
         assert client.get_many(list(blocks)) == list(blocks.values())
         client.close()
