@@ -188,7 +188,8 @@ def _put_frame(rid: int, i: int, size: int) -> bytes:
 
 def test_a_client_that_sends_but_never_reads_holds_bounded_memory(daemon_factory):
     d = daemon_factory(config=BOUNDED, device_size="256M")
-    with wqs.Client([d.address]) as c:  # warm up the shard's buffers and pools
+    # Warm up the shard's buffers and pools on the path the flood takes (TCP).
+    with wqs.Client([d.address], transport="tcp") as c:
         assert all(c.put_many([(bid(10**6 + i), bytes(MiB)) for i in range(16)]))
     base = d.rss_kib()
     floods = []
@@ -224,8 +225,9 @@ def test_a_client_that_sends_but_never_reads_holds_bounded_memory(daemon_factory
 
 def test_a_client_that_asks_but_never_reads_holds_bounded_memory(daemon_factory):
     d = daemon_factory(config=BOUNDED, device_size="256M")
-    with wqs.Client([d.address]) as c:
+    with wqs.Client([d.address], transport="tcp") as c:  # the path the flood takes
         assert all(c.put_many([(bid(i), os.urandom(MiB)) for i in range(40)]))
+        assert all(c.get_many([bid(i) for i in range(8)]))
     base = d.rss_kib()
     s, _ = raw_hello(d.address)
     s.setblocking(False)
