@@ -9,8 +9,10 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# g++, ninja-build, libssl-dev: SGLang builds its HiCache page hash (a C++ extension using
+# OpenSSL) on first use, in the SGLang tests' venv.
 APT_PACKAGES=(fio redis-server etcd-server fdisk util-linux iproute2 e2fsprogs python3-venv
-              python3-pyverbs)
+              python3-pyverbs g++ ninja-build libssl-dev)
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     need=()
     for pkg in "${APT_PACKAGES[@]}"; do
@@ -62,6 +64,33 @@ if [ $# -eq 0 ] && [ -z "${WQS_SKIP_INTEGRATION:-}" ]; then
     fi
 fi
 
+# The SGLang HiCache tests need sglang 0.5.23, which pins torch 2.14.1 and imports
+# torchvision: PyPI's CUDA builds (about 5.5 GB, run on the CPU) in a venv of their own.
+# WQS_SKIP_SGLANG=1 (or WQS_SKIP_INTEGRATION=1) leaves them out.
+sglang=()
+sglang_broken=0
+sglang_ready() {
+    .venv-sglang/bin/python -c "import importlib.metadata as m, torch, torchvision
+assert m.version('sglang') == '0.5.23'" >/dev/null 2>&1
+}
+if [ $# -eq 0 ] && [ -z "${WQS_SKIP_INTEGRATION:-}" ] && [ -z "${WQS_SKIP_SGLANG:-}" ]; then
+    if ! sglang_ready; then
+        echo "test.sh: building .venv-sglang (torch 2.14.1, sglang 0.5.23)..."
+        if ! { python3 -m venv .venv-sglang \
+               && .venv-sglang/bin/pip install --quiet --upgrade pip \
+               && .venv-sglang/bin/pip install --quiet -r wqs/integrations/sglang-requirements.txt \
+               && .venv-sglang/bin/pip install --quiet --no-deps sglang==0.5.23; }; then
+            echo "test.sh: ERROR: the SGLang environment could not be installed" \
+                 "(set WQS_SKIP_SGLANG=1 to run without the SGLang tests)" >&2
+        fi
+    fi
+    if sglang_ready; then
+        sglang=(tests/test_integration_sglang.py)
+    else
+        sglang_broken=1
+    fi
+fi
+
 status=0
 .venv/bin/python -m pytest -q "$@" || status=$?
 if [ ${#integration[@]} -gt 0 ]; then
@@ -70,6 +99,14 @@ if [ ${#integration[@]} -gt 0 ]; then
 fi
 if [ $integration_broken -eq 1 ]; then
     echo "test.sh: FAILED: the LMCache and vLLM integration tests could not run" >&2
+    status=1
+fi
+if [ ${#sglang[@]} -gt 0 ]; then
+    echo "test.sh: SGLang HiCache integration tests (.venv-sglang)"
+    .venv-sglang/bin/python -m pytest -q -p no:cacheprovider "${sglang[@]}" || status=$?
+fi
+if [ $sglang_broken -eq 1 ]; then
+    echo "test.sh: FAILED: the SGLang integration tests could not run" >&2
     status=1
 fi
 exit $status
