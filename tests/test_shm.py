@@ -11,6 +11,7 @@ import os
 import socket
 import stat
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -237,6 +238,26 @@ def test_torch_tensors_in_shared_memory_are_read_into_with_no_copy(daemon_factor
         assert stats["direct_writes"] == 4 and stats["direct_reads"] == 4
         assert c._bounce.memory is None  # nothing went through the bounce memory
         assert d.request_counts()["get"] == 0
+
+
+def test_one_slot_put_under_many_ids_at_once_keeps_every_block(daemon_factory):  # noqa: F811
+    """The device writes a slot's block with its entry header in the room in front of
+    the payload: the same slot put under several ids at once (one put_many, or threads,
+    across both shards) must not let one header overwrite another's before it is
+    written. Every acknowledged put reads back intact, from the device."""
+    node = daemon_factory(extra_args=["--workers", "2"], device_size="256M",
+                          config={"engine": {"dram_cache_bytes": 0}})
+    with _client(node) as c:
+        mem = c.shared_memory(1 << 20)
+        slot = mem.block_views(BS, 1)[0]
+        slot[:] = block(7)
+        ids = [bid(400 + k) for k in range(32)]
+        assert all(c.put_many([(i, slot) for i in ids]))
+        with ThreadPoolExecutor(4) as pool:
+            more = [bid(500 + k) for k in range(64)]
+            assert all(pool.map(lambda i: c.put(i, slot), more))
+        got = c.get_many(ids + more)
+        assert not got.errors and all(g == block(7) for g in got)
 
 
 def test_mixed_buffers_misses_and_small_outs(node):

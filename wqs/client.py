@@ -102,6 +102,10 @@ class Client:
         self._pipe = Pipeline(config)
         self._shm = SharedMemoryMap()
         self._bounce = Bounce(self._shm.create, config.bounce_bytes)
+        # Slots a PUT_SHM is writing from right now: the daemon puts the entry header in
+        # the room in front of the payload, so one slot can serve one such put at a time.
+        self._slots_lock = threading.Lock()
+        self._slots_busy: set[tuple[int, int]] = set()
         self._bounce_hint = 1 << 20  # room a get without out buffers gets on an RDMA link
         self._members_lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None  # only for the *_async calls
@@ -483,6 +487,8 @@ class Client:
         chunk, ids, bufs, ok, errors, fail, tries = req.ctx
         if req.bounce:
             self._bounce_release(req)
+        if req.slots:
+            self._give_slots(req)
         if not isinstance(msg, (p.PutResponse, p.ShmPutResponse)):
             error = self._request_error(req, msg)
             if self._resend(msg, tries):
@@ -581,6 +587,7 @@ class Client:
         rest: list[int] = []
         rows: list[tuple[int, tuple]] = []
         bounce: dict[int, tuple[int, int]] = {}
+        taken: dict[int, tuple[int, int]] = {}  # item -> slot it is written from in place
         for i in idx:
             found = find(bufs[i]) if bufs is not None else None
             if found is None:
@@ -595,6 +602,10 @@ class Client:
             n = bounce[i][1] if i in bounce else bufs[i].nbytes
             self._pipe.share(call, conn, mem)
             slot = i in bounce or (mem.slotted and mem.in_slot(offset, n))
+            if slot and opcode == p.Opcode.PUT_SHM and i not in bounce:
+                slot = self._take_slot((mem.segment_id, offset))
+                if slot:
+                    taken[i] = (mem.segment_id, offset)
             rows.append((i, (ids[i], offset, n, mem.segment_id, p.SHM_SLOT if slot else 0)))
         step = conn.limits.max_items
         for k in range(0, len(rows), step):
@@ -603,6 +614,8 @@ class Client:
             req.ctx = ([i for i, _ in part], *ctx)
             if bounce:
                 req.bounce = {i: bounce[i] for i, _ in part if i in bounce}
+            if taken:
+                req.slots = [taken[i] for i, _ in part if i in taken]
             self._pipe.send(req, [p.frame_shm_request(opcode, 0, [r for _, r in part])])
         if conn.link is not None and rest:  # nothing goes inline on an RDMA link
             error = RemoteError(f"{conn.address}: RDMA bounce memory is full (bounce_bytes "
@@ -613,6 +626,20 @@ class Client:
             on_answer(req, error)
             return []
         return rest
+
+    def _take_slot(self, key: tuple[int, int]) -> bool:
+        """Whether a put may be written from this slot in place (SHM_SLOT); if another put
+        is already, the daemon copies this one's payload instead."""
+        with self._slots_lock:
+            if key in self._slots_busy:
+                return False
+            self._slots_busy.add(key)
+            return True
+
+    def _give_slots(self, req: _Request) -> None:
+        with self._slots_lock:
+            self._slots_busy.difference_update(req.slots)
+        req.slots = None
 
     def _bounce_take(self, opcode: p.Opcode, buf: memoryview | None, max_block: int
                      ) -> tuple[SharedMemory, int, int] | None:

@@ -73,7 +73,8 @@ class Call:
 class _Request:
     """One frame in flight: what to do with its answer."""
 
-    __slots__ = ("call", "rid", "conn", "on_answer", "ids", "outs", "opcode", "ctx", "bounce")
+    __slots__ = ("call", "rid", "conn", "on_answer", "ids", "outs", "opcode", "ctx", "bounce",
+                 "slots")
 
     def __init__(self, call: Call, conn: "_Conn", opcode: p.Opcode,
                  on_answer: Callable[["_Request", Any], None], ids: Sequence[bytes] = (),
@@ -87,6 +88,7 @@ class _Request:
         self.rid = 0
         self.ctx: Any = None  # the caller's, for on_answer
         self.bounce: dict[int, tuple[int, int]] | None = None  # item -> bounce (offset, size)
+        self.slots: list[tuple[int, int]] | None = None  # (segment, offset) a put writes from
 
 
 class _GetAnswer:
