@@ -106,8 +106,8 @@ def _byte_view(t: torch.Tensor) -> Any:
 class WQSConnectorStats(KVConnectorStats):
     """Counts of one interval, as vLLM collects them from every worker
     (`get_kv_connector_stats`) and the scheduler, adds them up and logs them: blocks
-    (chain positions) loaded, failed to load, saved, failed to save; lookups and the
-    positions they found."""
+    (chain positions) loaded, failed to load, saved, failed to save; layer blocks that
+    went through staging; lookups and the positions they found."""
 
     def reset(self) -> None:
         self.data = {}
