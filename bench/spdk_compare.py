@@ -94,32 +94,35 @@ def run_perf(bin_dir: str, lib_dir: str, target: NvmfTarget, bs: int, qd: int,
 
 
 class CoreLoad:
-    """How busy some cores were from now until others_pct, from /proc/stat."""
+    """How busy some cores were from now until others_pct, from /proc/stat: the time
+    processes ran there (user, nice, system) out of all their time. Interrupt and
+    softirq time count as not busy: it is mostly the run's own loopback TCP, and no
+    process's CPU time includes it."""
 
     def __init__(self, cpus: set[int]) -> None:
         self.cpus = cpus
-        self.start = self._busy_idle()
+        self.start = self._ticks()
 
-    def _busy_idle(self) -> tuple[float, float]:
-        busy = idle = 0.0
+    def _ticks(self) -> tuple[int, int]:
+        """(ticks processes ran, all ticks) on the cores."""
+        ran = total = 0
         with open("/proc/stat") as f:
             for line in f:
                 name, *fields = line.split()
                 core = name[3:]
                 if name.startswith("cpu") and core.isdigit() and int(core) in self.cpus:
-                    v = [int(x) for x in fields[:8]]
-                    idle += v[3] + v[4]  # idle, iowait
-                    busy += v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
-        return busy, idle
+                    v = [int(x) for x in fields[:8]]  # user nice system idle iowait irq
+                    ran += v[0] + v[1] + v[2]  # softirq steal
+                    total += sum(v)
+        return ran, total
 
     def others_pct(self, own_cpu_s: float) -> float:
-        """Percent of the cores' time busy with something else than own_cpu_s."""
-        busy, idle = self._busy_idle()
-        busy, idle = busy - self.start[0], idle - self.start[1]
-        tick = os.sysconf("SC_CLK_TCK")
-        if busy + idle <= 0:
+        """Percent of the cores' time that processes other than own_cpu_s's ran."""
+        ran, total = self._ticks()
+        ran, total = ran - self.start[0], total - self.start[1]
+        if total <= 0:
             return 0.0
-        return max(0.0, 100.0 * (busy - own_cpu_s * tick) / (busy + idle))
+        return max(0.0, 100.0 * (ran - own_cpu_s * os.sysconf("SC_CLK_TCK")) / total)
 
 
 class WqsDaemon:
@@ -127,7 +130,7 @@ class WqsDaemon:
     created for it), its log in the work folder."""
 
     def __init__(self, work: str, device: str, workers: int, *, lib_dir: str | None = None,
-                 poll_wait_us: int = 20, file_size: int | None = None) -> None:
+                 poll_wait_us: int = 0, file_size: int | None = None) -> None:
         os.makedirs(work, exist_ok=True)
         self.port = free_ports(3)
         self.address = f"127.0.0.1:{self.port}"
@@ -186,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="512m", help="blocks WQS reads over (default 512m)")
     ap.add_argument("--workers", type=int, default=1,
                     help="daemon shard processes (default 1: one core is the target's)")
-    ap.add_argument("--poll-wait-us", type=int, default=20,
-                    help="the daemon's engine.spdk.poll_wait_us (default 20)")
+    ap.add_argument("--poll-wait-us", type=int, default=0,
+                    help="the daemon's engine.spdk.poll_wait_us (default 0, as wqsd's)")
     ap.add_argument("--systems", default="perf,wqs,wqs-tcp,wqs-aio",
                     help="subset of perf,wqs,wqs-tcp,wqs-aio")
     ap.add_argument("--aio-dir", default="/dev/shm",

@@ -307,6 +307,25 @@ def test_the_loop_polls_only_while_io_is_outstanding_and_keeps_the_controller_al
     assert loop.run_until(lambda: done, timeout_s=5) and done == [4096]
 
 
+def test_a_spinning_ring_yields_the_core_after_an_empty_poll_only(monkeypatch):
+    yields = []
+    monkeypatch.setattr(os, "sched_yield", lambda: yields.append(1))
+    ring, qp, loop, done = _ring(poll_wait_s=0)
+    b = _bufs(1)[0]
+    ring.read(0, b.addr, 4096, lambda a, r: done.append(r), None)
+    ring.submit()  # sent on this poll, reported on the next ...
+    held, qp.outstanding = qp.outstanding, []  # ... but the target has not answered yet
+    assert ring.complete() == 0 and yields == [1]  # nothing came: the core is offered
+    qp.outstanding = held
+    assert ring.complete() == 1 and yields == [1] and done == [4096]  # something came
+    sleeper, _, _, _ = _ring(poll_wait_s=20e-6)  # a ring that sleeps between polls
+    sleeper.read(0, b.addr, 4096, lambda a, r: None, None)
+    sleeper.submit()
+    sleeper._qpair.outstanding = []
+    assert sleeper.complete() == 0
+    assert yields == [1]  # never yields: the loop's wait gives the core up
+
+
 def test_a_busy_poller_bounds_the_wait_and_still_wakes_for_sockets(monkeypatch):
     import select
     import socket

@@ -258,8 +258,10 @@ class SpdkConfig:
     mem_size: int = GiB  # DMA memory per process (each shard): IO buffers come from it
     hugepages: bool = False  # back it with hugepages (PCIe needs them); else plain memory
     # Longest a shard's loop sleeps between polls of its queue pair while IO is
-    # outstanding (0: spin); with nothing outstanding it sleeps as usual.
-    poll_wait_us: int = 20
+    # outstanding; 0: spin, offering the core to other processes after each empty poll
+    # (a short sleep costs more than that, bench/README.md#results-spdk-backend). With
+    # nothing outstanding it sleeps as usual.
+    poll_wait_us: int = 0
 
     def __post_init__(self) -> None:
         self.lib_dir = _str("lib_dir", self.lib_dir, optional=True)

@@ -17,6 +17,12 @@ Completions: the driver reports each command as `command_done(tag, status)` whil
 ring polls it (in `submit`, which must push commands out, and in `complete`); the ring
 only records them there, and runs the IOs' callbacks in `complete`, never in `submit`,
 as every IoRing does. Owned by one loop thread; no locks.
+
+Spinning (poll_wait_s 0): a poll that finds nothing gives the core up to any other
+process that wants it (sched_yield) and comes straight back otherwise. A client on the
+shard's core then runs when it has work instead of waiting for the time slice of an
+empty loop; and where short sleeps are dear (a VM: a 20 µs sleep measured 50-110 µs
+long and 20-27 µs of CPU), spinning costs less than sleeping.
 """
 
 from __future__ import annotations
@@ -207,7 +213,10 @@ class SpdkRing:
             return 0
         self._check_owner()
         if self.commands:
+            outstanding = self.commands
             self._process()
+            if self.commands == outstanding and not self.poll_wait_s:
+                os.sched_yield()  # spinning, and nothing came: see the module's docstring
         now = time.monotonic()
         if now >= self._admin_due:
             self._admin_due = now + ADMIN_POLL_S
