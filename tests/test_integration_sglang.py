@@ -129,7 +129,7 @@ def test_pages_round_trip_bit_exact_in_every_layout(daemon_factory, nodes, layou
 
     reader = nodes(config, layout=layout, mla=mla)
     before = d.request_counts()
-    op = reader.query(20, seed=1)
+    op = reader.ask(20, seed=1)
     assert d.request_counts()["lookup_prefix"] - before["lookup_prefix"] == 1
     assert op.storage_hit_count == 20 * PAGE
     assert reader.prefetch(op) == 20 and reader.exact(op, 20, seed=1)
@@ -180,7 +180,7 @@ def test_a_page_evicted_after_the_lookup_is_a_shorter_hit(daemon_factory, nodes)
     config = extra_config([d.address], namespace="evict")
     assert nodes(config).store(12, seed=4) == 12
     reader = nodes(config)
-    op = reader.query(12, seed=4)
+    op = reader.ask(12, seed=4)
     assert op.storage_hit_count == 12 * PAGE
     with wqs.Client([d.address]) as client:
         v_piece_of_page_7 = reader.backend.block_ids([op.hash_value[7]])[1]
@@ -200,12 +200,12 @@ def test_a_store_that_is_down_is_misses_and_dropped_writes(daemon_factory, nodes
     config = extra_config([d.address], namespace="down")
     assert nodes(config).store(8, seed=1) == 8
     node = nodes(config)
-    queried = node.query(8, seed=1)
+    queried = node.ask(8, seed=1)
     assert queried.storage_hit_count == 8 * PAGE
 
     d.kill()
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        assert node.query(8, seed=1).storage_hit_count == 0
+        assert node.ask(8, seed=1).storage_hit_count == 0
         assert node.prefetch(queried) == 0
         assert node.store(4, seed=2) == 0
     assert "could not store 4 of 4 pages (NodeDown); dropped" in caplog.text
@@ -213,17 +213,17 @@ def test_a_store_that_is_down_is_misses_and_dropped_writes(daemon_factory, nodes
     assert node.backend.stats["pages_dropped"] == 4
 
     d.start()  # the client tries a failed node again after its retry interval (1 s)
-    wait_until(lambda: node.query(8, seed=1).storage_hit_count == 8 * PAGE)
+    wait_until(lambda: node.ask(8, seed=1).storage_hit_count == 8 * PAGE)
     assert node.load(8, seed=1) == {"found_pages": 8, "loaded_pages": 8, "exact": True}
     assert node.store(4, seed=2) == 4
 
     d.signal_all(signal.SIGSTOP)
     try:
-        assert node.query(8, seed=1).storage_hit_count == 0
+        assert node.ask(8, seed=1).storage_hit_count == 0
         assert node.store(2, seed=3) == 0
     finally:
         d.signal_all(signal.SIGCONT)
-    wait_until(lambda: node.query(4, seed=2).storage_hit_count == 4 * PAGE)
+    wait_until(lambda: node.ask(4, seed=2).storage_hit_count == 4 * PAGE)
     assert nodes(config).load(4, seed=2) == {"found_pages": 4, "loaded_pages": 4,
                                              "exact": True}
 
