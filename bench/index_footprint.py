@@ -4,8 +4,9 @@
 
 Inserts N random nonzero 64-bit tags through Index.put (the same path the engine's
 writes take, growth included) and prints nbytes / count for each N. The index stores
-16 B per slot (tag u64, loc u32, meta u32) and grows by 1.5x past a 0.75 load, so the
-figure moves between about 21 B (just before a growth) and 32 B (just after one).
+20 B per slot (tag u64, loc u32, meta u32, stamp u32) and grows by 1.5x past a 0.75
+load, so the figure moves between about 27 B (just before a growth) and 40 B (just
+after one).
 """
 
 from __future__ import annotations

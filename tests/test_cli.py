@@ -404,7 +404,8 @@ def test_stat_table_and_json(wqsd: DaemonProcess, tmp_path: Path,
     assert main(["stat", "--servers", wqsd.address]) == 0
     out = capsys.readouterr().out
     assert wqsd.address in out and "serving" in out
-    for column in ("capacity", "used", "blocks", "hit rate", "checksum", "evicted"):
+    for column in ("capacity", "used", "blocks", "hit rate", "checksum", "evicted",
+                   "reinserted"):
         assert column in out
     assert "48.0 MiB" in out
     assert "device io: aio" in out or "device io: threads" in out  # the backend

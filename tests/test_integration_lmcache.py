@@ -266,6 +266,45 @@ def test_remote_backend_batched_fast_paths(tmp_path, daemon_factory, loop):
     backend.close()
 
 
+def test_a_lookup_with_pin_pins_what_its_load_reads_and_the_load_releases_it(
+        tmp_path, daemon_factory, loop):
+    """batched_async_contains(pin=True), as LMCache's async loading path asks it: the
+    leading chunks found are pinned on the node until batched_get_non_blocking of the
+    same lookup reads them; chunks found past the first miss are released at once; a
+    lookup without pin pins nothing."""
+    from wqs.rpc.control import ControlClient
+
+    d = daemon_factory()
+
+    def engine_stats() -> dict:
+        with ControlClient(d.control_address) as control:
+            return control.stats()["engine"]
+
+    backend = remote_backend(lmcache_config(tmp_path, [d.address], "pins"), loop)
+    conn = wqs_connector(backend)
+    keys = [key(i) for i in range(8)]
+    objs = [filled(backend, i) for i in range(8)]
+    stored = [0, 1, 2, 3, 4, 6, 7]
+    backend.batched_submit_put_task([keys[i] for i in stored], [objs[i] for i in stored])
+    wait_until(lambda: conn.stats["put_blocks"] == len(stored))
+
+    assert run(loop, backend.batched_async_contains("plain", keys)) == 5
+    assert engine_stats()["pins_granted"] == 0  # a lookup without pin pins nothing
+    assert run(loop, backend.batched_async_contains("p1", keys, pin=True)) == 5
+    # Both blocks of each of the 5 leading chunks stay pinned; chunks 6 and 7 (found
+    # after the miss) were pinned by the same round trip and are released at once.
+    wait_until(lambda: engine_stats()["pinned_blocks"] == 10)
+    assert engine_stats()["pins_granted"] == 14
+    got = run(loop, backend.batched_get_non_blocking("p1", keys))
+    assert len(got) == 5
+    for obj in got:
+        obj.ref_count_down()
+    wait_until(lambda: engine_stats()["pinned_blocks"] == 0)  # the load released them
+    for obj in objs:
+        obj.ref_count_down()
+    backend.close()
+
+
 def test_partial_chunk_keeps_its_shape(tmp_path, daemon_factory, loop):
     """A chunk shorter than chunk_size (save_unfull_chunk) comes back with its own
     shape: the stored meta header carries it."""

@@ -64,6 +64,10 @@ def test_engine_counters_follow_puts_and_gets(metrics_server):
     assert after['wqs_regions{state="used"}'] >= 1
     assert "process_resident_memory_bytes" in after  # our own process collector
 
+    # 12288 + 4096 B of entries, and the headers of the regions prepared so far.
+    assert after["wqs_device_written_bytes_total"] >= 16384 + 4096
+    assert after["wqs_reinserted_bytes_total"] == 0 and after["wqs_write_amplification"] == 1
+
     n = engine.evict_all()
     evicted = scrape(server.port)
     assert evicted["wqs_evicted_blocks_total"] == n == 2
@@ -136,3 +140,19 @@ def test_shutdown_frees_the_port():
     assert not server.thread.is_alive()
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1)
+
+
+def test_write_amplification_counts_copies_forward(metrics_server):
+    engine, _, server = metrics_server
+    hot = [block_id(i) for i in range(5)]
+    engine.put_many([(k, b"h" * 30_000) for k in hot])
+    for i in range(10, 700):  # through the 16 MiB device ~1.3 times, reading the hot set
+        engine.put(block_id(i), b"c" * 30_000)
+        if i % 20 == 0:
+            engine.get_many(hot)
+    s = scrape(server.port)
+    stats = engine.stats()
+    assert s["wqs_reinserted_bytes_total"] == stats.reinserted_bytes > 0
+    own = stats.written_bytes - stats.reinserted_bytes
+    assert s["wqs_write_amplification"] == pytest.approx(stats.written_bytes / own)
+    assert 1 < s["wqs_write_amplification"] < 1.3

@@ -92,6 +92,9 @@ EXAMPLES = [
     p.RdmaConnectResponse(32, b"e" * 36),
     p.RegisterMrRequest(33, b"m" * 24),
     p.RegisterMrResponse(34),
+    p.PinRequest(35, [bid(1), bid(2)], 30_000),
+    p.PinRequest(36, [bid(3)], 0),
+    p.PinResponse(37, [True, True, False], [True, False, False]),
 ]
 
 
@@ -133,7 +136,8 @@ requests = st.one_of(
     st.builds(ShmRequest, rids, st.sampled_from([Opcode.GET_SHM, Opcode.PUT_SHM]),
               st.lists(shm_items, **batch)),
     st.builds(p.RdmaConnectRequest, rids, st.binary(min_size=36, max_size=36)),
-    st.builds(p.RegisterMrRequest, rids, st.binary(min_size=24, max_size=24)))
+    st.builds(p.RegisterMrRequest, rids, st.binary(min_size=24, max_size=24)),
+    st.builds(p.PinRequest, rids, st.lists(ids, **batch), st.integers(0, 2**32 - 1)))
 responses = st.one_of(
     st.builds(HelloResponse, rids, nonces, st.booleans(), limits_st),
     st.builds(AuthResponse, rids, nonces),
@@ -154,6 +158,9 @@ responses = st.one_of(
     st.builds(ShmPutResponse, rids, st.lists(st.sampled_from(Status), **batch)),
     st.builds(p.RdmaConnectResponse, rids, st.binary(min_size=36, max_size=36)),
     st.builds(p.RegisterMrResponse, rids),
+    st.lists(st.tuples(st.booleans(), st.booleans()), max_size=40).flatmap(
+        lambda bits: st.builds(p.PinResponse, rids, st.just([f for f, _ in bits]),
+                               st.just([f and q for f, q in bits]))),
     st.builds(ErrorResponse, rids, st.sampled_from(Opcode),
               st.sampled_from([s for s in Status if s != Status.OK]), st.text(max_size=100)))
 
@@ -400,7 +407,7 @@ def test_stream_ending_inside_a_payload():
 def test_wrong_magic_version_opcode_flags():
     good = frame(PingRequest(1))
     for bad, match in [(header(magic=0x31535158), "magic"), (header(version=1), "version"),
-                       (header(opcode=0), "opcode"), (header(opcode=15), "opcode"),
+                       (header(opcode=0), "opcode"), (header(opcode=16), "opcode"),
                        (header(opcode=255), "opcode"), (header(flags=2), "flags"),
                        (header(status=99), "status"), (b"GET / HTTP/1.1\r\n" * 2, "magic")]:
         with pytest.raises(ProtocolError, match=match):
@@ -744,3 +751,34 @@ def test_lean_small_answers_match_encode(rid, bits, count):
         encode_response(DeleteResponse(rid, bits))
     assert p.frame_lookup_response(rid, count) == encode_response(LookupPrefixResponse(rid, count))
     assert p.frame_ping_response(rid) == encode_response(PingResponse(rid))
+
+
+@given(rid=st.integers(0, 2**64 - 1), ids=_ids, ms=st.integers(0, 2**32 - 1),
+       bits=st.lists(st.tuples(st.booleans(), st.booleans()), max_size=70))
+def test_lean_pin_frames_match_encode(rid, ids, ms, bits):
+    assert p.frame_pin_request(rid, ids, ms) == encode_request(p.PinRequest(rid, ids, ms))
+    found, pinned = [f for f, _ in bits], [q for _, q in bits]
+    assert p.frame_pin_response(rid, found, pinned) == \
+        encode_response(p.PinResponse(rid, found, pinned))
+
+
+def test_pin_frames_are_checked():
+    frame = p.frame_pin_request(5, [bid(1), bid(2)], 1000)
+    assert decode_request(frame) == p.PinRequest(5, [bid(1), bid(2)], 1000)
+    assert decode_request(frame).ids == (bid(1), bid(2))
+    # The body is the 8-byte head and 16 bytes per id, exactly.
+    with pytest.raises(FrameRejected, match="expected 40"):
+        decode_request(header(Opcode.PIN, count=2, body_len=32) + bytes(32))
+    bad = bytearray(frame)
+    bad[HEADER.size + 4] = 1  # the reserved word
+    with pytest.raises(FrameRejected, match="reserved"):
+        decode_request(bytes(bad))
+    with pytest.raises(ProtocolError, match="out of range"):
+        encode_request(p.PinRequest(1, [bid(1)], 1 << 32))
+    with pytest.raises(ProtocolError, match="a found and a pinned bit"):
+        p.PinResponse(1, [True], [])
+    answer = p.frame_pin_response(6, [True] * 9, [False] * 8 + [True])
+    assert len(answer) == HEADER.size + 4  # two bitmaps of 2 bytes
+    assert decode_response(answer) == p.PinResponse(6, [True] * 9, [False] * 8 + [True])
+    with pytest.raises(ProtocolError, match="padding"):
+        decode_response(answer[:-1] + b"\x03")  # a pinned bit past the ninth id

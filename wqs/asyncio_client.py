@@ -701,8 +701,12 @@ class AsyncClient:
                     if results[i] is None and not isinstance(errors.get(i), BlockTooLarge)]
         return BatchResult(results, errors)
 
-    async def exists_many(self, block_ids: Iterable[BlockIdLike]) -> list[bool]:
-        """Whether each block is stored; a block its owner lacks is asked of its replicas."""
+    async def exists_many(self, block_ids: Iterable[BlockIdLike], *,
+                          pin_s: float | None = None) -> list[bool]:
+        """Whether each block is stored; a block its owner lacks is asked of its replicas.
+        With pin_s, each block found is also pinned for pin_s seconds (see pin_many)."""
+        if pin_s is not None:
+            return (await self._pin(block_ids, pin_s))[0]
         self._check_loop()
         ids = [to_block_id(b) for b in block_ids]
         found = [False] * len(ids)
@@ -716,6 +720,33 @@ class AsyncClient:
                     call, conn, idx, ids, p.Opcode.EXISTS, found))
             todo = [i for i in todo if not found[i]]
         return found
+
+    async def pin_many(self, block_ids: Iterable[BlockIdLike], seconds: float) -> list[bool]:
+        """Pin stored blocks for `seconds`: True where pinned now (Client.pin_many)."""
+        return (await self._pin(block_ids, seconds))[1]
+
+    async def unpin_many(self, block_ids: Iterable[BlockIdLike]) -> None:
+        """Release pins (the blocks stay stored)."""
+        await self._pin(block_ids, 0.0)
+
+    async def _pin(self, block_ids: Iterable[BlockIdLike], seconds: float
+                   ) -> tuple[list[bool], list[bool]]:
+        self._check_loop()
+        ids = [to_block_id(b) for b in block_ids]
+        milliseconds = min(max(int(seconds * 1000), 0), (1 << 32) - 1)
+        if seconds > 0 and not milliseconds:
+            milliseconds = 1
+        found, pinned = [False] * len(ids), [False] * len(ids)
+        todo = list(range(len(ids))) if len(self.ring) else []
+        replicas = self.config.replicas
+        for attempt in range(min(replicas, len(self.ring))):
+            if not todo:
+                break
+            await self._run(self._plan(ids, todo, replicas, attempt), ids, self._ignore(
+                p.Opcode.PIN), lambda call, conn, idx: self._send_pins(
+                    call, conn, idx, ids, milliseconds, found, pinned))
+            todo = [i for i in todo if not found[i]]
+        return found, pinned
 
     async def delete_many(self, block_ids: Iterable[BlockIdLike]) -> list[bool]:
         """Delete blocks from every replica; True where any replica held the block."""
@@ -1203,6 +1234,26 @@ class AsyncClient:
             rid = conn.add(req)
             if rid is not None:
                 conn.write(req, [p.frame_ids_request(opcode, rid, [ids[i] for i in chunk])])
+
+
+    def _send_pins(self, call: _Call, conn: _Conn, idx: list[int], ids: list[bytes],
+                   milliseconds: int, found: list[bool], pinned: list[bool]) -> None:
+        address = conn.node.address
+        for chunk in p.frames_for(idx, conn.limits, lambda i: p.ID_LEN - p.ITEM.size):
+            def answer(req: _Req, msg: Any, chunk: list[int] = chunk) -> None:
+                if not isinstance(msg, p.PinResponse):
+                    call.failed(address, chunk, self._request_error(req, msg))
+                    return
+                for i, f, q in zip(chunk, msg.found, msg.pinned):
+                    found[i] = found[i] or f
+                    pinned[i] = pinned[i] or q
+                self._mark_up(req.conn.node)
+
+            req = _Req(call, conn, p.Opcode.PIN, answer)
+            rid = conn.add(req)
+            if rid is not None:
+                conn.write(req, [p.frame_pin_request(rid, [ids[i] for i in chunk],
+                                                     milliseconds)])
 
 
 def _retrieve(task: asyncio.Task) -> None:

@@ -614,11 +614,13 @@ _STATE_STYLE = {"serving": "green", "draining": "yellow", "not_serving": "red"}
 def render_node_table(reports: Sequence[NodeReport]) -> Any:
     from rich.table import Table
 
+    from wqs.metrics import write_amplification
+
     table = Table(title="WQS nodes", title_justify="left")
     for name, justify in (("node", "left"), ("state", "left"), ("capacity", "right"),
                           ("used", "right"), ("blocks", "right"),
                           ("hit rate dram/ssd/miss", "right"), ("checksum fail", "right"),
-                          ("evicted", "right")):
+                          ("evicted", "right"), ("reinserted", "right")):
         table.add_column(name, justify=justify, no_wrap=True)
     for r in reports:
         name = r.address
@@ -630,7 +632,7 @@ def render_node_table(reports: Sequence[NodeReport]) -> Any:
         if r.error is not None:  # the reason goes to stderr (see _report_failures)
             state = f"[red]{r.problem}[/red]" if r.info is None else \
                 f"[yellow]{r.info.get('status', '?')}: no stats[/yellow]"
-            table.add_row(name, state, *["—"] * 6)
+            table.add_row(name, state, *["—"] * 7)
             continue
         assert r.info is not None and r.stats is not None
         e = r.stats.get("engine", {})
@@ -650,6 +652,8 @@ def render_node_table(reports: Sequence[NodeReport]) -> Any:
             hits,
             f"[red]{cks}[/red]" if cks else "0",
             f"{e.get('evicted_blocks', 0)} ({e.get('evicted_regions', 0)} regions)",
+            f"{e.get('reinserted_blocks', 0)} [dim](write ampl. "
+            f"{write_amplification(e):.2f})[/dim]",
         )
     return table
 

@@ -309,8 +309,12 @@ class Client:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self._pipe.wait_any([x.call for x in pendings], deadline)
 
-    def exists_many(self, block_ids: Iterable[BlockIdLike]) -> list[bool]:
-        """Whether each block is stored; a block its owner lacks is asked of its replicas."""
+    def exists_many(self, block_ids: Iterable[BlockIdLike], *,
+                    pin_s: float | None = None) -> list[bool]:
+        """Whether each block is stored; a block its owner lacks is asked of its replicas.
+        With pin_s, each block found is also pinned for pin_s seconds (see pin_many)."""
+        if pin_s is not None:
+            return self._pin([to_block_id(b) for b in block_ids], pin_s)[0]
         ids = [to_block_id(b) for b in block_ids]
         found = [False] * len(ids)
         ring = self.ring
@@ -329,6 +333,60 @@ class Client:
             if not todo:
                 break
         return found
+
+    def pin_many(self, block_ids: Iterable[BlockIdLike], seconds: float) -> list[bool]:
+        """Pin stored blocks for `seconds`, so that a load soon after a lookup finds them:
+        True where the block is pinned now. A node cuts a pin to its engine.max_pin_s,
+        never lets re-pinning stretch one lease past that, and refuses pins past its
+        cap on pinned bytes (the block stays stored, not pinned). Pins end by
+        themselves; unpin_many ends them sooner. A plain exists or lookup pins nothing."""
+        return self._pin([to_block_id(b) for b in block_ids], seconds)[1]
+
+    def unpin_many(self, block_ids: Iterable[BlockIdLike]) -> None:
+        """Release pins (the blocks stay stored)."""
+        self._pin([to_block_id(b) for b in block_ids], 0.0)
+
+    def _pin(self, ids: list[bytes], seconds: float) -> tuple[list[bool], list[bool]]:
+        """PIN to the replicas in turn, as exists_many asks: (found, pinned) per block."""
+        milliseconds = min(max(int(seconds * 1000), 0), (1 << 32) - 1)
+        if seconds > 0 and not milliseconds:
+            milliseconds = 1
+        found, pinned = [False] * len(ids), [False] * len(ids)
+        ring = self.ring
+        todo = list(range(len(ids))) if len(ring) else []
+        for attempt in range(self.config.replicas):
+            call = self._pipe.start()
+            plan: dict[str, list[int]] = {}
+            for i in todo:
+                owners = ring.nodes_for(ids[i], self.config.replicas)
+                plan.setdefault(owners[attempt % len(owners)], []).append(i)
+            for node, idx in plan.items():
+                self._send_pins(call, node, idx, ids, milliseconds, found, pinned)
+            self._pipe.release(call)
+            self._pipe.wait(call)
+            todo = [i for i in todo if not found[i]]
+            if not todo:
+                break
+        return found, pinned
+
+    def _send_pins(self, call: Call, address: str, idx: list[int], ids: list[bytes],
+                   milliseconds: int, found: list[bool], pinned: list[bool]) -> None:
+        def fail(which: list[int], error: WQSError) -> None:
+            log.debug("PIN to %s failed: %s", address, error)
+
+        for conn, sidx in self._shard_groups(address, idx, ids, fail):
+            for chunk in p.frames_for(sidx, conn.limits, lambda i: p.ID_LEN - p.ITEM.size):
+                def answer(req: _Request, msg: Any, chunk: list[int] = chunk) -> None:
+                    if not isinstance(msg, p.PinResponse):
+                        self._request_error(req, msg)
+                        return
+                    for i, f, q in zip(chunk, msg.found, msg.pinned):
+                        found[i] = found[i] or f
+                        pinned[i] = pinned[i] or q
+                    self._pipe.mark_up(req.conn.node)
+
+                frame = p.frame_pin_request(0, [ids[i] for i in chunk], milliseconds)
+                self._pipe.send(_Request(call, conn, p.Opcode.PIN, answer), [frame])
 
     def delete_many(self, block_ids: Iterable[BlockIdLike]) -> list[bool]:
         """Delete blocks from every replica; True where any replica held the block."""

@@ -298,22 +298,32 @@ class EngineConfig:
     max_block_size: int = 64 * MiB
     dram_cache_bytes: int = 256 * MiB  # hot tier in host memory; 0 disables it
     dram_policy: Literal["s3fifo", "lru"] = "s3fifo"
-    eviction: Literal["fifo", "lru"] = "fifo"  # whole-region eviction order
-    reinsert_hits: bool = True  # rewrite blocks read recently when their region is evicted
+    # Which region goes and which of its blocks are copied forward (wqs/engine/policy.py).
+    eviction: Literal["fifo", "lru", "block-lru"] = "block-lru"
+    reinsert_hits: bool = True  # copy blocks still in use forward when their region goes
     sync: bool = False  # fdatasync after each write
     # How batches of device IO run: "aio" (Linux native AIO), "threads" (io_threads
     # threads, one IO each), or "auto" (AIO where the kernel allows it, else threads).
     io_engine: Literal["auto", "aio", "threads"] = "auto"
     io_threads: int = 16
     spdk: SpdkConfig = field(default_factory=SpdkConfig)  # for a device named spdk:...
+    # Pins (a client's lease on blocks it is about to load, wqs/engine/pins.py): the
+    # longest lease, and the most of the device pinned blocks may hold at once.
+    max_pin_s: float = 30.0
+    max_pinned_share: float = 0.25
 
     def __post_init__(self) -> None:
         self.region_size = _size("region_size", self.region_size, MiB, 4 * GiB, 4096)
         self.max_block_size = _size("max_block_size", self.max_block_size, 1, GiB)
         self.dram_cache_bytes = _size("dram_cache_bytes", self.dram_cache_bytes)
         self.dram_policy = _choice("dram_policy", self.dram_policy, ("s3fifo", "lru"))
-        self.eviction = _choice("eviction", self.eviction, ("fifo", "lru"))
+        self.eviction = _choice("eviction", self.eviction, ("fifo", "lru", "block-lru"))
         self.reinsert_hits = _bool("reinsert_hits", self.reinsert_hits)
+        self.max_pin_s = _float("max_pin_s", self.max_pin_s)
+        self.max_pinned_share = _float("max_pinned_share", self.max_pinned_share)
+        if self.max_pinned_share > 0.5:
+            raise _fail("max_pinned_share", "must be at most 0.5 (the rest of the device "
+                        "stays evictable)", self.max_pinned_share)
         self.sync = _bool("sync", self.sync)
         self.io_engine = _choice("io_engine", self.io_engine, ("auto", "aio", "threads"))
         self.io_threads = _int("io_threads", self.io_threads, 1, 1024)

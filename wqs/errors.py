@@ -13,6 +13,11 @@ class DeviceError(WQSError):
     """The device cannot be opened, is too small, or an IO on it failed."""
 
 
+class NoSpace(DeviceError):
+    """The device is full and nothing may be evicted now: every region that could go is
+    held by pinned blocks (pins expire by themselves; the put may be tried again)."""
+
+
 class FormatError(WQSError):
     """The device does not carry a usable WQS format (or must not be formatted)."""
 

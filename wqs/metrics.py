@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 # get_shm/put_shm: blocks moved one-sided (GET_SHM/PUT_SHM over a local Unix socket or an
 # RDMA link), so an operator sees which path a client takes and what each costs.
 OPS: tuple[str, ...] = ("put", "get", "put_shm", "get_shm", "exists", "delete",
-                        "lookup_prefix")
+                        "lookup_prefix", "pin")
 
 # 10 µs .. 1 s, dense around the 100–500 µs the product is judged on.
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -62,6 +62,14 @@ _COUNTERS: dict[str, tuple[str, str]] = {
     "evicted_blocks": ("wqs_evicted_blocks", "Blocks dropped by eviction or evict-all."),
     "evicted_regions": ("wqs_evicted_regions", "Regions reclaimed by eviction."),
     "reinserted_blocks": ("wqs_reinserted_blocks", "Hot blocks copied forward on reclaim."),
+    "written_bytes": ("wqs_device_written_bytes", "Bytes written to the device: entries, "
+                      "padding, region headers, copies forward."),
+    "reinserted_bytes": ("wqs_reinserted_bytes", "Device bytes written copying blocks "
+                         "forward on reclaim."),
+    "no_space_puts": ("wqs_no_space_puts", "Puts refused NO_SPACE: the device was full "
+                      "and every region that could go was held by pinned blocks."),
+    "pins_granted": ("wqs_pins_granted", "Pins granted (a pin asked again counts again)."),
+    "pins_refused": ("wqs_pins_refused", "Pins refused: the cap on pinned bytes was reached."),
     "direct_reads": ("wqs_direct_reads", "Hits read from the device straight into a "
                      "client's shared memory."),
     "direct_writes": ("wqs_direct_writes", "Blocks written to the device straight from a "
@@ -76,9 +84,18 @@ _GAUGES: dict[str, tuple[str, str]] = {
     "index_bytes": ("wqs_index_bytes", "Memory held by the in-memory index."),
     "dram_entries": ("wqs_dram_entries", "Blocks held in the DRAM tier."),
     "dram_bytes": ("wqs_dram_bytes", "Bytes held in the DRAM tier."),
+    "pinned_blocks": ("wqs_pinned_blocks", "Blocks pinned now."),
+    "pinned_bytes": ("wqs_pinned_bytes", "Device bytes of the blocks pinned now."),
 }
 # Fields exported through labelled families instead of one metric each.
 _LABELLED = {"hits_dram", "hits_ssd", "regions_free", "regions_used", "regions_total"}
+
+
+def write_amplification(stats: dict[str, int]) -> float:
+    """Device bytes written over the bytes that puts (not copies) wrote; 1.0 before any."""
+    written = stats.get("written_bytes", 0)
+    own = written - stats.get("reinserted_bytes", 0)
+    return written / own if own > 0 else 1.0
 
 
 class EngineCollector(Collector):
@@ -132,6 +149,10 @@ class EngineCollector(Collector):
         for field, (name, doc) in _GAUGES.items():
             if field in stats:
                 yield GaugeMetricFamily(name, doc, value=stats[field])
+        yield GaugeMetricFamily(
+            "wqs_write_amplification", "Device bytes written per byte that puts wrote "
+            "(copies forward included; 1 without reinsertion), since start-up.",
+            value=write_amplification(stats))
         dram_cap = getattr(getattr(engine, "config", None), "dram_cache_bytes", None)
         if isinstance(dram_cap, int):
             yield GaugeMetricFamily("wqs_dram_capacity_bytes", "Configured DRAM tier size.",

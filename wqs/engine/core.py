@@ -25,9 +25,11 @@ from wqs.engine import format as fmt
 from wqs.engine import recovery
 from wqs.engine.allocator import Allocator
 from wqs.engine.dram import make_dram_tier
-from wqs.engine.index import block_tag
+from wqs.engine.index import META_HEAD, META_LEN_MASK, block_tag
+from wqs.engine.pins import PinTable
 from wqs.engine.policy import make_policy
 from wqs.engine.reader import DEFERRED, GetOp, Reader, ReadResult  # noqa: F401 - DEFERRED: re-exported
+from wqs.engine.recency import RecencyClock
 from wqs.engine.reclaim import Reclaimer
 from wqs.engine.regions import CLEAN, FREE, PREPARING
 from wqs.engine.stats import EngineStats
@@ -74,15 +76,20 @@ class EngineCore:
         self.dram = make_dram_tier(config.dram_cache_bytes, config.dram_policy)
         self.ring = device.open_ring()
         self.allocator = Allocator(self.regions, sb.region_size, rec.next_seq)
+        self.clock = RecencyClock()
+        self.policy = make_policy(config.eviction, self.index, sb, self.clock,
+                                  reinsert_hits=config.reinsert_hits)
         self.writer = Writer(sb, self.regions, self.index, self.allocator, self.ring,
-                             self.pool, self.dram, self.stats_counters,
+                             self.pool, self.dram, self.stats_counters, self.clock,
                              max_block_size=self.max_block_size, sync=config.sync)
         self.reader = Reader(sb, self.regions, self.index, self.ring, self.pool, self.dram,
-                             self.stats_counters)
+                             self.stats_counters, self.clock, self.writer.reinserting,
+                             stamp_dram_hits=self.policy.name == "block-lru")
+        usable = max(1, sb.num_regions - 2) * (sb.region_size - UNIT)
+        self.pins = PinTable(config.max_pin_s, int(usable * config.max_pinned_share))
         self.reclaimer = Reclaimer(sb, self.regions, self.index, self.allocator,
-                                   make_policy(config.eviction), self.writer, self.ring,
-                                   self.pool, self.stats_counters,
-                                   reinsert_hits=config.reinsert_hits, sync=config.sync)
+                                   self.policy, self.writer, self.ring, self.pool,
+                                   self.stats_counters, self.pins, sync=config.sync)
         self._quiesced: list[Callable[[], None]] = []
         self._closed = False
         watch_ring(reactor, self.ring)
@@ -142,11 +149,12 @@ class EngineCore:
             if hot:
                 self.dram.remove(block_id)
             tag = block_tag(block_id)
+            self.pins.unpin(tag)
             # A block being copied forward by the reclaimer is present too: its copy
             # may already be on the device, and a crash scan would find it without a
             # tombstone after it.
             present = tag in self.index or tag in self.writer.reinserting
-            self.writer.reinserting.discard(tag)
+            self.writer.reinserting.pop(tag, None)
             if present:
                 pending[0] += 1
                 self.writer.commit(self.writer.stage_tombstone(block_id, b"", DELETE), one_done)
@@ -175,6 +183,35 @@ class EngineCore:
     def lookup_prefix(self, ids: list[bytes]) -> int:
         return self.reader.lookup_prefix(ids)
 
+    def pin_many(self, ids: list[bytes], seconds: float) -> tuple[list[bool], list[bool]]:
+        """Pin the stored blocks among ids for `seconds` (0: release their pins); per ID,
+        whether it is stored (as exists_many says) and whether it is pinned now. See
+        pins.py for the limits; a pin refused (the cap on pinned bytes, a segmented
+        block, one held only by the DRAM tier) leaves the block stored, not pinned."""
+        self.reactor.assert_owner()
+        found = self.reader.exists_many(ids)
+        pinned = [False] * len(ids)
+        index, pins, moving = self.index, self.pins, self.writer.reinserting
+        for i, block_id in enumerate(ids):
+            if not found[i]:
+                continue
+            tag = block_tag(block_id)
+            if seconds <= 0:
+                pins.unpin(tag)
+                continue
+            slot = index.slot_of(tag)
+            if slot is not None:
+                meta = int(index.metas[slot])
+                if meta & META_HEAD:
+                    continue
+                nbytes = fmt.entry_len(meta & META_LEN_MASK)
+            elif tag in moving:  # being copied forward: the copy is what gets pinned
+                nbytes = moving[tag].elen_total
+            else:
+                continue
+            pinned[i] = pins.pin(tag, nbytes, seconds)
+        return found, pinned
+
     # ---- the turn's end --------------------------------------------------------------
 
     def flush(self) -> None:
@@ -184,6 +221,8 @@ class EngineCore:
         if self.reader.corrupt:
             self._bury()
         self.writer.flush()
+        if self.clock.clamp_due():
+            self.clock.clamp(self.index)
         self.reclaimer.step()
         self.writer.flush()  # the reclaimer may have opened room at once (a free region)
         self.ring.submit()
@@ -235,6 +274,7 @@ class EngineCore:
         self.allocator.reset()
         self.regions.reset()
         self.writer.reinserting.clear()
+        self.pins.clear()
         self.stats_counters.evicted_blocks += n
         # Invalidate region headers so a crash-recovery scan cannot bring them back.
         with self.pool.borrow(UNIT) as buf:
@@ -273,6 +313,11 @@ class EngineCore:
         s.capacity_bytes = self.sb.num_regions * self.sb.region_size
         s.index_entries = self.index.count
         s.index_bytes = self.index.nbytes
+        self.pins.purge()
+        s.pinned_blocks = len(self.pins)
+        s.pinned_bytes = self.pins.nbytes
+        s.pins_granted = self.pins.granted
+        s.pins_refused = self.pins.refused
         if self.dram is not None:
             s.dram_entries = len(self.dram)
             s.dram_bytes = self.dram.used

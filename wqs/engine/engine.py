@@ -29,7 +29,7 @@ from wqs.engine.reader import GetOp
 from wqs.engine.regions import RegionTable
 from wqs.engine.stats import EngineStats
 from wqs.engine.writer import PutOp
-from wqs.errors import DeviceError, FormatError
+from wqs.errors import DeviceError, FormatError, NoSpace
 from wqs.loop.reactor import Reactor
 from wqs.nvme.buffers import aligned_buffer
 from wqs.nvme.device import BlockDevice
@@ -205,19 +205,20 @@ class Engine:
     def put_many(self, items: Sequence[tuple[bytes, Buffer]]) -> None:
         """Store many blocks; neighbours are written together. Raises BlockTooLarge
         (before anything is written) if a block is too large, DeviceError if a write
-        failed (the blocks of the failed group are not stored)."""
+        failed (the blocks of the failed group are not stored), NoSpace if the device is
+        full and every region that could be evicted is held by pinned blocks."""
         views = [(block_id, as_byte_view(data)) for block_id, data in items]
         with self._lock:
             self._check_open()
             for _, view in views:  # before anything is written
                 self.core.writer.check(view.nbytes)
-            errors: list[str] = []
+            errors: list[PutOp] = []
             pending = [0]
 
             def done(op: PutOp) -> None:
                 pending[0] -= 1
                 if op.error is not None:
-                    errors.append(op.error)
+                    errors.append(op)
 
             staged = 0
             for block_id, view in views:
@@ -229,7 +230,7 @@ class Engine:
                 staged += view.nbytes
             self._drive(lambda: pending[0] == 0)
             if errors:
-                raise DeviceError(errors[0])
+                raise (NoSpace if errors[0].no_space else DeviceError)(errors[0].error)
 
     def delete(self, block_id: bytes) -> bool:
         """Remove a block; True if it was present. Durable: it stays deleted after a crash."""
@@ -308,6 +309,13 @@ class Engine:
         """How many leading block IDs are present (prefix-cache hit length, in blocks)."""
         with self._lock:
             return self.core.lookup_prefix(list(block_ids))
+
+    def pin_many(self, block_ids: Iterable[bytes], seconds: float) -> list[bool]:
+        """Pin the stored blocks among block_ids for `seconds` (0 releases them); per
+        block, whether it is pinned now (EngineCore.pin_many, pins.py)."""
+        with self._lock:
+            self._check_open()
+            return self.core.pin_many(list(block_ids), seconds)[1]
 
     # ---- administration -----------------------------------------------------------
 

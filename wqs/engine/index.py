@@ -1,4 +1,4 @@
-"""The in-memory index: block ID -> entry location, in 16 bytes a slot.
+"""The in-memory index: block ID -> entry location, in 20 bytes a slot.
 
 An open-addressing hash table (linear probing, backward-shift deletion) in three numpy
 arrays. Like CacheLib's Navy, it keeps a 64-bit tag of the block ID rather than the ID
@@ -6,7 +6,10 @@ itself: the entry header on the device holds the full ID and every read checks i
 two IDs whose tags collide (odds 2**-64 per pair) cost a miss, never wrong bytes.
 
 Slot layout: tag u64 (0 = empty), loc u32 (entry offset in UNITs from the data start),
-meta u32 (payload length in the low 27 bits, flags above).
+meta u32 (payload length in the low 27 bits, flags above). Beside them, `stamps` (u32
+per slot) holds when the entry was last used, on the eviction policy's clock
+(wqs/engine/recency.py); it moves with its entry and is not persisted: after a restart
+every entry's stamp is 0, the clock's start, as if all were used at once.
 
 The `*_many` methods do the same for a batch in a few numpy operations (all probe
 chains advance together), which is what put_many, get_many and region reclaim use:
@@ -16,7 +19,6 @@ per-call Python costs more than the probing itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 import numpy as np
 import xxhash
 
@@ -24,12 +26,12 @@ META_LEN_BITS = 27  # payload length < 128 MiB per entry (an entry fits in a reg
 META_LEN_MASK = (1 << META_LEN_BITS) - 1
 META_HIT = 1 << 27  # read while resident: a candidate for reinsertion on reclaim
 META_HEAD = 1 << 28  # the entry is the head of a segmented block
-SLOT_BYTES = 16
+SLOT_BYTES = 20  # tag, loc, meta (the 16 B a checkpoint keeps) and the stamp
 
 MAX_LOAD = 0.75  # grow beyond this
 PROBE_WINDOW = 16  # slots find_slots compares per chain and round
 _PROBE_STEPS = np.arange(PROBE_WINDOW, dtype=np.int64)
-GROWTH = 1.5  # so the load after growth is 0.5 and the average stays near 32 B/block
+GROWTH = 1.5  # so the load after growth is 0.5 and the average stays near 40 B/block
 MIN_CAPACITY = 1024
 
 
@@ -68,10 +70,19 @@ class Index:
         self.tags = np.zeros(capacity, dtype=np.uint64)
         self.locs = np.zeros(capacity, dtype=np.uint32)
         self.metas = np.zeros(capacity, dtype=np.uint32)
+        self.stamps = np.zeros(capacity, dtype=np.uint32)
+
+    def load(self, tags: np.ndarray, locs: np.ndarray, metas: np.ndarray) -> None:
+        """Take a table as a checkpoint kept it (its stamps start at 0)."""
+        assert len(tags) == len(locs) == len(metas)
+        self.tags, self.locs, self.metas = tags, locs, metas
+        self.stamps = np.zeros(len(tags), dtype=np.uint32)
+        self.capacity = len(tags)
+        self.count = int(np.count_nonzero(tags))
 
     @property
     def nbytes(self) -> int:
-        return self.tags.nbytes + self.locs.nbytes + self.metas.nbytes
+        return self.tags.nbytes + self.locs.nbytes + self.metas.nbytes + self.stamps.nbytes
 
     def _find_slot(self, tag: int) -> int:
         """The slot holding `tag`, or the empty slot where it would go."""
@@ -114,9 +125,10 @@ class Index:
         return slots, self.tags[slots] == tags
 
     def put_many(self, tags: np.ndarray, locs: np.ndarray, metas: np.ndarray,
-                 slots: np.ndarray | None = None) -> None:
+                 slots: np.ndarray | None = None, stamp: int | None = None) -> None:
         """put() for a batch. Where a tag repeats, its last occurrence wins. `slots`, if
-        given, is find_slots(tags) on the table as it is now (saves probing again)."""
+        given, is find_slots(tags) on the table as it is now (saves probing again);
+        `stamp`, if given, becomes every entry's stamp (else new ones get 0)."""
         assert tags.dtype == np.uint64 and np.all(tags != 0)
         if len(set(tags.tolist())) != len(tags):
             # Keep each tag's last occurrence (first in the reversed batch).
@@ -129,13 +141,18 @@ class Index:
         found = self.tags[slots] == tags
         self.locs[slots[found]] = locs[found]
         self.metas[slots[found]] = metas[found]
+        if stamp is not None:
+            self.stamps[slots[found]] = stamp
         new = ~found
         if new.any():
-            self._insert_absent(tags[new], locs[new], metas[new], slots[new])
+            self._insert_absent(tags[new], locs[new], metas[new], slots[new],
+                                0 if stamp is None else stamp)
 
     def _insert_absent(self, tags: np.ndarray, locs: np.ndarray, metas: np.ndarray,
-                       slots: np.ndarray | None = None) -> None:
-        """Insert distinct tags that are not in the table yet (`slots`: as in put_many)."""
+                       slots: np.ndarray | None = None, stamps: np.ndarray | int = 0) -> None:
+        """Insert distinct tags that are not in the table yet (`slots`: as in put_many;
+        `stamps`: theirs, or one for all)."""
+        stamps = np.broadcast_to(np.asarray(stamps, dtype=np.uint32), tags.shape)
         while self.count + len(tags) > self.capacity * MAX_LOAD:
             self._grow()
             slots = None
@@ -148,10 +165,11 @@ class Index:
             self.tags[taken] = tags[first]
             self.locs[taken] = locs[first]
             self.metas[taken] = metas[first]
+            self.stamps[taken] = stamps[first]
             self.count += len(first)
             rest = np.ones(len(tags), dtype=bool)
             rest[first] = False
-            tags, locs, metas = tags[rest], locs[rest], metas[rest]
+            tags, locs, metas, stamps = tags[rest], locs[rest], metas[rest], stamps[rest]
             slots = None
 
     def get(self, tag: int) -> Location | None:
@@ -164,7 +182,9 @@ class Index:
     def __contains__(self, tag: int) -> bool:
         return int(self.tags[self._find_slot(tag)]) != 0
 
-    def put(self, tag: int, loc: int, payload_len: int, flags: int = 0) -> None:
+    def put(self, tag: int, loc: int, payload_len: int, flags: int = 0,
+            stamp: int | None = None) -> None:
+        """Point `tag` at `loc`; its stamp becomes `stamp` if given (a new entry's is 0)."""
         assert tag != 0 and 0 <= payload_len <= META_LEN_MASK
         i = self._find_slot(tag)
         if int(self.tags[i]) == 0:
@@ -173,8 +193,16 @@ class Index:
                 i = self._find_slot(tag)
             self.count += 1
             self.tags[i] = tag
+            self.stamps[i] = 0
+        if stamp is not None:
+            self.stamps[i] = stamp
         self.locs[i] = loc
         self.metas[i] = payload_len | flags
+
+    def slot_of(self, tag: int) -> int | None:
+        """The slot holding `tag`, or None (valid until the table next changes)."""
+        i = self._find_slot(tag)
+        return i if self.tags[i] else None
 
     def mark_hit(self, tag: int) -> Location | None:
         """Mark the tag's entry as read (a reinsertion candidate); its location, if any."""
@@ -190,15 +218,25 @@ class Index:
         i = self._find_slot(tag)
         return int(self.locs[i]) if self.tags[i] else None
 
-    def mark_hit_raw(self, tag: int) -> tuple[int, int] | None:
-        """mark_hit, as a (loc, meta) tuple: the read path's form (no object per lookup)."""
+    def mark_hit_raw(self, tag: int, stamp: int) -> tuple[int, int] | None:
+        """mark_hit, as a (loc, meta) tuple: the read path's form (no object per lookup);
+        the entry's stamp becomes `stamp` (the read's time on the policy's clock)."""
         i = self._find_slot(tag)
         if not self.tags[i]:
             return None
         metas = self.metas
         meta = int(metas[i]) | META_HIT
         metas[i] = meta
+        self.stamps[i] = stamp
         return int(self.locs[i]), meta
+
+    def stamp(self, tag: int, stamp: int) -> bool:
+        """Set a held entry's stamp (a use that reads nothing: a DRAM-tier hit)."""
+        i = self._find_slot(tag)
+        if not self.tags[i]:
+            return False
+        self.stamps[i] = stamp
+        return True
 
     def remove(self, tag: int, loc: int | None = None) -> bool:
         """Remove `tag` (only if it still points at `loc`, when given)."""
@@ -221,25 +259,29 @@ class Index:
             # Move slot j back to i unless its home lies cyclically in (i, j].
             if (i < j and (home <= i or home > j)) or (i > j and home <= i and home > j):
                 tags[i], self.locs[i], self.metas[i] = tags[j], self.locs[j], self.metas[j]
+                self.stamps[i] = self.stamps[j]
                 i = j
         tags[i] = 0
         self.locs[i] = 0
         self.metas[i] = 0
+        self.stamps[i] = 0
         self.count -= 1
 
     def _grow(self) -> None:
         new_cap = int(self.capacity * GROWTH) + 1
         if self.max_capacity is not None and self.capacity >= self.max_capacity:
             raise AssertionError("index is at its maximum capacity")
-        old = (self.tags, self.locs, self.metas)
+        old = (self.tags, self.locs, self.metas, self.stamps)
         self._alloc(new_cap)
         self.count = 0
         self.bulk_load(*old)
 
-    def bulk_load(self, tags: np.ndarray, locs: np.ndarray, metas: np.ndarray) -> None:
+    def bulk_load(self, tags: np.ndarray, locs: np.ndarray, metas: np.ndarray,
+                  stamps: np.ndarray | None = None) -> None:
         """Insert the live slots of another table (growth; the tags are distinct)."""
         live = np.nonzero(tags)[0]
-        self._insert_absent(tags[live], locs[live], metas[live])
+        self._insert_absent(tags[live], locs[live], metas[live],
+                            stamps=0 if stamps is None else stamps[live])
 
     def slots_at(self, tags: np.ndarray, lo: int, hi: int) -> np.ndarray:
         """Distinct slots holding one of `tags` with a loc in [lo, hi): the entries of one
@@ -269,6 +311,7 @@ class Index:
         self.tags[slots] = 0
         self.locs[slots] = 0
         self.metas[slots] = 0
+        self.stamps[slots] = 0
         self.count -= len(slots)
         displaced = []
         pos = slots + 1
@@ -280,9 +323,11 @@ class Index:
         moved = np.unique(np.concatenate(displaced))
         if len(moved):
             tags, locs, metas = self.tags[moved], self.locs[moved], self.metas[moved]
+            stamps = self.stamps[moved]
             self.tags[moved] = 0
+            self.stamps[moved] = 0
             self.count -= len(moved)
-            self._insert_absent(tags, locs, metas)
+            self._insert_absent(tags, locs, metas, stamps=stamps)
 
     def clear(self) -> None:
         self._alloc(MIN_CAPACITY)

@@ -27,6 +27,7 @@ from typing import Any, Callable
 from wqs.engine import format as fmt
 from wqs.engine.dram import DramTier
 from wqs.engine.index import META_HEAD, META_LEN_MASK, Index, block_tag
+from wqs.engine.recency import RecencyClock
 from wqs.engine.regions import RegionTable
 from wqs.engine.stats import EngineStats
 from wqs.nvme.buffers import BufferPool, IoBuffer
@@ -96,7 +97,9 @@ class _Segmented:
 
 class Reader:
     def __init__(self, sb: fmt.Superblock, regions: RegionTable, index: Index, ring: IoRing,
-                 pool: BufferPool, dram: DramTier | None, stats: EngineStats) -> None:
+                 pool: BufferPool, dram: DramTier | None, stats: EngineStats,
+                 clock: RecencyClock, reinserting: dict[int, Any], *,
+                 stamp_dram_hits: bool = False) -> None:
         self.sb = sb
         self.regions = regions
         self.index = index
@@ -104,6 +107,15 @@ class Reader:
         self.pool = pool
         self.dram = dram
         self.stats = stats
+        self.clock = clock
+        # Blocks being copied forward (the writer's: tag -> PutOp), out of the index
+        # until their copy is published: found here meanwhile, so that neither a pinned
+        # block nor a hot one is ever missing while it moves.
+        self.reinserting = reinserting
+        # Whether a DRAM-tier hit stamps the block's index entry too (a policy that
+        # ranks blocks by their stamps must see every use; it costs a probe per hit).
+        self.stamp_dram_hits = stamp_dram_hits
+        self.now = 0  # this read call's tick
         self.upr = sb.region_size // UNIT
         # (entry ID, gen, loc) of entries found corrupt, for the core to bury.
         self.corrupt: list[tuple[bytes, int, int]] = []
@@ -118,22 +130,36 @@ class Reader:
     def exists_many(self, ids: list[bytes]) -> list[bool]:
         """Whether the index (or the DRAM tier) holds each block. A probe is not a read:
         it marks nothing, so it can never keep a block from eviction."""
-        index, dram = self.index, self.dram
+        index, dram, moving = self.index, self.dram, self.reinserting
+        if moving:
+            return [(dram is not None and b in dram) or (t := block_tag(b)) in index
+                    or t in moving for b in ids]
         if dram is None:
             return [block_tag(b) in index for b in ids]
         return [b in dram or block_tag(b) in index for b in ids]
 
     def lookup_prefix(self, ids: list[bytes]) -> int:
         """How many leading IDs are all present (prefix-cache hit length, in blocks)."""
-        index, dram = self.index, self.dram
+        index, dram, moving = self.index, self.dram, self.reinserting
         for i, b in enumerate(ids):
-            if not ((dram is not None and b in dram) or block_tag(b) in index):
+            if not ((dram is not None and b in dram) or (t := block_tag(b)) in index
+                    or (moving and t in moving)):
                 return i
         return len(ids)
 
+    def _moving(self, block_id: bytes) -> bytes | None:
+        """The payload of a block being copied forward (a copy of it: the copy's buffer
+        goes back to the pool once published), or None. A read is a use: the copy
+        takes this read's stamp."""
+        op = self.reinserting.get(block_tag(block_id))
+        if op is None:
+            return None
+        op.stamp = self.now
+        return bytes(op.pieces[0].payload)
+
     def _lookup(self, entry_id: bytes) -> tuple[int, int, int, bool] | None:
         """(loc, payload_len, region gen, is_head) of an entry, marking it read."""
-        found = self.index.mark_hit_raw(block_tag(entry_id))
+        found = self.index.mark_hit_raw(block_tag(entry_id), self.now)
         if found is None:
             return None
         loc, meta = found
@@ -150,7 +176,9 @@ class Reader:
         that many payload bytes (the first always goes) come back DEFERRED, unread."""
         op = GetOp(ids, callback, arg)
         op.remaining = 1  # held until every read is prepared, so no early finish
+        self.now = now = self.clock.tick()
         dram = self.dram
+        stamp_dram = self.stamp_dram_hits
         limit = max_bytes if max_bytes is not None else 1 << 62
         lookup, ring, pool, read_done = self._lookup, self.ring, self.pool, self._read_done
         for i, block_id in enumerate(ids):
@@ -166,9 +194,20 @@ class Reader:
                     op.results[i] = ReadResult([memoryview(value)], [], len(value))
                     op.dram_hits += 1
                     op.nbytes += len(value)
+                    if stamp_dram:
+                        self.index.stamp(block_tag(block_id), now)
                     continue
             found = lookup(block_id)
             if found is None:
+                if self.reinserting and (value := self._moving(block_id)) is not None:
+                    if op.reserved and op.reserved + len(value) > limit:
+                        op.results[i] = DEFERRED
+                        op.deferred += 1
+                        continue
+                    op.reserved += len(value)
+                    op.results[i] = ReadResult([memoryview(value)], [], len(value))
+                    op.ssd_hits += 1
+                    op.nbytes += len(value)
                 continue
             loc, plen, gen, head = found
             if op.reserved and op.reserved + plen > limit:
@@ -216,17 +255,26 @@ class Reader:
         known once the head is read)."""
         s = self.stats
         dram = self.dram
+        self.now = self.clock.tick()
         if dram is not None:
             value = dram.get(block_id)
             if value is not None:
                 s.gets += 1
                 s.hits_dram += 1
                 s.get_bytes += len(value)
+                if self.stamp_dram_hits:
+                    self.index.stamp(block_tag(block_id), self.now)
                 callback(arg, ReadResult([memoryview(value)], [], len(value)))
                 return 0
         found = self._lookup(block_id)
         if found is None:
             s.gets += 1
+            value = self._moving(block_id) if self.reinserting else None
+            if value is not None:
+                s.hits_ssd += 1
+                s.get_bytes += len(value)
+                callback(arg, ReadResult([memoryview(value)], [], len(value)))
+                return 0
             s.misses += 1
             callback(arg, None)
             return 0
@@ -280,6 +328,7 @@ class Reader:
             return False  # a ring that needs its own DMA memory
         if self.dram is not None and block_id in self.dram:
             return False  # a copy from the tier is cheaper than the device
+        self.now = self.clock.tick()
         found = self._lookup(block_id)
         if found is None:
             return False

@@ -4,9 +4,11 @@ A region becomes clean when its new header (with a fresh generation) is on the d
 The reclaimer prepares FREE regions that way; when none is free it reclaims the
 policy's victim among the regions the crash-ordering rule allows:
 
-    victim -> (its recently read blocks read back, while still indexed)
+    victim -> (the blocks to keep read back, while still indexed: the pinned ones
+               (pins.py), and those the policy picks)
            -> its index entries dropped -> FREE -> new header written -> clean pool
-           -> the read-back blocks copied forward through the writer (reinsertion)
+           -> the read-back blocks copied forward through the writer (reinsertion),
+              each keeping its policy stamp
 
 All of it is IO on the loop's ring; a put short of space simply waits in the writer's
 queue until the pool has what it needs (CacheLib Navy's clean-region pool refilled by
@@ -29,8 +31,9 @@ import numpy as np
 
 from wqs.engine import format as fmt
 from wqs.engine.allocator import Allocator
-from wqs.engine.index import META_HEAD, META_HIT, META_LEN_MASK, Index, block_tag
-from wqs.engine.policy import EvictionPolicy
+from wqs.engine.index import META_HEAD, META_HIT, Index, block_tag
+from wqs.engine.pins import PinTable
+from wqs.engine.policy import EvictionPolicy, entry_bytes
 from wqs.engine.recovery import parse_entry
 from wqs.engine.regions import FREE, PREPARING, RECLAIMING, SEALED, RegionTable
 from wqs.engine.stats import EngineStats
@@ -45,14 +48,13 @@ UNIT = fmt.UNIT
 # writer never to wait while the next is reclaimed, and each costs a region of capacity
 # per shard, which a small device feels.
 CLEAN_TARGET = 1
-REINSERT_FRACTION = 0.5  # at most this share of a region is copied forward per reclaim
 RETRY_AFTER_S = 1.0  # a region whose header write failed is not tried again before this
 
 
 class Reclaimer:
     def __init__(self, sb: fmt.Superblock, regions: RegionTable, index: Index,
                  allocator: Allocator, policy: EvictionPolicy, writer: Writer, ring: IoRing,
-                 pool: BufferPool, stats: EngineStats, *, reinsert_hits: bool,
+                 pool: BufferPool, stats: EngineStats, pins: PinTable, *,
                  sync: bool) -> None:
         self.sb = sb
         self.regions = regions
@@ -63,7 +65,7 @@ class Reclaimer:
         self.ring = ring
         self.pool = pool
         self.stats = stats
-        self.reinsert_hits = reinsert_hits
+        self.pins = pins
         self.sync = sync  # headers durable before a put in their region is answered
         self.upr = sb.region_size // UNIT
         self._preparing: deque[list] = deque()  # [region, done, ok] in generation order
@@ -80,6 +82,8 @@ class Reclaimer:
         r = self.regions
         want = max(CLEAN_TARGET, self.writer.want_regions)
         supply = len(r.clean) + len(self._preparing) + self._reclaiming
+        held_back = False  # pins held back every region that could have gone
+        self.policy.earn(self.stats.written_bytes - self.stats.reinserted_bytes)
         while supply < want:
             region = self._free_region()
             if region is not None:
@@ -88,16 +92,48 @@ class Reclaimer:
                 break  # one reclaim at a time: its image read is a whole region
             else:
                 candidates = r.reclaimable(self.policy.by_age)
+                if len(candidates) and len(self.pins):
+                    candidates = self._not_held_by_pins(candidates)
+                    held_back = not len(candidates)
                 if not len(candidates):
                     break
                 self._reclaim(self.policy.victim(r, candidates))
             supply += 1
-        if self.writer.want_regions and not supply and self._quarantine:
-            # Nothing clean, nothing on the way, and the free regions are those whose
-            # header writes just failed: the device is refusing writes. Fail the waiting
-            # puts now rather than hold them until it recovers, if ever.
-            self.writer.fail_queued("device write failed: no region could be prepared "
-                                    f"({self.last_error})")
+        if self.writer.want_regions and not supply:
+            if self._quarantine:
+                # Nothing clean, nothing on the way, and the free regions are those whose
+                # header writes just failed: the device is refusing writes. Fail the
+                # waiting puts now rather than hold them until it recovers, if ever.
+                self.writer.fail_queued("device write failed: no region could be prepared "
+                                        f"({self.last_error})")
+            elif held_back:
+                # Every region that could go holds more pinned bytes than one reclaim may
+                # copy: the waiting puts get NO_SPACE now, not whenever pins expire.
+                self.writer.fail_queued("no space: the regions that could be evicted are "
+                                        "held by pinned blocks", no_space=True)
+
+    def _pinned_slots(self) -> np.ndarray:
+        """Index slots of the pinned blocks the index holds."""
+        tags = np.array(self.pins.live(), dtype=np.uint64)
+        if not len(tags):
+            return np.zeros(0, dtype=np.int64)
+        slots, found = self.index.get_many(tags)
+        return slots[found]
+
+    def _not_held_by_pins(self, candidates: np.ndarray) -> np.ndarray:
+        """The candidates whose pinned blocks one reclaim can copy forward. Where pins
+        hold back a region a by-age policy would take, the others are taken from the
+        crash-ordering rule's own list (regions.py), as for any non-FIFO order."""
+        slots = self._pinned_slots()
+        if not len(slots):
+            return candidates
+        regions = self.index.locs[slots].astype(np.int64) // self.upr
+        pinned = np.bincount(regions, weights=entry_bytes(self.index.metas[slots]),
+                             minlength=self.regions.n)
+        limit = self.sb.region_size * self.policy.copy_fraction
+        if self.policy.by_age and (pinned[candidates] > limit).any():
+            candidates = self.regions.reclaimable(False)
+        return candidates[pinned[candidates] <= limit]
 
     def _free_region(self) -> int | None:
         free = np.flatnonzero(self.regions.state == FREE)
@@ -131,7 +167,9 @@ class Reclaimer:
         entry, buf = arg
         self.pool.release(buf)
         entry[1], entry[2] = True, res == UNIT
-        if res != UNIT:
+        if res == UNIT:
+            self.stats.written_bytes += UNIT
+        else:
             self.last_error = describe_io_result("write", res)
             log.error("writing the header of region %d failed: %s; retrying in %.0fs",
                       entry[0], self.last_error, RETRY_AFTER_S)
@@ -148,7 +186,7 @@ class Reclaimer:
     def _reclaim(self, victim: int) -> None:
         r = self.regions
         assert r.state[victim] == SEALED and r.inflight[victim] == 0
-        wanted = self._hits(victim) if self.reinsert_hits else []
+        wanted = self._keep(victim)
         self._reclaiming += 1
         if not wanted:
             self._drop(victim, [], None)
@@ -159,20 +197,21 @@ class Reclaimer:
         self.ring.read(self.sb.region_offset(victim), image.addr, self.sb.region_size,
                        self._image_read, (victim, wanted, image))
 
-    def _hits(self, victim: int) -> list[int]:
-        """Locations of the recently read, unsegmented entries of the victim, up to the
-        reinsertion budget: what is copied forward."""
-        budget = int(self.sb.region_size * REINSERT_FRACTION)
-        wanted = []
-        for s in self._slots(victim).tolist():
-            meta = int(self.index.metas[s])
-            if not meta & META_HIT or meta & META_HEAD:
-                continue
-            elen = fmt.entry_len(meta & META_LEN_MASK)
-            if elen <= budget:
-                wanted.append(int(self.index.locs[s]))
-                budget -= elen
-        return wanted
+    def _keep(self, victim: int) -> list[int]:
+        """Locations of the victim's entries the policy copies forward, within the
+        reinsertion budget."""
+        budget = int(self.sb.region_size * self.policy.copy_fraction)
+        slots = self._slots(victim)
+        keep: list[int] = []
+        if len(self.pins) and len(slots):
+            pinned = np.isin(self.index.tags[slots], np.array(self.pins.live(), dtype=np.uint64))
+            pinned &= (self.index.metas[slots] & np.uint32(META_HEAD)) == 0
+            if pinned.any():
+                keep = slots[pinned].tolist()
+                budget -= int(entry_bytes(self.index.metas[slots[pinned]]).sum())
+                slots = slots[~pinned]
+        keep += self.policy.keep(slots, max(budget, 0))
+        return self.index.locs[keep].tolist()
 
     def _slots(self, region: int) -> np.ndarray:
         lo = region * self.upr
@@ -190,7 +229,13 @@ class Reclaimer:
         """Drop the victim's index entries, free it, and copy its wanted blocks forward."""
         r = self.regions
         slots = self._slots(victim)
-        still = set(self.index.locs[slots].tolist()) if wanted else set()
+        # Where each entry is now, its stamp and whether it was read (reads may have come
+        # in meanwhile).
+        index = self.index
+        still = dict(zip(index.locs[slots].tolist(),
+                         zip(index.stamps[slots].tolist(),
+                             ((index.metas[slots] & np.uint32(META_HIT)) != 0).tolist()))) \
+            if wanted else {}
         gen = int(r.gen[victim])
         base = victim * self.upr
         blocks = []
@@ -201,16 +246,19 @@ class Reclaimer:
                 entry = parse_entry(image.view[: self.sb.region_size], (loc - base) * UNIT,
                                     gen, copy=False)
                 if entry is not None and not entry[0].flags:
-                    blocks.append(entry)
+                    blocks.append((entry, still[loc]))
         self.index.remove_slots(slots)
         r.free(victim)
         self.stats.evicted_blocks += len(slots)
         self.stats.evicted_regions += 1
         self._reclaiming -= 1
-        for header, payload in blocks:
+        keeps_hits = self.policy.copies_keep_hit_mark
+        for (header, payload), (stamp, hit) in blocks:
             op = self.writer.stage(header.block_id, len(payload), REINSERT)
             op.pieces[0].payload[:] = payload
-            self.writer.reinserting.add(block_tag(header.block_id))
+            op.stamp = stamp
+            op.hit = hit and keeps_hits
+            self.writer.reinserting[block_tag(header.block_id)] = op
             self.writer.commit(op, None)
         if image is not None:
             self.pool.release(image)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from wqs.engine import format as fmt
-from wqs.engine.index import META_HEAD, Index, block_tag
+from wqs.engine.index import META_HEAD, META_HIT, Index, block_tag
 from wqs.engine.regions import FREE, SEALED, RegionTable
 from wqs.nvme.buffers import aligned_buffer
 from wqs.nvme.device import BlockDevice
@@ -43,11 +43,12 @@ def hides(regions: RegionTable, upr: int, tombstone: Buffer, loc: int) -> bool:
 
 def apply_entry(index: Index, regions: RegionTable, upr: int, tag: int,
                 older: int | None, flags: int, loc: int, payload_len: int,
-                tombstone: Buffer = b"") -> bool:
+                tombstone: Buffer = b"", stamp: int | None = None, hit: bool = False) -> bool:
     """Let the entry at `loc` replace the version the index holds now, at `older`: point
-    the index at it, or for a tombstone (whose payload is `tombstone`) drop that version
-    if it hides it. The version made obsolete is counted against its region. Whether the
-    index now points at the new entry."""
+    the index at it (with `stamp`, when given: see Index.put; `hit`: already read, a
+    copy forward keeping its mark), or for a tombstone (whose
+    payload is `tombstone`) drop that version if it hides it. The version made obsolete
+    is counted against its region. Whether the index now points at the new entry."""
     if flags & fmt.ENTRY_TOMBSTONE:
         if older is not None and hides(regions, upr, tombstone, older):
             regions.supersede(older // upr)
@@ -55,7 +56,8 @@ def apply_entry(index: Index, regions: RegionTable, upr: int, tag: int,
         return False
     if older is not None:
         regions.supersede(older // upr)
-    index.put(tag, loc, payload_len, META_HEAD if flags & fmt.ENTRY_HEAD else 0)
+    index.put(tag, loc, payload_len,
+              (META_HEAD if flags & fmt.ENTRY_HEAD else 0) | (META_HIT if hit else 0), stamp)
     return True
 
 
@@ -187,9 +189,7 @@ def load_checkpoint(device: BlockDevice, sb: fmt.Superblock, regions: RegionTabl
     regions.state[:] = np.where(state == FREE, FREE, SEALED)
     regions.last_access[:] = gen
     regions.clock = int(gen.max(initial=0))
-    index.tags, index.locs, index.metas = tags, locs, metas
-    index.capacity = header.index_capacity
-    index.count = int(np.count_nonzero(tags))
+    index.load(tags, locs, metas)
     return header.next_seq
 
 

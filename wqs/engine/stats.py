@@ -18,10 +18,16 @@ class EngineStats:
     stale_reads: int = 0  # entry overwritten by eviction between lookup and read
     read_errors: int = 0  # device reads that failed (served as misses)
     write_errors: int = 0  # puts that failed because a device write failed
+    no_space_puts: int = 0  # puts refused NO_SPACE: every region that could go was pinned
     deletes: int = 0
     evicted_blocks: int = 0
     evicted_regions: int = 0
     reinserted_blocks: int = 0
+    # Every byte written to the device (entries, padding, region headers) and the part
+    # of it that copied blocks forward: write amplification is written_bytes over the
+    # entry bytes of puts (written_bytes - reinserted_bytes), 1.0 without reinsertion.
+    written_bytes: int = 0
+    reinserted_bytes: int = 0
     # Blocks moved by the device straight into / out of a client's shared memory (also
     # counted as hits_ssd / puts): no copy by the daemon's CPU.
     direct_reads: int = 0
@@ -37,6 +43,10 @@ class EngineStats:
     index_bytes: int = 0
     dram_entries: int = 0
     dram_bytes: int = 0
+    pinned_blocks: int = 0
+    pinned_bytes: int = 0  # device bytes of the pinned blocks
+    pins_granted: int = 0  # counters kept by the pin table (pins.py)
+    pins_refused: int = 0  # pins refused: the cap on pinned bytes was reached
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -33,6 +33,7 @@ from wqs.engine import recovery
 from wqs.engine.allocator import Allocator, Slot
 from wqs.engine.dram import DramTier
 from wqs.engine.index import META_HEAD, Index, block_tag
+from wqs.engine.recency import RecencyClock
 from wqs.engine.regions import RegionTable
 from wqs.engine.stats import EngineStats
 from wqs.errors import BlockTooLarge
@@ -108,6 +109,9 @@ class PutOp:
     arg: Any = None  # the caller's
     error: str | None = None
     elen_total: int = 0
+    stamp: int | None = None  # REINSERT: the policy stamp the copy keeps (recency.py)
+    hit: bool = False  # REINSERT: the copy keeps the mark of a block read (META_HIT)
+    no_space: bool = False  # error: nothing could be evicted to make room (NO_SPACE)
 
     @property
     def targets(self) -> list[memoryview]:
@@ -129,8 +133,8 @@ class _Group:
 class Writer:
     def __init__(self, sb: fmt.Superblock, regions: RegionTable, index: Index,
                  allocator: Allocator, ring: IoRing, pool: BufferPool,
-                 dram: DramTier | None, stats: EngineStats, *, max_block_size: int,
-                 sync: bool) -> None:
+                 dram: DramTier | None, stats: EngineStats, clock: RecencyClock, *,
+                 max_block_size: int, sync: bool) -> None:
         self.sb = sb
         self.regions = regions
         self.index = index
@@ -139,6 +143,7 @@ class Writer:
         self.pool = pool
         self.dram = dram
         self.stats = stats
+        self.clock = clock
         self.max_block_size = max_block_size
         self.sync = sync
         self.upr = sb.region_size // UNIT
@@ -151,9 +156,10 @@ class Writer:
         self.queue: deque[PutOp] = deque()
         self.groups: deque[_Group] = deque()
         self.want_regions = 0  # clean regions the queue's head waits for
-        # Tags of blocks the reclaimer is copying forward: publish them only if no put
-        # or delete of the same ID came in meanwhile (which removes the tag here).
-        self.reinserting: set[int] = set()
+        # Blocks the reclaimer is copying forward, by tag: publish a copy only if no put
+        # or delete of the same ID came in meanwhile (which removes the tag here). Until
+        # it is published, reads and probes find the block here (reader.py).
+        self.reinserting: dict[int, PutOp] = {}
 
     # ---- staging ---------------------------------------------------------------------
 
@@ -236,23 +242,28 @@ class Writer:
         """Queue a staged put whose payload is in place; it is written at turn end."""
         op.callback, op.arg = callback, arg
         if op.kind != REINSERT and self.reinserting:
-            self.reinserting.discard(block_tag(op.block_id))  # a newer write wins
+            self.reinserting.pop(block_tag(op.block_id), None)  # a newer write wins
         self.queue.append(op)
 
     @property
     def idle(self) -> bool:
         return not self.queue and not self.groups
 
-    def fail_queued(self, reason: str) -> None:
-        """Fail every put still waiting in the queue (the device cannot take them)."""
+    def fail_queued(self, reason: str, *, no_space: bool = False) -> None:
+        """Fail every put still waiting in the queue (the device cannot take them;
+        `no_space`: because nothing may be evicted now, not because a write failed)."""
         queue, self.queue = self.queue, deque()
         self.want_regions = 0
         for op in queue:
             op.error = reason
+            op.no_space = no_space
             if op.kind == PUT:
-                self.stats.write_errors += 1
+                if no_space:
+                    self.stats.no_space_puts += 1
+                else:
+                    self.stats.write_errors += 1
             elif op.kind == REINSERT:
-                self.reinserting.discard(block_tag(op.block_id))
+                self._drop_reinsert(op)
             self.discard(op)
             if op.callback is not None:
                 op.callback(op)
@@ -343,7 +354,9 @@ class Writer:
 
     def _written(self, arg: tuple[_Group, int], res: int) -> None:
         group, nbytes = arg
-        if res != nbytes and group.error is None:
+        if res == nbytes:
+            self.stats.written_bytes += nbytes
+        elif group.error is None:
             group.error = f"device write failed: {describe_io_result('write', res)}"
             log.error("%s (%d B at once)", group.error, nbytes)
         group.pending -= 1
@@ -361,14 +374,20 @@ class Writer:
             inflight[p.slot.region] -= 1
         assert all(inflight[p.slot.region] >= 0 for p in group.pieces), "unpinned twice"
         if group.error is None:
-            keep = self._reinsertions(group) if group.reinserts else None
-            published = self._apply(group.pieces, keep)
+            now = self.clock.tick()  # the puts' use of their blocks
+            keep = stamps = hits = None
+            if group.reinserts:
+                keep = self._reinsertions(group)
+                stamps = [now if op.stamp is None else op.stamp
+                          for op in group.ops for _ in op.pieces]
+                hits = [op.hit for op in group.ops for _ in op.pieces]
+            published = self._apply(group.pieces, keep, now, stamps, hits)
             self._after_publish(group, published)
         else:
             self.stats.write_errors += sum(op.kind == PUT for op in group.ops)
             for op in group.ops:
                 if op.kind == REINSERT:
-                    self.reinserting.discard(block_tag(op.block_id))
+                    self._drop_reinsert(op)
         for op in group.ops:
             op.error = group.error
             self.discard(op)
@@ -383,12 +402,20 @@ class Writer:
             ok = True
             if op.kind == REINSERT:
                 tag = block_tag(op.block_id)
-                ok = tag in self.reinserting and tag not in self.index
-                self.reinserting.discard(tag)
+                ok = self.reinserting.get(tag) is op and tag not in self.index
+                self._drop_reinsert(op)
                 if ok:
                     self.stats.reinserted_blocks += 1
+                self.stats.reinserted_bytes += op.elen_total  # written, published or not
             keep += [ok] * len(op.pieces)
         return keep
+
+    def _drop_reinsert(self, op: PutOp) -> None:
+        """The copy `op` is done (published, superseded or failed): reads stop finding
+        it among the copies in flight."""
+        tag = block_tag(op.block_id)
+        if self.reinserting.get(tag) is op:
+            del self.reinserting[tag]
 
     def _after_publish(self, group: _Group, published: list[bool]) -> None:
         """Answer for what was published: the DRAM tier and the counters follow it."""
@@ -417,13 +444,15 @@ class Writer:
                 else:
                     self.dram.put(op.block_id, b"".join(p.payload for p in op.pieces))
 
-    def _apply(self, pieces: list[Piece], keep: list[bool] | None) -> list[bool]:
+    def _apply(self, pieces: list[Piece], keep: list[bool] | None, now: int,
+               stamps: list[int] | None = None, hits: list[bool] | None = None) -> list[bool]:
         """Point the index at the written entries, except where a newer version is there
-        already; per piece, whether it was published. Readers see all of a group or
-        none of it: the loop runs nothing else meanwhile."""
+        already; per piece, whether it was published. Each published entry's stamp is
+        stamps[i], or `now`; hits[i] marks it read (a copy of a block read before).
+        Readers see all of a group or none of it: the loop runs nothing else meanwhile."""
         if keep is None and len(pieces) > SCALAR_PUBLISH_MAX and \
                 not any(p.flags & fmt.ENTRY_TOMBSTONE for p in pieces):
-            return self._apply_batch(pieces)
+            return self._apply_batch(pieces, now)
         out = []
         upr, regions, index = self.upr, self.regions, self.index
         for i, p in enumerate(pieces):
@@ -442,12 +471,13 @@ class Writer:
                 continue
             tomb = p.payload if p.flags & fmt.ENTRY_TOMBSTONE else b""
             if recovery.apply_entry(index, regions, upr, tag, current, p.flags, loc, p.plen,
-                                    tomb):
+                                    tomb, now if stamps is None else stamps[i],
+                                    hits is not None and hits[i]):
                 regions.record_one(s.region, tag)
             out.append(not p.flags & fmt.ENTRY_TOMBSTONE)
         return out
 
-    def _apply_batch(self, pieces: list[Piece]) -> list[bool]:
+    def _apply_batch(self, pieces: list[Piece], now: int) -> list[bool]:
         """_apply in numpy operations over the whole batch (no tombstones in it)."""
         n, upr = len(pieces), self.upr
         tags = np.fromiter((block_tag(p.entry_id) for p in pieces), dtype=np.uint64, count=n)
@@ -472,7 +502,7 @@ class Writer:
             [cur_locs[found & publish & ~repeated] // upr, regions[newer | (publish & repeated)]]))
         final = publish & ~repeated  # distinct tags: put_many can use the slots found above
         self.index.put_many(tags[final], locs[final].astype(np.uint32), metas[final],
-                            held[final])
+                            held[final], now)
         for region in np.unique(regions[final]).tolist():
             self.regions.record(region, tags[final & (regions == region)])
         return publish.tolist()

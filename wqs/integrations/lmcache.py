@@ -17,6 +17,7 @@ dialing ``plugin://<name>``). Add to the LMCache YAML (``LMCACHE_CONFIG_FILE``):
       # or: remote_storage_plugin.wqs.config: /etc/wqs/client.yaml   (etcd, auth, replicas)
       # optional: remote_storage_plugin.wqs.timeout_s: 2.0
       #           remote_storage_plugin.wqs.namespace: "prod"   (separates deployments)
+      #           remote_storage_plugin.wqs.pin_seconds: 30    (see "Pins" below)
 
 The plugin name is ``wqs`` or ``wqs.<instance>`` (LMCache's ``type.instance`` form); keys
 are looked up under the full name first, then under ``remote_storage_plugin.wqs.``.
@@ -57,6 +58,15 @@ one ``exists_many`` (one parallel round trip), so a hit means both can be read. 
 price: with ``replicas: 1`` a chunk depends on two nodes, so a dead node turns about
 twice its share of chunks into misses (``replicas: 2`` in the client config avoids it).
 
+Pins. When LMCache looks chunks up to load them (``batched_async_contains(pin=True)``,
+its asynchronous loading path), the blocks found are pinned on their nodes for
+``pin_seconds`` (default 30; a node cuts it to its ``engine.max_pin_s``), so eviction
+cannot take them between the lookup and the load; the load releases them once it has
+read them (in the background: the answer does not wait for it), and a lookup that
+loads nothing leaves them to expire by themselves. A lookup without ``pin`` pins
+nothing. A node refuses pins past its cap on pinned bytes; the lookup's answer is the
+same either way (pins protect, they are not needed to be found).
+
 Failures. A node that is down or slow makes its blocks misses (``exists`` False, ``get``
 None, the consecutive-hit count ends there), and a put it cannot take is logged and
 dropped: no call raises into LMCache's event loop. ``list()`` returns ``[]``: WQS
@@ -69,6 +79,7 @@ import asyncio
 import logging
 import os
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, List, Mapping, Optional, Sequence
 
@@ -87,6 +98,8 @@ log = logging.getLogger("wqs.integrations.lmcache")
 PLUGIN_TYPE = "wqs"
 META_MAGIC = b"WQSLMC\x00\x01"  # 6 bytes tag + format version 1
 META_BUF_BYTES = 4096  # receive buffer per meta block: far above any RemoteMetadata
+DEFAULT_PIN_SECONDS = 30.0  # how long a lookup with pin asks its blocks to be kept
+MAX_PINNED_LOOKUPS = 4096  # lookups whose pins wait for their load (older ones expire)
 _DATA_DOMAIN = b"wqs/lmcache/data/1\x00"
 _META_DOMAIN = b"wqs/lmcache/meta/1\x00"
 
@@ -226,6 +239,16 @@ class WQSRemoteConnector(RemoteConnector):
             return None
 
         self.namespace = str(get("namespace") or "")
+        pin_seconds = get("pin_seconds")
+        try:
+            self.pin_seconds = float(DEFAULT_PIN_SECONDS if pin_seconds is None else pin_seconds)
+        except (TypeError, ValueError):
+            self.pin_seconds = -1.0
+        if not 0 < self.pin_seconds < 1e6:
+            raise PluginConfigError(f"remote_storage_plugin.{self.plugin_name}.pin_seconds "
+                                    f"must be a number of seconds > 0, got {pin_seconds!r}")
+        # Blocks each lookup (by LMCache's lookup_id) pinned, until its load reads them.
+        self._pinned: OrderedDict[str, list[bytes]] = OrderedDict()
         self._owns_client = client is None
         if client is None:
             path, servers, overrides = cluster_spec(
@@ -368,14 +391,44 @@ class WQSRemoteConnector(RemoteConnector):
 
     # ---- RemoteConnector: single keys -----------------------------------------------
 
-    def _stored_prefix(self, keys: Sequence[CacheEngineKey]) -> int:
-        """How many leading keys have both blocks stored: one exists_many."""
+    def _stored_prefix(self, keys: Sequence[CacheEngineKey], pin_for: str | None = None) -> int:
+        """How many leading keys have both blocks stored: one exists_many. With pin_for
+        (a lookup_id), the blocks of those leading keys are pinned until the load of
+        that lookup reads them (those found past the first miss are released at once)."""
         if not keys:
             return 0
         ids = [self._ids(k) for k in keys]
-        found = self.client.exists_many([d for d, _ in ids] + [m for _, m in ids])
+        flat = [d for d, _ in ids] + [m for _, m in ids]
+        if pin_for is None:
+            found = self.client.exists_many(flat)
+        else:
+            found = self.client.exists_many(flat, pin_s=self.pin_seconds)
         n = len(keys)
-        return next((i for i in range(n) if not (found[i] and found[n + i])), n)
+        hits = next((i for i in range(n) if not (found[i] and found[n + i])), n)
+        if pin_for is not None:
+            past = [b for i in range(hits, n) for b in ids[i] if found[i] or found[n + i]]
+            if past:
+                self._release(past)
+            if hits:
+                self._remember_pins(pin_for, [b for i in range(hits) for b in ids[i]])
+        return hits
+
+    def _remember_pins(self, lookup_id: str, block_ids: list[bytes]) -> None:
+        with self._stats_lock:
+            older = self._pinned.pop(lookup_id, None)
+            self._pinned[lookup_id] = block_ids + (older or [])
+            while len(self._pinned) > MAX_PINNED_LOOKUPS:  # never loaded: they expire
+                self._pinned.popitem(last=False)
+
+    def _release(self, block_ids: list[bytes]) -> None:
+        """Release pins in the background (a miss costs nothing but an early end)."""
+        if self._closed:
+            return
+        try:
+            self._pool.submit(self._safe, "unpin", lambda: self.client.unpin_many(block_ids),
+                              None)
+        except RuntimeError:  # the pool is shut down: they expire by themselves
+            pass
 
     async def exists(self, key: CacheEngineKey) -> bool:
         return await self._run(lambda: self.exists_sync(key))
@@ -443,10 +496,13 @@ class WQSRemoteConnector(RemoteConnector):
 
     async def batched_async_contains(self, lookup_id: str, keys: List[CacheEngineKey],
                                      pin: bool = False) -> int:
-        """How many leading keys are stored: one `exists_many`, one round trip. `pin` is
-        not honoured yet: WQS has no pins, so a chunk found here may be evicted before
-        LMCache reads it (the read is then a miss, and LMCache recomputes)."""
-        return await self._run(lambda: self.batched_contains(keys))
+        """How many leading keys are stored: one `exists_many`, one round trip. With
+        `pin`, the chunks found are pinned until batched_get_non_blocking of the same
+        lookup_id reads them (or for pin_seconds): see "Pins" above."""
+        if not pin:
+            return await self._run(lambda: self.batched_contains(keys))
+        return await self._run(lambda: int(self._safe(
+            "lookup", lambda: self._stored_prefix(keys, pin_for=lookup_id), 0)))
 
     def support_batched_get_non_blocking(self) -> bool:
         return True
@@ -457,6 +513,10 @@ class WQSRemoteConnector(RemoteConnector):
         after the first miss are released."""
         got = await self._run(lambda: self._safe("batched get", lambda: self._get_batch(keys),
                                                  [None] * len(keys)))
+        with self._stats_lock:
+            pinned = self._pinned.pop(lookup_id, None)
+        if pinned:
+            self._release(pinned)
         prefix: List[MemoryObj] = []
         for obj in got:
             if obj is None:

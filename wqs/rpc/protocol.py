@@ -31,6 +31,8 @@ from wqs.rpc.auth import NONCE_LEN, PROOF_LEN
 MAGIC = 0x31535157  # the bytes b"WQS1" read as a little-endian u32
 # 2: HELLO answers list the node's shards; the WRONG_SHARD status.
 # 3: HELLO answers may announce local sockets; the shared-memory opcodes.
+# PIN was added to version 3 later (a new opcode, no layout changed): a daemon that
+# predates it takes opcode 15 for a protocol error and closes the connection.
 VERSION = 3
 FLAG_RESPONSE = 0x0001  # the only header flag of version 1; any other bit is an error
 HELLO_AUTH_REQUIRED = 0x0001  # HelloResponse flags: the server wants AUTH before data ops
@@ -61,6 +63,7 @@ SHM_ITEM = struct.Struct("<16sQIHH")
 SHM_SLOT = 0x0001  # item flag: the bytes around the payload are the node's (see DATAPLANE.md)
 RDMA_ENDPOINT_LEN = 36  # wqs.rdma.wire.ENDPOINT
 RDMA_MEMORY_LEN = 24  # wqs.rdma.wire.MEMORY
+PIN_BODY = struct.Struct("<II")  # milliseconds (0: release), reserved; then the block ids
 U32 = struct.Struct("<I")
 
 BytesLike = Union[bytes, bytearray, memoryview]  # any C-contiguous buffer is accepted
@@ -81,6 +84,7 @@ class Opcode(IntEnum):
     PUT_SHM = 12  # PUT from registered memory
     RDMA_CONNECT = 13  # exchange RC queue pair endpoints (wqs/rdma/wire.py), over TCP
     REGISTER_MR = 14  # a memory region the node may RDMA-read and -write (RDMA links)
+    PIN = 15  # keep blocks from eviction for a while (a lease), or release them
 
 
 class Status(IntEnum):
@@ -328,6 +332,38 @@ class LookupPrefixResponse:
 
 
 @dataclass(frozen=True)
+class PinRequest:
+    """Pin the stored blocks among `ids` for `milliseconds` (the node cuts it to its own
+    limit), so that a load following a lookup finds them; 0 releases their pins."""
+
+    request_id: int
+    ids: tuple[bytes, ...]
+    milliseconds: int
+    opcode: ClassVar[Opcode] = Opcode.PIN
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ids", tuple(map(_as_bytes, self.ids)))
+
+
+@dataclass(frozen=True)
+class PinResponse:
+    """found[i]: ids[i] is stored (what EXISTS says); pinned[i]: it is pinned now (always
+    False for a release, and where the node refused the pin: its limit on pinned bytes
+    was reached, or the block cannot be pinned)."""
+
+    request_id: int
+    found: tuple[bool, ...]
+    pinned: tuple[bool, ...]
+    opcode: ClassVar[Opcode] = Opcode.PIN
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "found", tuple(map(bool, self.found)))
+        object.__setattr__(self, "pinned", tuple(map(bool, self.pinned)))
+        if len(self.found) != len(self.pinned):
+            raise ProtocolError("a PIN answer has a found and a pinned bit per block")
+
+
+@dataclass(frozen=True)
 class RegisterRequest:
     """A shared-memory segment of `size` bytes, named `segment` on this connection. Its
     file descriptor (a memfd sealed against shrinking) travels with the frame."""
@@ -449,17 +485,18 @@ class ErrorResponse:
 
 Request = Union[HelloRequest, AuthRequest, PingRequest, PutRequest, GetRequest, ExistsRequest,
                 DeleteRequest, LookupPrefixRequest, RegisterRequest, UnregisterRequest,
-                ShmRequest, RdmaConnectRequest, RegisterMrRequest]
+                ShmRequest, RdmaConnectRequest, RegisterMrRequest, PinRequest]
 Response = Union[HelloResponse, AuthResponse, PingResponse, PutResponse, GetResponse,
                  ExistsResponse, DeleteResponse, LookupPrefixResponse, RegisterResponse,
                  UnregisterResponse, ShmGetResponse, ShmPutResponse, RdmaConnectResponse,
-                 RegisterMrResponse, ErrorResponse]
+                 RegisterMrResponse, PinResponse, ErrorResponse]
 Message = Union[Request, Response]
 _RESPONSES = (HelloResponse, AuthResponse, PingResponse, PutResponse, GetResponse, _BitsResponse,
               LookupPrefixResponse, RegisterResponse, UnregisterResponse, ShmGetResponse,
-              ShmPutResponse, RdmaConnectResponse, RegisterMrResponse, ErrorResponse)
+              ShmPutResponse, RdmaConnectResponse, RegisterMrResponse, PinResponse,
+              ErrorResponse)
 _REQUESTS = (HelloRequest, AuthRequest, PingRequest, PutRequest, _IdsRequest, RegisterRequest,
-             UnregisterRequest, ShmRequest, RdmaConnectRequest, RegisterMrRequest)
+             UnregisterRequest, ShmRequest, RdmaConnectRequest, RegisterMrRequest, PinRequest)
 
 
 # --- frame shapes -----------------------------------------------------------------------
@@ -503,6 +540,8 @@ _BODY_LEN: dict[tuple[Opcode, bool], int | Callable[[int], int]] = {
     (Opcode.RDMA_CONNECT, False): RDMA_ENDPOINT_LEN,
     (Opcode.RDMA_CONNECT, True): RDMA_ENDPOINT_LEN,
     (Opcode.REGISTER_MR, False): RDMA_MEMORY_LEN, (Opcode.REGISTER_MR, True): 0,
+    (Opcode.PIN, False): lambda n: PIN_BODY.size + _ids(n),
+    (Opcode.PIN, True): lambda n: 2 * _bitmap(n),  # found bits, then pinned bits
 }
 _PAYLOAD_FRAMES = {(Opcode.PUT, False), (Opcode.GET, True)}  # item table, then payloads
 
@@ -660,6 +699,8 @@ def decode_body(h: FrameHeader, body: bytes) -> Message:
             raise ProtocolError(f"{op.name} #{rid}: error message is not UTF-8") from None
     if op in _SHM_OPS:
         return _decode_shm(h, body)
+    if op == Opcode.PIN:
+        return _decode_pin(h, body)
     if not h.is_response:
         if op == Opcode.HELLO:
             return HelloRequest(rid)
@@ -705,6 +746,17 @@ _IDS_REQUESTS: dict[Opcode, type[_IdsRequest]] = {
     c.opcode: c for c in (GetRequest, ExistsRequest, DeleteRequest, LookupPrefixRequest)}
 _SHM_OPS = frozenset({Opcode.REGISTER, Opcode.UNREGISTER, Opcode.GET_SHM, Opcode.PUT_SHM,
                       Opcode.RDMA_CONNECT, Opcode.REGISTER_MR})
+
+
+def _decode_pin(h: FrameHeader, body: bytes) -> Message:
+    if h.is_response:
+        half = _bitmap(h.count)
+        return PinResponse(h.request_id, _unpack_bits(body[:half], h.count),
+                           _unpack_bits(body[half:], h.count))
+    milliseconds, reserved = PIN_BODY.unpack_from(body)
+    if reserved:
+        raise _rejected(h, "reserved field is not zero")
+    return PinRequest(h.request_id, unpack_ids(body[PIN_BODY.size:]), milliseconds)
 
 
 def _decode_local(body: bytes, at: int, shards: int, announced: bool
@@ -869,6 +921,13 @@ def _encode_body(m: Message, limits: Limits) -> tuple[bytes, int, list[memoryvie
         if any(len(i) != ID_LEN for i in m.ids):  # ids are bytes already (__post_init__)
             raise ProtocolError(f"block ids must be {ID_LEN} bytes each")
         return b"".join(m.ids), _batch(len(m.ids), limits), [], ok
+    if isinstance(m, PinRequest):
+        if not 0 <= m.milliseconds < 1 << 32:
+            raise ProtocolError(f"pin of {m.milliseconds} ms out of range")
+        return PIN_BODY.pack(m.milliseconds, 0) + b"".join(map(_id, m.ids)), \
+            _batch(len(m.ids), limits), [], ok
+    if isinstance(m, PinResponse):
+        return _pack_bits(m.found) + _pack_bits(m.pinned), _batch(len(m.found), limits), [], ok
     if isinstance(m, PutRequest):
         n = _batch(len(m.items), limits)
         views = [_payload(p, limits) for _, p in m.items]
@@ -1002,6 +1061,21 @@ def frame_bits_response(opcode: Opcode, request_id: int, bits: Sequence[bool]) -
     """An EXISTS or DELETE response."""
     body = _pack_bits(bits)
     return HEADER.pack(*_RESPONSE_HEADER[opcode], request_id, 0, 0, len(bits), len(body)) + body
+
+
+def frame_pin_request(request_id: int, ids: Sequence[bytes], milliseconds: int) -> bytes:
+    """A PIN request: pin these blocks for `milliseconds` (0: release their pins)."""
+    body = PIN_BODY.pack(milliseconds, 0) + b"".join(ids)
+    assert len(body) == PIN_BODY.size + ID_LEN * len(ids), "block ids are 16 bytes"
+    return HEADER.pack(MAGIC, VERSION, Opcode.PIN, 0, request_id, 0, 0, len(ids),
+                       len(body)) + body
+
+
+def frame_pin_response(request_id: int, found: Sequence[bool], pinned: Sequence[bool]) -> bytes:
+    assert len(found) == len(pinned)
+    body = _pack_bits(found) + _pack_bits(pinned)
+    return HEADER.pack(*_RESPONSE_HEADER[Opcode.PIN], request_id, 0, 0, len(found),
+                       len(body)) + body
 
 
 def frame_lookup_response(request_id: int, count: int) -> bytes:

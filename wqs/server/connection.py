@@ -63,7 +63,7 @@ GET = p.Opcode.GET
 GET_SHM, PUT_SHM = p.Opcode.GET_SHM, p.Opcode.PUT_SHM
 OPS = {p.Opcode.PUT: "put", p.Opcode.GET: "get", p.Opcode.EXISTS: "exists",
        p.Opcode.DELETE: "delete", p.Opcode.LOOKUP_PREFIX: "lookup_prefix",
-       p.Opcode.PING: "ping", GET_SHM: "get_shm", PUT_SHM: "put_shm"}
+       p.Opcode.PING: "ping", GET_SHM: "get_shm", PUT_SHM: "put_shm", p.Opcode.PIN: "pin"}
 
 
 _SHM_OPS = frozenset({p.Opcode.REGISTER, p.Opcode.UNREGISTER, GET_SHM, p.Opcode.REGISTER_MR})
@@ -392,6 +392,10 @@ class Connection:
         if op == p.Opcode.RDMA_CONNECT:
             self._rdma_connect(rid, body)
             return
+        milliseconds = -1
+        if op == p.Opcode.PIN:  # milliseconds, reserved (checked by the decoder), ids
+            milliseconds = p.PIN_BODY.unpack_from(body)[0]
+            body = body[p.PIN_BODY.size:]
         ids = p.unpack_ids(body)
         if shard.draining:
             self._answer_error(rid, op, p.Status.BUSY, "the node is draining")
@@ -407,6 +411,10 @@ class Connection:
         elif op == p.Opcode.LOOKUP_PREFIX:
             self._send([p.frame_lookup_response(rid, core.lookup_prefix(ids))])
             shard.observe("lookup_prefix", 0.0)
+        elif op == p.Opcode.PIN:
+            found, pinned = core.pin_many(ids, milliseconds / 1000)
+            self._send([p.frame_pin_response(rid, found, pinned)])
+            shard.observe("pin", 0.0)
         elif op == p.Opcode.DELETE:
             self.pending += 1
             started = time.perf_counter()
@@ -869,7 +877,7 @@ class Connection:
     def _put_written(self, op: PutOp) -> None:
         put, i = op.arg
         if op.error is not None:
-            put.statuses[i] = p.Status.SERVER_ERROR
+            put.statuses[i] = p.Status.NO_SPACE if op.no_space else p.Status.SERVER_ERROR
             put.failed += 1
         put.waiting -= 1
         if not put.waiting:
