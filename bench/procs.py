@@ -70,7 +70,8 @@ class Daemon:
     """`python -m wqs.daemon` on a free port with its own data dir (removed by stop)."""
 
     def __init__(self, data_dir: str, device_size: str = "1G", dram_cache: str = "0",
-                 workers: int | None = None, keep_dir: bool = False) -> None:
+                 workers: int | None = None, keep_dir: bool = False,
+                 engine: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.device = os.path.join(data_dir, "wqs.dev")
         self.keep_dir = keep_dir
@@ -80,6 +81,8 @@ class Daemon:
         cfg = os.path.join(data_dir, "wqsd.yaml")
         with open(cfg, "w") as f:
             f.write(f"metrics_listen: off\nengine:\n  dram_cache_bytes: {dram_cache}\n")
+            for key, value in (engine or {}).items():  # more engine settings
+                f.write(f"  {key}: {value}\n")
             if workers:
                 f.write(f"workers: {workers}\n")
         self.log_path = Path(data_dir) / "wqsd.log"
