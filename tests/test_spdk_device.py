@@ -17,6 +17,7 @@ Every process of the test but the target keeps off the target's core.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -124,6 +125,17 @@ def test_format_serve_kill_and_recover_on_spdk(target, tmp_path):
         first = {i: rng.randbytes(rng.choice([4096, 65536, 300_000])) for i in range(64)}
         assert all(client.put_many(list(first.items())))
         assert client.get_many(list(first)) == list(first.values())
+        # A client on this host moves blocks through shared memory, which NVMe/TCP
+        # reads into and writes from directly (no copy through the engine's buffers).
+        slots = client.shared_memory(64 << 20).block_views(300_000, len(first))
+        got = client.get_many(list(first), outs=slots)
+        assert [bytes(g) for g in got] == list(first.values())
+        stats = json.loads(subprocess.run(
+            [sys.executable, "-m", "wqs.cli", "stat", "--json", "--servers", d.address],
+            cwd=str(ROOT), capture_output=True, text=True, timeout=60, env=_env()).stdout)
+        engine = stats[0]["stats"]["engine"]
+        assert engine["direct_reads"] == len(first), json.dumps(engine)
+        assert engine["direct_writes"] == len(first), json.dumps(engine)
 
         # A stream of puts, killed with SIGKILL in the middle: every acknowledged put
         # must be there after the restart (the device is scanned, not checkpointed).

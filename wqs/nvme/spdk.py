@@ -10,7 +10,9 @@ the device's synchronous IO (start-up, checkpoints) and the process's ring
 (spdk_ring.py), which the process's event loop polls while IO is outstanding. IO
 buffers are SPDK DMA memory (`alloc_buffer`, handed to the engine's buffer pool), so
 PUT payloads are received and GET answers sent straight from the memory the driver
-transfers.
+transfers. Over a fabric (NVMe/TCP) the ring also reads into and writes from a same-host
+client's shared memory directly, as the AIO backend does; a PCIe device can only move
+data in DMA memory, so there the engine copies through its own buffers.
 
 Processes: SPDK's environment cannot be initialised twice in one process nor carried
 over a fork(). A daemon's supervisor forks its shard processes, so it never touches
@@ -231,7 +233,7 @@ class SpdkDevice:
         conn = self._connection()
         view = conn.qpair.view()
         ring = SpdkRing(view, base, RING_DEPTH, poll_wait_s=self.config.poll_wait_us / 1e6,
-                        name=self.path)
+                        external_memory=not self.target.is_pcie, name=self.path)
         conn.qpair.attach(view, ring.command_done)
         return ring
 

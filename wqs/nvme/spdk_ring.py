@@ -92,13 +92,10 @@ class SpdkRing:
     """IoRing over a Qpair; a reactor Poller (no fd: the loop polls it while busy)."""
 
     fd = -1
-    # Its IOs need the driver's DMA memory: never a client's shared memory (the engine's
-    # direct reads and writes into it fall back to its own buffers and a copy).
-    external_memory = False
 
     def __init__(self, qpair: Qpair, base: int = 0, depth: int = RING_DEPTH, *,
                  poll_wait_s: float = 20e-6, idle_poll_s: float = ADMIN_POLL_S,
-                 name: str = "spdk") -> None:
+                 external_memory: bool = False, name: str = "spdk") -> None:
         assert depth >= 1 and base >= 0
         self._qpair = qpair
         self._base = base  # added to every offset (a shard's partition)
@@ -107,6 +104,12 @@ class SpdkRing:
         self.depth = depth
         self.poll_wait_s = poll_wait_s
         self.idle_poll_s = idle_poll_s
+        # Whether IOs may use memory the driver did not allocate (a client's shared
+        # memory, read into and written from directly by the engine). A PCIe device
+        # moves data by DMA, so only into SPDK's DMA memory: False, and the engine
+        # goes through its own buffers and a copy. A fabric's driver copies between
+        # its socket and any memory: True there.
+        self.external_memory = external_memory
         self.name = name
         self._free = list(range(depth - 1, -1, -1))  # command tags
         self._cmds: list[_Io | None] = [None] * depth  # tag -> its IO while outstanding
