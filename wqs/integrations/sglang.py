@@ -22,8 +22,10 @@ depends on page i-1's), the same in every process and host. The host pool says w
 page lies in its memory (``get_page_buffer_meta``): one piece per K and V with
 ``page_first`` / ``page_first_direct`` (every layer of the page together), one per layer
 and K/V with ``layer_first`` (MHA; MLA has no V piece). Each piece is one WQS block,
-received straight into the pool's memory and sent from it: no copy in Python, whatever
-the layout. A block ID is XXH3-128 over the namespace, the model, the shard (TP rank and
+handed to the client as a view of the pool's memory, whatever the layout: over TCP the
+socket receives into the pool and sends from it; a daemon on the same host (shared
+memory) moves it through the client's bounce memory, one copy, as SGLang's pool is not
+memory the client shared. A block ID is XXH3-128 over the namespace, the model, the shard (TP rank and
 size for MHA, none for MLA, whose KV every rank holds whole, as SGLang's own file and
 Mooncake backends do; PP and attention-CP ranks when used), the page format (pool class,
 layout, dtype, page size, piece sizes), the page key and the piece's index. So pools
