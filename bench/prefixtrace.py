@@ -306,6 +306,7 @@ class ReplayResult:
     tokens_avoided: int = 0  # prefill tokens whose KV was loaded instead of computed
     put_bytes: int = 0  # payload bytes the replay put
     held_blocks: list[int] = field(default_factory=list)  # the store's block count, sampled
+    evicted: bool = False  # the store evicted during the replay
     engine_before: dict[str, int] = field(default_factory=dict)
     engine_after: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -320,9 +321,11 @@ class ReplayResult:
     @property
     def capacity_blocks(self) -> int:
         """Blocks the store held once full: the median of the samples taken after its
-        first eviction (every sample if it never evicted)."""
+        first eviction; if it never evicted, what it held at the end (every block put)."""
         if not self.held_blocks:
             return 0
+        if not self.evicted:
+            return self.held_blocks[-1]
         return int(np.median(self.held_blocks))
 
     @property
@@ -391,7 +394,8 @@ def replay(trace: Trace, client: Any, block_bytes: int, *, label: str = "",
     res.seconds = time.perf_counter() - t0
     if stats is not None:
         res.engine_after = stats()
-        if not res.held_blocks:
+        res.evicted = res.delta("evicted_regions") > 0
+        if not res.evicted or not res.held_blocks:
             res.held_blocks.append(res.engine_after.get("index_entries", 0))
     return res
 
@@ -502,7 +506,9 @@ def main(argv: list[str] | None = None) -> int:
         cap = res.capacity_blocks if res is not None else int(round(fraction * distinct))
         sim = sim_at(cap)
         row: dict[str, Any] = {
-            "capacity": f"{cap} ({cap / distinct:.1%})", "eviction": eviction or "—",
+            "capacity": f"{cap} ({cap / distinct:.1%})" + (
+                ", no eviction" if res is not None and not res.evicted else ""),
+            "eviction": eviction or "—",
             "fifo": f"{sim['fifo']:.3f}", "lru": f"{sim['lru']:.3f}",
             "min": f"{sim['min']:.3f}", "inf": f"{inf.hit_rate:.3f}"}
         run: dict[str, Any] = {"fraction": fraction, "capacity_blocks": cap, "sim": sim,
