@@ -236,3 +236,25 @@ def test_pins_through_the_async_client(daemon_factory):
 
     asyncio.run(asyncio.wait_for(go(), 60))
     assert c_stats(d)["pins_granted"] == 8 and c_stats(d)["pinned_blocks"] == 0
+
+
+def test_no_space_fails_the_waiting_puts_but_keeps_the_copies_queued(open_engine,
+                                                                     small_config):
+    """A copy forward may carry a pinned block: NO_SPACE fails puts, never such a copy."""
+    from wqs.engine.writer import REINSERT
+
+    engine = open_engine(small_config)
+    core = engine.core
+    copy = core.writer.stage(block_id(1), 1000, REINSERT)
+    copy.pieces[0].payload[:] = b"c" * 1000
+    core.writer.reinserting[block_tag(block_id(1))] = copy
+    put = core.writer.stage(block_id(2), 1000)
+    answered = []
+    core.writer.queue.extend([copy, put])  # as if both waited for a clean region
+    put.callback = answered.append
+    core.writer.fail_queued("no space: test", no_space=True)
+    assert answered == [put] and put.no_space and put.error == "no space: test"
+    assert list(core.writer.queue) == [copy] and block_tag(block_id(1)) in core.writer.reinserting
+    assert core.stats_counters.no_space_puts == 1 and core.stats_counters.write_errors == 0
+    engine._reactor.run_until(lambda: core.idle)  # the copy goes out once there is room
+    assert engine.get(block_id(1)) == b"c" * 1000

@@ -251,9 +251,14 @@ class Writer:
 
     def fail_queued(self, reason: str, *, no_space: bool = False) -> None:
         """Fail every put still waiting in the queue (the device cannot take them;
-        `no_space`: because nothing may be evicted now, not because a write failed)."""
+        `no_space`: because nothing may be evicted now, not because a write failed; then
+        the reclaimer's copies stay queued: they may carry pinned blocks, and they go
+        once a pin ends)."""
         queue, self.queue = self.queue, deque()
         self.want_regions = 0
+        if no_space:
+            self.queue = deque(op for op in queue if op.kind == REINSERT)
+            queue = deque(op for op in queue if op.kind != REINSERT)
         for op in queue:
             op.error = reason
             op.no_space = no_space
