@@ -168,6 +168,7 @@ def test_a_block_being_copied_forward_is_found_and_read(open_engine, small_confi
     assert core.pin_many([key], 20) == ([True], [True])
     ring.release()
     loop.run_until(lambda: core.idle)
+    assert core.index.get(block_tag(key)).hit  # read while it moved: the copy says so
     assert engine.get(key) == b"m" * 20_000 and block_tag(key) in core.index
 
 

@@ -150,11 +150,12 @@ class Reader:
     def _moving(self, block_id: bytes) -> bytes | None:
         """The payload of a block being copied forward (a copy of it: the copy's buffer
         goes back to the pool once published), or None. A read is a use: the copy
-        takes this read's stamp."""
+        takes this read's stamp and the mark of a block read."""
         op = self.reinserting.get(block_tag(block_id))
         if op is None:
             return None
         op.stamp = self.now
+        op.hit = True
         return bytes(op.pieces[0].payload)
 
     def _lookup(self, entry_id: bytes) -> tuple[int, int, int, bool] | None:
