@@ -260,6 +260,33 @@ def test_one_slot_put_under_many_ids_at_once_keeps_every_block(daemon_factory): 
         assert not got.errors and all(g == block(7) for g in got)
 
 
+def test_threads_that_first_use_a_segment_together_all_get_through(node):
+    """The first request that uses a segment on a connection hands it over (REGISTER);
+    threads that use it at the same moment must not send their requests ahead of it."""
+    import threading
+
+    with _client(node, connections_per_node=1) as c:
+        for round_ in range(30):
+            mem = c.shared_memory(1 << 20)
+            views = mem.block_views(BS, 8)
+            start = threading.Barrier(8)
+            results: list = [None] * 8
+
+            def put(k: int) -> None:
+                views[k][:] = block(k)
+                start.wait()
+                results[k] = c.put_many([(bid(1000 * round_ + k), views[k])])
+
+            threads = [threading.Thread(target=put, args=(k,)) for k in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert all(r is not None and all(r) and not r.errors for r in results), \
+                [r.errors for r in results]
+            mem.close()
+
+
 def test_mixed_buffers_misses_and_small_outs(node):
     with _client(node) as c:
         mem = c.shared_memory(1 << 20)

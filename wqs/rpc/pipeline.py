@@ -167,7 +167,10 @@ class _Conn:
         self.closed = False
         self.error: Exception | None = None
         self.mask = 0  # the epoll events registered for it
-        self.registered: set[int] = set()  # shared memory segments handed over (local)
+        # Shared memory segments handed over (local): REGISTER queued ahead of any request
+        # that names them; share_lock makes "not yet, queue it" one step across threads.
+        self.registered: set[int] = set()
+        self.share_lock = threading.Lock()
         self.fds_queued = 0  # _WithFd frames in out
 
     def _handshake(self, config: ClientConfig) -> p.HelloResponse:
@@ -435,8 +438,14 @@ class Pipeline:
         A refusal fails those requests in turn (unknown segment) and is logged here."""
         if mem.segment_id in conn.registered:
             return
-        conn.registered.add(mem.segment_id)
+        with conn.share_lock:
+            if mem.segment_id not in conn.registered:
+                self._share(call, conn, mem)
+                # Only now: a thread that finds it here queues its request after REGISTER.
+                conn.registered.add(mem.segment_id)
 
+    def _share(self, call: Call, conn: _Conn, mem: SharedMemory) -> None:
+        """Queue mem's REGISTER (or REGISTER_MR) on conn (share_lock held)."""
         def answered(req: _Request, msg: Any) -> None:
             if not isinstance(msg, p.RegisterResponse):
                 conn.registered.discard(mem.segment_id)
