@@ -710,16 +710,22 @@ class AsyncClient:
         self._check_loop()
         ids = [to_block_id(b) for b in block_ids]
         found = [False] * len(ids)
+        await self._ask_replicas(ids, found, p.Opcode.EXISTS, lambda call, conn, idx:
+                                 self._send_ids(call, conn, idx, ids, p.Opcode.EXISTS, found))
+        return found
+
+    async def _ask_replicas(self, ids: list[bytes], found: list[bool], opcode: p.Opcode,
+                            send: Callable[[Any, Any, list[int]], None]) -> None:
+        """Ask each block's owner, then its next replica for what was not found, and so
+        on; send(call, conn, indexes) sends one round's requests on one connection."""
         todo = list(range(len(ids))) if len(self.ring) else []
         replicas = self.config.replicas
         for attempt in range(min(replicas, len(self.ring))):
             if not todo:
                 break
-            await self._run(self._plan(ids, todo, replicas, attempt), ids, self._ignore(
-                p.Opcode.EXISTS), lambda call, conn, idx: self._send_ids(
-                    call, conn, idx, ids, p.Opcode.EXISTS, found))
+            await self._run(self._plan(ids, todo, replicas, attempt), ids,
+                            self._ignore(opcode), send)
             todo = [i for i in todo if not found[i]]
-        return found
 
     async def pin_many(self, block_ids: Iterable[BlockIdLike], seconds: float) -> list[bool]:
         """Pin stored blocks for `seconds`: True where pinned now (Client.pin_many)."""
@@ -733,19 +739,11 @@ class AsyncClient:
                    ) -> tuple[list[bool], list[bool]]:
         self._check_loop()
         ids = [to_block_id(b) for b in block_ids]
-        milliseconds = min(max(int(seconds * 1000), 0), (1 << 32) - 1)
-        if seconds > 0 and not milliseconds:
-            milliseconds = 1
+        milliseconds = p.pin_milliseconds(seconds)
         found, pinned = [False] * len(ids), [False] * len(ids)
-        todo = list(range(len(ids))) if len(self.ring) else []
-        replicas = self.config.replicas
-        for attempt in range(min(replicas, len(self.ring))):
-            if not todo:
-                break
-            await self._run(self._plan(ids, todo, replicas, attempt), ids, self._ignore(
-                p.Opcode.PIN), lambda call, conn, idx: self._send_pins(
-                    call, conn, idx, ids, milliseconds, found, pinned))
-            todo = [i for i in todo if not found[i]]
+        await self._ask_replicas(ids, found, p.Opcode.PIN, lambda call, conn, idx:
+                                 self._send_pins(call, conn, idx, ids, milliseconds, found,
+                                                 pinned))
         return found, pinned
 
     async def delete_many(self, block_ids: Iterable[BlockIdLike]) -> list[bool]:

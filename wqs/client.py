@@ -317,6 +317,14 @@ class Client:
             return self._pin([to_block_id(b) for b in block_ids], pin_s)[0]
         ids = [to_block_id(b) for b in block_ids]
         found = [False] * len(ids)
+        self._ask_replicas(ids, found, lambda call, node, idx: self._send_ids(
+            call, node, idx, ids, p.Opcode.EXISTS, found))
+        return found
+
+    def _ask_replicas(self, ids: list[bytes], found: list[bool],
+                      send: Callable[[Call, str, list[int]], None]) -> None:
+        """Ask each block's owner, then its next replica for what was not found, and so
+        on: send(call, node, indexes) sends the requests of one round to one node."""
         ring = self.ring
         todo = list(range(len(ids))) if len(ring) else []
         for attempt in range(self.config.replicas):
@@ -326,13 +334,12 @@ class Client:
                 owners = ring.nodes_for(ids[i], self.config.replicas)
                 plan.setdefault(owners[attempt % len(owners)], []).append(i)
             for node, idx in plan.items():
-                self._send_ids(call, node, idx, ids, p.Opcode.EXISTS, found)
+                send(call, node, idx)
             self._pipe.release(call)
             self._pipe.wait(call)
             todo = [i for i in todo if not found[i]]
             if not todo:
                 break
-        return found
 
     def pin_many(self, block_ids: Iterable[BlockIdLike], seconds: float) -> list[bool]:
         """Pin stored blocks for `seconds`, so that a load soon after a lookup finds them:
@@ -348,25 +355,10 @@ class Client:
 
     def _pin(self, ids: list[bytes], seconds: float) -> tuple[list[bool], list[bool]]:
         """PIN to the replicas in turn, as exists_many asks: (found, pinned) per block."""
-        milliseconds = min(max(int(seconds * 1000), 0), (1 << 32) - 1)
-        if seconds > 0 and not milliseconds:
-            milliseconds = 1
+        milliseconds = p.pin_milliseconds(seconds)
         found, pinned = [False] * len(ids), [False] * len(ids)
-        ring = self.ring
-        todo = list(range(len(ids))) if len(ring) else []
-        for attempt in range(self.config.replicas):
-            call = self._pipe.start()
-            plan: dict[str, list[int]] = {}
-            for i in todo:
-                owners = ring.nodes_for(ids[i], self.config.replicas)
-                plan.setdefault(owners[attempt % len(owners)], []).append(i)
-            for node, idx in plan.items():
-                self._send_pins(call, node, idx, ids, milliseconds, found, pinned)
-            self._pipe.release(call)
-            self._pipe.wait(call)
-            todo = [i for i in todo if not found[i]]
-            if not todo:
-                break
+        self._ask_replicas(ids, found, lambda call, node, idx: self._send_pins(
+            call, node, idx, ids, milliseconds, found, pinned))
         return found, pinned
 
     def _send_pins(self, call: Call, address: str, idx: list[int], ids: list[bytes],

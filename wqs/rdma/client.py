@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
-from wqs.rdma.link import LinkMachine, PostRdma, PostRecv, PostSend
+from wqs.rdma.link import LinkMachine, post_actions
 from wqs.rdma.verbs import Link, Nic
 from wqs.rdma.wire import Endpoint, Memory, check_peer
 from wqs.rpc.shm import SharedMemory
@@ -119,14 +119,7 @@ class ClientLink:
         self.perform()
 
     def perform(self) -> None:
-        v = self.verbs
-        for a in self.machine.take():
-            if type(a) is PostRecv:
-                v.post_recv(a.slot)
-            elif type(a) is PostSend:
-                v.post_send(a.slot, a.frame, a.wr_id)
-            elif type(a) is PostRdma:  # the daemon moves the blocks; kept for symmetry
-                v.post_rdma(a.write, list(a.local), a.remote_addr, a.rkey, a.wr_id)
+        post_actions(self.machine, self.verbs)
 
     @property
     def failure(self) -> str | None:

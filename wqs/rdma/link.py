@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 from wqs.rdma.verbs import MAX_RD_ATOMIC, Completion
 from wqs.rdma.wire import Credits, Endpoint, LinkState
@@ -193,3 +193,15 @@ class LinkMachine:
     @property
     def idle(self) -> bool:
         return not (self._queued or self._sending or self._transfers)
+
+
+def post_actions(machine: LinkMachine, verbs: Any) -> None:
+    """Post on `verbs` (a wqs.rdma.verbs.Link) what the machine asks for, in order: the
+    one place where both ends turn the machine's actions into verb calls."""
+    for a in machine.take():
+        if type(a) is PostRecv:
+            verbs.post_recv(a.slot)
+        elif type(a) is PostSend:
+            verbs.post_send(a.slot, a.frame, a.wr_id)
+        elif type(a) is PostRdma:
+            verbs.post_rdma(a.write, list(a.local), a.remote_addr, a.rkey, a.wr_id)

@@ -1063,6 +1063,13 @@ def frame_bits_response(opcode: Opcode, request_id: int, bits: Sequence[bool]) -
     return HEADER.pack(*_RESPONSE_HEADER[opcode], request_id, 0, 0, len(bits), len(body)) + body
 
 
+def pin_milliseconds(seconds: float) -> int:
+    """A pin's duration as the wire carries it (u32 ms): a positive one never rounds to
+    0, which would release."""
+    ms = min(max(int(seconds * 1000), 0), (1 << 32) - 1)
+    return 1 if seconds > 0 and not ms else ms
+
+
 def frame_pin_request(request_id: int, ids: Sequence[bytes], milliseconds: int) -> bytes:
     """A PIN request: pin these blocks for `milliseconds` (0: release their pins)."""
     body = PIN_BODY.pack(milliseconds, 0) + b"".join(ids)

@@ -663,17 +663,17 @@ class Connection:
     def _got_shm_one(self, arg: tuple, result: Any) -> None:
         get, k = arg
         self._place(get, k, result)
-        if get.charged:
-            self._uncharge(get.charged)
-            get.charged = 0
-        get.waiting -= 1
-        if not get.waiting:
-            self._answer_shm_get(get)
+        self._shm_read_done(get)
 
     def _got_shm_batch(self, op: GetOp) -> None:
         get, batch = op.arg
         for k, r in zip(batch, op.results):
             self._place(get, k, r)
+        self._shm_read_done(get)
+
+    def _shm_read_done(self, get: "_ShmGet") -> None:
+        """One of get's reads has placed its hits: its buffers are back, the budget too;
+        the last read to finish answers."""
         if get.charged:
             self._uncharge(get.charged)
             get.charged = 0

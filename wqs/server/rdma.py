@@ -20,7 +20,7 @@ import logging
 import mmap
 from typing import TYPE_CHECKING, Any, Callable
 
-from wqs.rdma.link import LinkMachine, PostRdma, PostRecv, PostSend
+from wqs.rdma.link import LinkMachine, post_actions
 from wqs.rdma.verbs import Link, Nic
 from wqs.rdma.wire import Endpoint, Memory, Slots, check_peer
 from wqs.server.segments import MAX_SEGMENTS, SegmentError
@@ -103,14 +103,7 @@ class ServerLink:
         self._perform()
 
     def _perform(self) -> None:
-        v = self.verbs
-        for a in self.machine.take():
-            if type(a) is PostRecv:
-                v.post_recv(a.slot)
-            elif type(a) is PostSend:
-                v.post_send(a.slot, a.frame, a.wr_id)
-            elif type(a) is PostRdma:
-                v.post_rdma(a.write, list(a.local), a.remote_addr, a.rkey, a.wr_id)
+        post_actions(self.machine, self.verbs)
 
     # ---- the client's memory -----------------------------------------------------------
 
